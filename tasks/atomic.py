@@ -1,0 +1,66 @@
+"""Atomic file writes: every output goes to a temporary name and is renamed into place.
+
+A crash at any moment leaves either the old file or the new one, never a half file.
+Temporary names start with ``.tmp-`` so a reader that lists a folder can skip them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+
+    The caller writes the temporary path however it likes (a library that wants a
+    file name, such as a TFRecord writer or ``model.save``). On an exception the
+    temporary file is removed and ``target`` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent, suffix=target.suffix)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_open(target: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``target`` for writing; rename it into place on close.
+
+    The data is flushed and fsynced before the rename, so the new name never points
+    at a file whose content is still in flight.
+    """
+    with atomic_path(target) as tmp:
+        with open(tmp, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def write_text(target: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8) atomically and return the target path."""
+    with atomic_open(target, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(target)
+
+
+def write_json(target: Path | str, data: Any) -> Path:
+    """Write ``data`` as indented UTF-8 JSON atomically and return the target path."""
+    return write_text(target, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    """Read a UTF-8 JSON file."""
+    return json.loads(Path(path).read_text(encoding="utf-8"))

@@ -1,0 +1,39 @@
+"""Shared fixtures: one Prefect test server per session, a private PREFECT_HOME."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+# Before Prefect is imported anywhere: keep its database, caches and results out of ~/.prefect.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="imgflow-test-prefect-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+import pytest  # noqa: E402
+
+from tests.imagefactory import make_class_folder, make_digit_folder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """One temporary Prefect API for the whole session (it costs ~10 s to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """Real handwritten digits 0, 1, 7 as 32 px PNG class folders (60 a class). Read-only."""
+    return make_digit_folder(tmp_path_factory.mktemp("digits") / "data", per_class=60)
+
+
+@pytest.fixture
+def shapes_dir(tmp_path) -> Path:
+    """Three classes of 12 noisy 32 px PNGs, writable by the test."""
+    return make_class_folder(tmp_path / "data", {"cats": 12, "dogs": 12, "birds": 12})
