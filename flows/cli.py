@@ -1,0 +1,267 @@
+"""The ``imgflow`` command: parse options, call a flow, print a summary, set the exit code.
+
+Exit codes: 0 success; 1 the pipeline ran and failed a check (unusable data, unhealthy
+training, rejected model, ``--strict`` problems); 2 bad usage or unreadable input.
+Flows are imported inside each command so ``imgflow --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+
+from flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
+
+app = typer.Typer(
+    name="imgflow",
+    help="Validate a folder of class-labelled images, write TFRecords, train and evaluate a Keras CNN, "
+    "and classify new image folders into CSV — as Prefect flows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
+
+WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
+ConfigOption = typer.Option(None, "--config", help="YAML file with the same keys as the options")
+ValDirOption = typer.Option(None, "--val-dir", help="separate validation folder with the same class folders")
+DaskOption = typer.Option(None, "--dask-address", help="run mapped tasks on this Dask scheduler (tcp://host:8786)")
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """Print ``imgflow: message`` on stderr and exit with ``code``."""
+    typer.echo(f"imgflow: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def require_dir(path: Path, what: str) -> Path:
+    """Exit 2 with one line unless ``path`` is a readable directory."""
+    if not path.exists():
+        fail(f"{what} {path} does not exist", EXIT_USAGE)
+    if not path.is_dir():
+        fail(f"{what} {path} is not a directory", EXIT_USAGE)
+    if not os.access(path, os.R_OK | os.X_OK):
+        fail(f"{what} {path} is not readable", EXIT_USAGE)
+    return path
+
+
+def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
+    """The YAML file's values overridden by the options given; exit 2 on a bad value."""
+    try:
+        return load_config(config_file, overrides)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
+    for finding in findings[:limit]:
+        typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
+
+
+@app.command()
+def validate(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    val_dir: Optional[Path] = ValDirOption,
+    report: Optional[Path] = typer.Option(None, "--report", help="write the JSON report here (default: WORKDIR/validation.json)"),
+    strict: bool = typer.Option(False, "--strict", help="exit 1 on any problem, warnings included"),
+    workdir: Path = WorkdirOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Check every image of a class-folder dataset and report what would hurt training."""
+    require_dir(data_dir, "DATA_DIR")
+    if val_dir is not None:
+        require_dir(val_dir, "VAL_DIR")
+    options = build_config(config).validation
+    from flows.validation import validate_flow
+    from tasks.atomic import read_json
+
+    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    full = read_json(summary["report_path"])
+    stats = full["stats"]
+    typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
+               f"{stats['excluded_files']} excluded; {summary['errors']} errors, {summary['warnings']} warnings.")
+    val = full.get("val_classes") or {}
+    for name, count in summary["classes"].items():
+        typer.echo(f"  {name:<24} {count:>7} images" + (f"   {val.get(name, 0):>6} validation" if val else ""))
+    typer.echo("Image modes: " + ", ".join(f"{k} {v}" for k, v in stats["modes"].items()))
+    for problem in full["problems"][:10]:
+        typer.echo(f"  {problem['severity']:<7} {problem['code']:<20} {problem['path']}: {problem['message']}")
+    if len(full["problems"]) > 10:
+        typer.echo(f"  … {len(full['problems']) - 10} more problems")
+    typer.echo(f"Full report: {summary['report_path']} (and {Path(summary['report_path']).with_suffix('.md')})")
+    if not summary["usable"]:
+        fail("the dataset is not usable for training: it needs at least 2 classes with usable images", EXIT_FAILED_CHECK)
+    if strict and full["problems"]:
+        fail(f"--strict: {len(full['problems'])} problems found", EXIT_FAILED_CHECK)
+
+
+@app.command()
+def preprocess(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    val_dir: Optional[Path] = ValDirOption,
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="held-out share when there is no --val-dir (default 0.1)"),
+    workdir: Path = WorkdirOption,
+    image_size: Optional[int] = typer.Option(None, "--image-size", help="square side in pixels (default 128)"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    dask_address: Optional[str] = DaskOption,
+    config: Optional[Path] = ConfigOption,
+) -> None:
+    """Validate, then write TFRecord shards and manifest.json (cached: unchanged data does no work)."""
+    require_dir(data_dir, "DATA_DIR")
+    if val_dir is not None:
+        require_dir(val_dir, "VAL_DIR")
+    cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
+    from flows.preprocessing import preprocess_flow
+    from tasks.dataset import DatasetUnusable
+
+    try:
+        result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
+    except DatasetUnusable as exc:
+        fail(str(exc), EXIT_FAILED_CHECK)
+    counts = result["counts"]
+    typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
+               f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
+    typer.echo(f"Manifest: {result['manifest']}")
+
+
+@app.command()
+def train(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    val_dir: Optional[Path] = ValDirOption,
+    workdir: Path = WorkdirOption,
+    config: Optional[Path] = ConfigOption,
+    epochs: Optional[int] = typer.Option(None, "--epochs"),
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    model: Optional[str] = typer.Option(None, "--model", help="built-in name or package.module:function"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    force: bool = typer.Option(False, "--force", help="train even if data and config are unchanged since the champion"),
+) -> None:
+    """Run the whole training pipeline: validate, preprocess, train, evaluate, promote."""
+    require_dir(data_dir, "DATA_DIR")
+    if val_dir is not None:
+        require_dir(val_dir, "VAL_DIR")
+    cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
+                       optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+    from flows.training import training_pipeline
+    from tasks.dataset import DatasetUnusable
+
+    try:
+        result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
+    except DatasetUnusable as exc:
+        fail(str(exc), EXIT_FAILED_CHECK)
+    typer.echo("")
+    if result.get("val_accuracy") is not None:
+        typer.echo(f"Validation accuracy: {result['val_accuracy']:.4f}")
+    if result.get("model_dir"):
+        typer.echo(f"Model: {result['model_dir']}")
+    if result.get("findings"):
+        typer.echo("Doctor's findings:")
+        print_findings(result["findings"])
+    typer.echo(result.get("reason", ""))
+    if not result.get("promoted") and not result.get("skipped"):
+        fail(result.get("reason") or "the model was not promoted", EXIT_FAILED_CHECK)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Argument(..., help="model directory, or 'champion'"),
+    data_dir: Path = typer.Argument(..., help="labelled class folders to evaluate on"),
+    workdir: Path = WorkdirOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: WORKDIR/evaluations/<run>)"),
+) -> None:
+    """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
+    require_dir(data_dir, "DATA_DIR")
+    from flows.evaluation import evaluate_flow
+
+    try:
+        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out)
+    except FileNotFoundError as exc:
+        fail(str(exc), EXIT_USAGE)
+    typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
+    typer.echo(f"Report: {result['report_html']}")
+    typer.echo(f"Metrics: {result['metrics_json']}")
+
+
+@app.command()
+def predict(
+    model: str = typer.Argument(..., help="model directory, or 'champion'"),
+    input_dir: Path = typer.Argument(..., help="folder of images to classify (searched recursively)"),
+    workdir: Path = WorkdirOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="CSV file to write"),
+    batch_size: int = typer.Option(256, "--batch-size"),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="also write the k best labels per file"),
+    dask_address: Optional[str] = DaskOption,
+) -> None:
+    """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
+    require_dir(input_dir, "INPUT_DIR")
+    from flows.prediction import batch_predict
+
+    try:
+        result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
+                               dask_address=dask_address, top_k=top_k)
+    except FileNotFoundError as exc:
+        fail(str(exc), EXIT_USAGE)
+    typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
+               f"{result['images_per_second']:.0f} images/s")
+    for label, count in result["label_counts"].items():
+        typer.echo(f"  {label:<24} {count:>7}")
+    typer.echo(f"Predictions: {result['csv']}")
+
+
+@app.command()
+def doctor(
+    model: str = typer.Argument(..., help="built-in model name, package.module:function, or a model directory"),
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    workdir: Path = WorkdirOption,
+    config: Optional[Path] = ConfigOption,
+    image_size: Optional[int] = typer.Option(None, "--image-size"),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer"),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
+) -> None:
+    """Check a model before a long run: preflight checks and a short probe training."""
+    require_dir(data_dir, "DATA_DIR")
+    cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
+    from flows.doctor import doctor_flow
+
+    diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
+    typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
+    print_findings(diagnosis["findings"], limit=10)
+    if not diagnosis["healthy"]:
+        critical = [f for f in diagnosis["findings"] if f["severity"] == "critical"]
+        cause = critical[0] if critical else diagnosis["findings"][0]
+        fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
+
+
+@app.command()
+def demo(workdir: Path = WorkdirOption) -> None:
+    """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
+    from flows.demo import run_demo
+
+    result = run_demo(workdir=workdir)
+    typer.echo("")
+    for key, value in result.items():
+        typer.echo(f"{key:<22} {value}")
+
+
+def main() -> None:
+    """Console entry point: quiet TensorFlow's start-up chatter, keep real warnings."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # this machine may be offline: no usage telemetry from a temporary Prefect server
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("imgflow: interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

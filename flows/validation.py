@@ -1,0 +1,78 @@
+"""The validation stage as a Prefect task and flow: check a folder dataset, write the report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import DEFAULT_WORKDIR, ValidationOptions
+from tasks import atomic
+from flows.retrying import retry_unless
+from tasks.dataset import DatasetError, report_markdown, validate_dataset
+
+REPORT_NAME = "validation.json"
+
+
+def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
+    """The small record a flow passes on: where the report is and its headline numbers."""
+    return {
+        "report_path": str(report_path),
+        "usable": report["usable"],
+        "classes": report["classes"],
+        "errors": report["stats"]["errors"],
+        "warnings": report["stats"]["warnings"],
+    }
+
+
+@task(
+    name="validate-dataset",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless(DatasetError),
+)
+def validate_task(
+    data_dir: Path, val_dir: Path | None, options: ValidationOptions, report_path: Path
+) -> dict[str, Any]:
+    """Scan and decode every file, write the JSON and Markdown reports, return the summary."""
+    report = validate_dataset(data_dir, val_dir, options)
+    atomic.write_json(report_path, report)
+    atomic.write_text(report_path.with_suffix(".md"), report_markdown(report))
+    return summarize(report, report_path)
+
+
+def _publish_artifacts(report_path: Path) -> None:
+    report = atomic.read_json(report_path)
+    val = report.get("val_classes") or {}
+    create_table_artifact(
+        key="dataset-classes",
+        table=[{"class": n, "images": c, "validation images": val.get(n, 0)} for n, c in report["classes"].items()],
+        description=f"Usable images per class in {report['data_dir']}",
+    )
+    create_markdown_artifact(
+        key="dataset-validation",
+        markdown=report_markdown(report, max_problems=100),
+        description="Dataset validation: problems found before training",
+    )
+
+
+@flow(name="validate-dataset", log_prints=True)
+def validate_flow(
+    data_dir: Path,
+    val_dir: Path | None = None,
+    workdir: Path = DEFAULT_WORKDIR,
+    options: ValidationOptions | None = None,
+    report: Path | None = None,
+) -> dict[str, Any]:
+    """Validate DATA_DIR (and VAL_DIR): report to ``report`` or ``<workdir>/validation.json``.
+
+    Returns the summary record (report path, usable, class counts, error and warning counts).
+    """
+    report_path = Path(report) if report else Path(workdir) / REPORT_NAME
+    summary = validate_task(Path(data_dir), Path(val_dir) if val_dir else None, options or ValidationOptions(), report_path)
+    _publish_artifacts(report_path)
+    return summary

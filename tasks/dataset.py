@@ -1,0 +1,520 @@
+"""Scan and validate a folder dataset (``DATA_DIR/<class>/*``) before any training.
+
+Every file is decoded for real, in parallel threads (Pillow releases the GIL while it
+decodes and hashlib while it hashes), over a streaming walk of the tree with a bounded
+window of files in flight, so memory stays flat whatever the dataset size. The user's
+files are only ever read: a bad file is excluded from the usable set and reported.
+
+The report is a JSON-able dict (see DESIGN.md, "Validation report"):
+``usable``, ``classes``, ``problems`` (``path``, ``code``, ``severity``, ``message``,
+``excluded``), plus ``class_names``, ``files`` (the usable files of each split),
+``val_classes`` and ``stats``.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import io
+import os
+import statistics
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from flows.config import ValidationOptions
+
+# Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
+# rarely real photos and some need external programs: they are reported instead.
+SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF"}
+# Image formats Pillow does not decode here (or that need external programs): a file
+# with one of these extensions that Pillow cannot identify is reported as unsupported.
+UNSUPPORTED_EXTENSIONS = {
+    ".heic", ".heif", ".jxl", ".svg", ".raw", ".cr2", ".nef", ".arw", ".dng", ".psd", ".jp2", ".eps", ".pdf",
+}
+FORMAT_EXTENSIONS = {
+    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
+    "MPO": {".jpg", ".jpeg", ".mpo"},
+    "PNG": {".png", ".apng"},
+    "GIF": {".gif"},
+    "BMP": {".bmp", ".dib"},
+    "TIFF": {".tif", ".tiff"},
+    "WEBP": {".webp"},
+    "PPM": {".ppm", ".pgm", ".pbm", ".pnm"},
+    "AVIF": {".avif", ".avifs"},
+}
+HASH_SIDE = 16  # perceptual hash of 16x16 bits: near-duplicates, few false alarms
+ERROR, WARNING = "error", "warning"
+
+
+class DatasetError(ValueError):
+    """DATA_DIR (or VAL_DIR) cannot be scanned at all: missing, not a folder, unreadable."""
+
+
+class DatasetUnusable(RuntimeError):
+    """Validation ran, and the data cannot be trained on (fewer than 2 usable classes)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A file found by the scan, to be decoded."""
+
+    split: str  # "train" (DATA_DIR) or "val" (VAL_DIR)
+    root: Path
+    relpath: str  # POSIX, relative to root
+    class_name: str
+
+    @property
+    def path(self) -> Path:
+        return self.root / self.relpath
+
+
+@dataclass
+class ImageInfo:
+    """What decoding one file found: its properties, or the reason it is unusable."""
+
+    byte_size: int = 0
+    format: str | None = None
+    mode: str | None = None
+    width: int = 0
+    height: int = 0
+    frames: int = 1
+    content_hash: str | None = None
+    pixel_hash: str | None = None
+    perceptual_hash: int | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _problem(path: Path | str, code: str, severity: str, message: str, excluded: bool) -> dict[str, Any]:
+    return {"path": str(path), "code": code, "severity": severity, "message": message, "excluded": excluded}
+
+
+def _perceptual_hash(image: Image.Image) -> int:
+    """Difference hash: one bit per neighbouring-pixel comparison of a small grey copy."""
+    small = image.convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.Resampling.BILINEAR)
+    pixels = small.tobytes()
+    bits = 0
+    width = HASH_SIDE + 1
+    for row in range(HASH_SIDE):
+        offset = row * width
+        for col in range(HASH_SIDE):
+            bits = (bits << 1) | (pixels[offset + col] > pixels[offset + col + 1])
+    return bits
+
+
+def inspect_image(path: Path) -> ImageInfo:
+    """Read and fully decode one file; report what it is or why it cannot be used.
+
+    Never raises for a bad file: the reason is in ``error_code``/``error_message``.
+    """
+    info = ImageInfo()
+    try:
+        data = path.read_bytes()
+    except PermissionError:
+        info.error_code, info.error_message = "unreadable", "permission denied; make the file readable (chmod a+r)"
+        return info
+    except OSError as exc:
+        info.error_code, info.error_message = "unreadable", f"cannot read the file: {exc.strerror or exc}"
+        return info
+    info.byte_size = len(data)
+    if not data:
+        info.error_code, info.error_message = "empty_file", "the file is empty (0 bytes)"
+        return info
+    info.content_hash = hashlib.sha256(data).hexdigest()
+    suffix = path.suffix.lower()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                info.format, info.mode = image.format, image.mode
+                info.width, info.height = image.size
+                info.frames = getattr(image, "n_frames", 1)
+                if info.format not in SUPPORTED_FORMATS:
+                    info.error_code = "unsupported_format"
+                    info.error_message = (
+                        f"Pillow reads it as {info.format}, which imgflow does not train on; convert it to PNG or JPEG"
+                    )
+                    return info
+                image.load()  # the real decode: truncated and corrupt data fail here
+                info.pixel_hash = hashlib.blake2b(
+                    f"{image.mode}{image.size}".encode() + image.tobytes(), digest_size=16
+                ).hexdigest()
+                info.perceptual_hash = _perceptual_hash(image)
+        for warning in caught:
+            if issubclass(warning.category, Image.DecompressionBombWarning):
+                info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}): {warning.message}"))
+    except Image.DecompressionBombError as exc:
+        info.error_code = "decompression_bomb"
+        info.error_message = f"refused by Pillow's decompression-bomb limit: {exc}"
+        return info
+    except UnidentifiedImageError:
+        if suffix in UNSUPPORTED_EXTENSIONS:
+            info.error_code = "unsupported_format"
+            info.error_message = f"{suffix} images cannot be decoded here; convert it to PNG or JPEG"
+        else:
+            info.error_code = "not_an_image"
+            info.error_message = (
+                "not an image: Pillow does not recognise its content (a misnamed document or a file "
+                "damaged from its first bytes); move it out of the dataset"
+            )
+        return info
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        text = str(exc)
+        truncated = "truncated" in text or "broken data stream" in text or isinstance(exc, EOFError)
+        info.error_code = "truncated" if truncated else "corrupt"
+        info.error_message = f"{'truncated' if truncated else 'corrupt'} {info.format or ''} data: {text}".replace("  ", " ")
+        return info
+    expected = FORMAT_EXTENSIONS.get(info.format or "", set())
+    if expected and suffix not in expected:
+        info.warnings.append(
+            ("extension_mismatch", f"the extension says {suffix or '(none)'} but the content is {info.format}; rename to {sorted(expected)[0]}")
+        )
+    if info.frames > 1:
+        info.warnings.append(("animated", f"{info.frames} frames; only the first is used"))
+    return info
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
+
+
+def _check_root(root: Path, what: str) -> Path:
+    if not root.exists():
+        raise DatasetError(f"{what} {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"{what} {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DatasetError(f"{what} {root} is not readable")
+    return root
+
+
+def _scan_class(
+    split: str, root: Path, class_name: str, problems: list[dict[str, Any]]
+) -> Iterator[Candidate]:
+    """Yield the files of one class folder (nested folders included, as Keras does), sorted."""
+    real_root = root.resolve()
+    stack = [root / class_name]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            problems.append(_problem(folder, "unreadable", ERROR, f"cannot list the folder: {exc.strerror or exc}", True))
+            continue
+        subfolders = []
+        for entry in entries:
+            path = Path(entry.path)
+            rel = path.relative_to(root).as_posix()
+            if _is_hidden(entry.name):
+                problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder; skipped", True))
+                continue
+            if entry.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    problems.append(_problem(path, "symlink_outside_root", ERROR,
+                                             f"symlink to {target}, outside {root}; not followed — copy the file in", True))
+                elif target.is_file():
+                    problems.append(_problem(path, "symlink", WARNING, f"symlink to {target}; used as that file", False))
+                    yield Candidate(split, root, rel, class_name)
+                else:
+                    problems.append(_problem(path, "symlink", WARNING, "symlink to a folder or to nothing; not followed", True))
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append(path)
+                problems.append(_problem(path, "nested_folder", WARNING,
+                                         f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
+            elif entry.is_file(follow_symlinks=False):
+                yield Candidate(split, root, rel, class_name)
+            else:
+                problems.append(_problem(path, "special_file", WARNING, "not a regular file (device, pipe or socket); skipped", True))
+        stack.extend(reversed(subfolders))
+
+
+def _class_folders(root: Path, problems: list[dict[str, Any]]) -> list[str]:
+    """Sorted class folder names at the root; report everything else found there."""
+    names = []
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        path = Path(entry.path)
+        if _is_hidden(entry.name):
+            problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder at the dataset root; skipped", True))
+        elif entry.is_symlink():
+            problems.append(_problem(path, "symlink", WARNING, "symlink at the dataset root; not followed", True))
+        elif entry.is_dir(follow_symlinks=False):
+            names.append(entry.name)
+        else:
+            problems.append(_problem(path, "root_file", WARNING,
+                                     "file at the dataset root belongs to no class; move it into a class folder", True))
+    return names
+
+
+def _decode_all(candidates: Iterator[Candidate], workers: int) -> Iterator[tuple[Candidate, ImageInfo]]:
+    """Decode files on a thread pool, at most a few per worker in flight, in scan order."""
+    window = max(8, workers * 8)
+    pending: collections.deque[tuple[Candidate, Future[ImageInfo]]] = collections.deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-validate") as pool:
+        for candidate in candidates:
+            pending.append((candidate, pool.submit(inspect_image, candidate.path)))
+            if len(pending) >= window:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+@dataclass
+class _Usable:
+    candidate: Candidate
+    info: ImageInfo
+
+
+def _find_duplicates(usable: list[_Usable], problems: list[dict[str, Any]], near: bool) -> set[Candidate]:
+    """Exact and near duplicates; returns the candidates excluded (label conflicts, leaks)."""
+    excluded: set[Candidate] = set()
+    groups: dict[str, list[_Usable]] = collections.defaultdict(list)
+    for item in usable:
+        groups["c" + (item.info.content_hash or "")].append(item)
+        groups["p" + (item.info.pixel_hash or "")].append(item)
+    reported: set[tuple[Candidate, str]] = set()
+
+    def report(item: _Usable, code: str, severity: str, message: str, exclude: bool) -> None:
+        if (item.candidate, code) in reported:
+            return
+        reported.add((item.candidate, code))
+        problems.append(_problem(item.candidate.path, code, severity, message, exclude))
+        if exclude:
+            excluded.add(item.candidate)
+
+    exact_pairs: set[frozenset[Candidate]] = set()
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        members = sorted({id(m): m for m in members}.values(), key=lambda m: (m.candidate.split, m.candidate.relpath))
+        for a in members:
+            for b in members:
+                if a is not b:
+                    exact_pairs.add(frozenset((a.candidate, b.candidate)))
+        how = "byte-identical" if key.startswith("c") else "pixel-identical"
+        train = [m for m in members if m.candidate.split == "train"]
+        val = [m for m in members if m.candidate.split == "val"]
+        train_classes = sorted({m.candidate.class_name for m in train})
+        if len(train_classes) > 1:
+            for m in train:
+                others = ", ".join(str(o.candidate.path) for o in train if o is not m)
+                report(m, "label_conflict", ERROR,
+                       f"the same image ({how}) is labelled {' and '.join(train_classes)}: {others}; "
+                       "keep it in one class folder only", True)
+        elif len(train) > 1:
+            first = train[0]
+            for m in train[1:]:
+                report(m, "duplicate", WARNING, f"{how} copy of {first.candidate.path} in the same class", False)
+        if train and val:
+            for m in val:
+                report(m, "train_val_leak", ERROR,
+                       f"the same image ({how}) is in the training data at {train[0].candidate.path}; "
+                       "excluded from validation so the score stays honest", True)
+        elif len(val) > 1:
+            first = val[0]
+            for m in val[1:]:
+                report(m, "duplicate", WARNING, f"{how} copy of {first.candidate.path} in the validation data", False)
+    if not near:
+        return excluded
+    by_phash: dict[int, list[_Usable]] = collections.defaultdict(list)
+    full = (1 << (HASH_SIDE * HASH_SIDE)) - 1
+    for item in usable:
+        value = item.info.perceptual_hash
+        if value is not None and value not in (0, full):  # flat images all hash alike
+            by_phash[value].append(item)
+    for members in by_phash.values():
+        if len(members) < 2:
+            continue
+        first = members[0]
+        for m in members[1:]:
+            if frozenset((first.candidate, m.candidate)) in exact_pairs:
+                continue
+            where = "" if m.candidate.class_name == first.candidate.class_name else (
+                f" labelled '{first.candidate.class_name}' — a possible label conflict")
+            report(m, "near_duplicate", WARNING,
+                   f"looks the same as {first.candidate.path}{where} (perceptual hash match)", False)
+    return excluded
+
+
+def _outliers(usable: list[_Usable], problems: list[dict[str, Any]], options: ValidationOptions) -> dict[str, Any]:
+    if not usable:
+        return {}
+    widths = [u.info.width for u in usable]
+    heights = [u.info.height for u in usable]
+    median_w, median_h = statistics.median(widths), statistics.median(heights)
+    median_aspect = statistics.median(w / h for w, h in zip(widths, heights))
+    factor, aspect_factor = options.size_outlier_factor, options.aspect_outlier_factor
+    for u in usable:
+        w, h = u.info.width, u.info.height
+        path = u.candidate.path
+        if min(w, h) < options.min_image_side:
+            problems.append(_problem(path, "tiny_image", WARNING,
+                                     f"only {w}x{h} pixels (under {options.min_image_side}); it will be upscaled a lot", False))
+        elif max(w / median_w, median_w / w, h / median_h, median_h / h) > factor:
+            problems.append(_problem(path, "size_outlier", WARNING,
+                                     f"{w}x{h} is far from the typical {median_w:g}x{median_h:g}", False))
+        aspect = w / h
+        if max(aspect / median_aspect, median_aspect / aspect) > aspect_factor:
+            problems.append(_problem(path, "aspect_outlier", WARNING,
+                                     f"aspect ratio {aspect:.2f} is far from the typical {median_aspect:.2f}; "
+                                     "squashing will distort it (consider aspect: crop or pad)", False))
+    return {
+        "width": {"min": min(widths), "median": median_w, "max": max(widths)},
+        "height": {"min": min(heights), "median": median_h, "max": max(heights)},
+    }
+
+
+def validate_dataset(
+    data_dir: Path | str,
+    val_dir: Path | str | None = None,
+    options: ValidationOptions | None = None,
+) -> dict[str, Any]:
+    """Scan, decode and check every file of a class-folder dataset.
+
+    Args:
+        data_dir: ``DATA_DIR/<class>/*`` training images.
+        val_dir: optional validation folder with the same class folders.
+        options: thresholds; defaults from :class:`ValidationOptions`.
+
+    Returns:
+        The validation report (see the module docstring). ``usable`` is False only when
+        fewer than two classes have usable images.
+
+    Raises:
+        DatasetError: a root folder is missing, not a folder, or unreadable.
+    """
+    options = options or ValidationOptions()
+    data_root = _check_root(Path(data_dir), "DATA_DIR")
+    val_root = _check_root(Path(val_dir), "VAL_DIR") if val_dir is not None else None
+    problems: list[dict[str, Any]] = []
+
+    train_classes = _class_folders(data_root, problems)
+    val_classes = _class_folders(val_root, problems) if val_root else []
+    for name in sorted(set(val_classes) - set(train_classes)):
+        problems.append(_problem(val_root / name, "unknown_val_class", ERROR,
+                                 f"class '{name}' is in VAL_DIR but not in DATA_DIR; its images are not used", True))
+    for name in sorted(set(train_classes) - set(val_classes)) if val_root else []:
+        problems.append(_problem(val_root / name, "missing_val_class", WARNING,
+                                 f"class '{name}' has no folder in VAL_DIR; it will not be validated", False))
+
+    def candidates() -> Iterator[Candidate]:
+        for name in train_classes:
+            yield from _scan_class("train", data_root, name, problems)
+        for name in val_classes:
+            if name in train_classes:
+                yield from _scan_class("val", val_root, name, problems)
+
+    workers = options.workers or os.cpu_count() or 1
+    usable: list[_Usable] = []
+    modes: collections.Counter[str] = collections.Counter()
+    formats: collections.Counter[str] = collections.Counter()
+    scanned = 0
+    for candidate, info in _decode_all(candidates(), workers):
+        scanned += 1
+        if info.error_code:
+            problems.append(_problem(candidate.path, info.error_code, ERROR, info.error_message or info.error_code, True))
+            continue
+        for code, message in info.warnings:
+            problems.append(_problem(candidate.path, code, WARNING, message, False))
+        modes[info.mode or "?"] += 1
+        formats[info.format or "?"] += 1
+        usable.append(_Usable(candidate, info))
+
+    excluded = _find_duplicates(usable, problems, options.near_duplicates)
+    sizes = _outliers(usable, problems, options)
+    kept = [u.candidate for u in usable if u.candidate not in excluded]
+
+    counts = {split: collections.Counter(c.class_name for c in kept if c.split == split) for split in ("train", "val")}
+    class_names = [name for name in train_classes if counts["train"][name] > 0]
+    for name in train_classes:
+        if counts["train"][name] == 0:
+            problems.append(_problem(data_root / name, "empty_class", ERROR,
+                                     f"class '{name}' has no usable images; it is left out of the class list", True))
+    usable_flag = len(class_names) >= 2
+    if not usable_flag:
+        problems.append(_problem(data_root, "too_few_classes", ERROR,
+                                 f"found {len(class_names)} class folder(s) with usable images "
+                                 f"({', '.join(class_names) or 'none'}); training needs at least 2: "
+                                 "put each class's images in its own folder DATA_DIR/<class>/", False))
+    else:
+        class_counts = [counts["train"][n] for n in class_names]
+        ratio = max(class_counts) / min(class_counts)
+        if ratio > options.imbalance_ratio:
+            largest = max(class_names, key=lambda n: counts["train"][n])
+            smallest = min(class_names, key=lambda n: counts["train"][n])
+            problems.append(_problem(data_root, "class_imbalance", WARNING,
+                                     f"'{largest}' has {counts['train'][largest]} images, '{smallest}' only "
+                                     f"{counts['train'][smallest]} ({ratio:.1f}x); a model can score well by "
+                                     "predicting the big class — use class weights or collect more", False))
+
+    files = {
+        split: [[c.relpath, c.class_name] for c in kept if c.split == split and c.class_name in class_names]
+        for split in ("train", "val")
+    }
+    problems.sort(key=lambda p: (p["severity"] != ERROR, p["path"], p["code"]))
+    return {
+        "usable": usable_flag,
+        "data_dir": str(data_root.resolve()),
+        "val_dir": str(val_root.resolve()) if val_root else None,
+        "class_names": class_names,
+        "classes": {n: counts["train"][n] for n in class_names},
+        "val_classes": {n: counts["val"][n] for n in class_names} if val_root else None,
+        "files": files,
+        "problems": problems,
+        "stats": {
+            "files_scanned": scanned,
+            "usable_files": len(files["train"]) + len(files["val"]),
+            "excluded_files": scanned - len(files["train"]) - len(files["val"]),
+            "errors": sum(p["severity"] == ERROR for p in problems),
+            "warnings": sum(p["severity"] == WARNING for p in problems),
+            "modes": dict(sorted(modes.items())),
+            "formats": dict(sorted(formats.items())),
+            "sizes": sizes,
+        },
+    }
+
+
+def report_markdown(report: dict[str, Any], max_problems: int = 200) -> str:
+    """A human summary of a validation report: counts, image modes, the problems."""
+    stats = report["stats"]
+    lines = [
+        "# Dataset validation",
+        "",
+        f"- data: `{report['data_dir']}`" + (f", validation: `{report['val_dir']}`" if report["val_dir"] else ""),
+        f"- usable for training: **{'yes' if report['usable'] else 'no'}**",
+        f"- files scanned: {stats['files_scanned']}, usable: {stats['usable_files']}, "
+        f"excluded: {stats['excluded_files']}",
+        f"- problems: {stats['errors']} errors, {stats['warnings']} warnings",
+        f"- image modes: {', '.join(f'{k} {v}' for k, v in stats['modes'].items()) or 'none'}",
+        f"- formats: {', '.join(f'{k} {v}' for k, v in stats['formats'].items()) or 'none'}",
+        "",
+        "| class | images | validation images |",
+        "|---|---:|---:|",
+    ]
+    val = report.get("val_classes") or {}
+    for name, count in report["classes"].items():
+        lines.append(f"| {name} | {count} | {val.get(name, '')} |")
+    problems = report["problems"]
+    if problems:
+        by_code = collections.Counter((p["severity"], p["code"]) for p in problems)
+        lines += ["", "## Problems by kind", "", "| severity | code | count |", "|---|---|---:|"]
+        lines += [f"| {sev} | {code} | {n} |" for (sev, code), n in sorted(by_code.items())]
+        lines += ["", "## Problems", "", "| severity | code | path | excluded | message |", "|---|---|---|---|---|"]
+        for p in problems[:max_problems]:
+            message = p["message"].replace("|", "\\|")
+            path = p["path"].replace("|", "\\|")
+            lines.append(f"| {p['severity']} | {p['code']} | `{path}` | {'yes' if p['excluded'] else 'no'} | {message} |")
+        if len(problems) > max_problems:
+            lines.append(f"\n… and {len(problems) - max_problems} more in the JSON report.")
+    return "\n".join(lines) + "\n"
+
