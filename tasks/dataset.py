@@ -48,7 +48,11 @@ FORMAT_EXTENSIONS = {
     "PPM": {".ppm", ".pgm", ".pbm", ".pnm"},
     "AVIF": {".avif", ".avifs"},
 }
-HASH_SIDE = 16  # perceptual hash of 16x16 bits: near-duplicates, few false alarms
+# Near-duplicates: a coarse 8x8 difference hash finds candidates, a fine 16x16 one
+# confirms them (at most NEAR_DUPLICATE_BITS of its 256 bits differ). Re-encoding or
+# resizing an image moves a few fine bits; different photos move dozens.
+COARSE_HASH_SIDE, FINE_HASH_SIDE = 8, 16
+NEAR_DUPLICATE_BITS = 6
 ERROR, WARNING = "error", "warning"
 
 
@@ -86,7 +90,8 @@ class ImageInfo:
     frames: int = 1
     content_hash: str | None = None
     pixel_hash: str | None = None
-    perceptual_hash: int | None = None
+    coarse_hash: int | None = None
+    fine_hash: int | None = None
     error_code: str | None = None
     error_message: str | None = None
     warnings: list[tuple[str, str]] = field(default_factory=list)
@@ -96,15 +101,13 @@ def _problem(path: Path | str, code: str, severity: str, message: str, excluded:
     return {"path": str(path), "code": code, "severity": severity, "message": message, "excluded": excluded}
 
 
-def _perceptual_hash(image: Image.Image) -> int:
-    """Difference hash: one bit per neighbouring-pixel comparison of a small grey copy."""
-    small = image.convert("L").resize((HASH_SIDE + 1, HASH_SIDE), Image.Resampling.BILINEAR)
-    pixels = small.tobytes()
+def difference_hash(image: Image.Image, side: int) -> int:
+    """Difference hash: one bit per neighbouring-pixel comparison of a ``side``-row grey copy."""
+    pixels = image.convert("L").resize((side + 1, side), Image.Resampling.BILINEAR).tobytes()
     bits = 0
-    width = HASH_SIDE + 1
-    for row in range(HASH_SIDE):
-        offset = row * width
-        for col in range(HASH_SIDE):
+    for row in range(side):
+        offset = row * (side + 1)
+        for col in range(side):
             bits = (bits << 1) | (pixels[offset + col] > pixels[offset + col + 1])
     return bits
 
@@ -146,7 +149,8 @@ def inspect_image(path: Path) -> ImageInfo:
                 info.pixel_hash = hashlib.blake2b(
                     f"{image.mode}{image.size}".encode() + image.tobytes(), digest_size=16
                 ).hexdigest()
-                info.perceptual_hash = _perceptual_hash(image)
+                info.coarse_hash = difference_hash(image, COARSE_HASH_SIDE)
+                info.fine_hash = difference_hash(image, FINE_HASH_SIDE)
         for warning in caught:
             if issubclass(warning.category, Image.DecompressionBombWarning):
                 info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}): {warning.message}"))
@@ -326,23 +330,23 @@ def _find_duplicates(usable: list[_Usable], problems: list[dict[str, Any]], near
                 report(m, "duplicate", WARNING, f"{how} copy of {first.candidate.path} in the validation data", False)
     if not near:
         return excluded
-    by_phash: dict[int, list[_Usable]] = collections.defaultdict(list)
-    full = (1 << (HASH_SIDE * HASH_SIDE)) - 1
+    by_coarse: dict[int, list[_Usable]] = collections.defaultdict(list)
+    flat = {0, (1 << (COARSE_HASH_SIDE * COARSE_HASH_SIDE)) - 1}  # featureless images all hash alike
     for item in usable:
-        value = item.info.perceptual_hash
-        if value is not None and value not in (0, full):  # flat images all hash alike
-            by_phash[value].append(item)
-    for members in by_phash.values():
-        if len(members) < 2:
-            continue
-        first = members[0]
-        for m in members[1:]:
-            if frozenset((first.candidate, m.candidate)) in exact_pairs:
-                continue
-            where = "" if m.candidate.class_name == first.candidate.class_name else (
-                f" labelled '{first.candidate.class_name}' — a possible label conflict")
-            report(m, "near_duplicate", WARNING,
-                   f"looks the same as {first.candidate.path}{where} (perceptual hash match)", False)
+        if item.info.coarse_hash is not None and item.info.coarse_hash not in flat:
+            by_coarse[item.info.coarse_hash].append(item)
+    for members in by_coarse.values():
+        for i, m in enumerate(members):
+            for first in members[:i]:
+                distance = bin((first.info.fine_hash or 0) ^ (m.info.fine_hash or 0)).count("1")
+                if distance > NEAR_DUPLICATE_BITS or frozenset((first.candidate, m.candidate)) in exact_pairs:
+                    continue
+                where = "" if m.candidate.class_name == first.candidate.class_name else (
+                    f" labelled '{first.candidate.class_name}' — a possible label conflict")
+                report(m, "near_duplicate", WARNING,
+                       f"looks the same as {first.candidate.path}{where} "
+                       f"(perceptual hashes differ in {distance} of {FINE_HASH_SIDE ** 2} bits)", False)
+                break
     return excluded
 
 

@@ -1,0 +1,87 @@
+"""The validate flow under the session's Prefect test server, and the `imgflow validate` command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.cli import app
+from flows.validation import validate_flow
+from tests.imagefactory import make_class_folder
+
+runner = CliRunner()
+
+
+def test_flow_writes_reports_and_artifacts(prefect_server, shapes_dir, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    (shapes_dir / "stray.txt").write_text("x")
+    summary = validate_flow(data_dir=shapes_dir, workdir=tmp_path / "work")
+    assert summary == {
+        "report_path": str(tmp_path / "work" / "validation.json"),
+        "usable": True,
+        "classes": {"birds": 12, "cats": 12, "dogs": 12},
+        "errors": 0,
+        "warnings": 1,
+    }
+    report = json.loads((tmp_path / "work" / "validation.json").read_text())
+    assert report["problems"][0]["code"] == "root_file"
+    assert "| dogs | 12 |" in (tmp_path / "work" / "validation.md").read_text()
+
+    async def artifact_keys():
+        async with get_client() as client:
+            return {a.key for a in await client.read_artifacts()}
+
+    import asyncio
+
+    assert {"dataset-classes", "dataset-validation"} <= asyncio.run(artifact_keys())
+
+
+def test_cli_validate_exit_codes(prefect_server, shapes_dir, tmp_path):
+    shutil.copy(shapes_dir / "cats" / "cats_000.png", shapes_dir / "cats" / "copy.png")
+    report = tmp_path / "r.json"
+    result = runner.invoke(app, ["validate", str(shapes_dir), "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "37 files: 37 usable, 0 excluded" in result.output
+    assert "duplicate" in result.output and str(report) in result.output
+    assert json.loads(report.read_text())["usable"] is True
+
+    strict = runner.invoke(app, ["validate", str(shapes_dir), "--report", str(report), "--strict"])
+    assert strict.exit_code == 1
+    assert "--strict: 1 problems found" in strict.output
+
+
+def test_cli_validate_unusable_data_exits_1(prefect_server, tmp_path):
+    root = make_class_folder(tmp_path / "data", {"only": 3})
+    result = runner.invoke(app, ["validate", str(root), "--workdir", str(tmp_path / "w")])
+    assert result.exit_code == 1
+    assert "not usable for training" in result.output
+
+
+def test_cli_missing_dir_exits_2_with_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"imgflow: DATA_DIR {tmp_path / 'missing'} does not exist"
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("args", [["validate", "{d}", "--config", "{c}"], ["train", "{d}", "--config", "{c}"]])
+def test_cli_bad_config_exits_2(tmp_path, shapes_dir, args):
+    config = tmp_path / "bad.yaml"
+    config.write_text("image_size: 64\nlearning_rte: 0.1\n")
+    result = runner.invoke(app, [a.format(d=shapes_dir, c=config) for a in args])
+    assert result.exit_code == 2
+    assert "unknown key 'learning_rte'" in result.output
+
+
+def test_help_lists_every_command():
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for command in ("validate", "preprocess", "train", "evaluate", "predict", "demo"):
+        assert f" {command} " in proc.stdout
