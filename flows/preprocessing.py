@@ -1,0 +1,200 @@
+"""The preprocessing stage as Prefect tasks and a flow: validated folder -> TFRecord shards.
+
+``preprocess_flow`` validates first (and refuses unusable data), plans the shards, writes
+them with one mapped task per shard on the chosen task runner (a thread pool over all
+cores, or an existing Dask cluster with ``dask_address``), then writes ``manifest.json``.
+
+Caching has two layers, both keyed by the plan's fingerprint (relative path, size and
+mtime of every usable file + the options that shape the shards + the code version):
+
+* the plan task finds a complete manifest for that fingerprint and the flow returns at
+  once: no shard is opened, nothing is rewritten (this survives a fresh Prefect home);
+* each shard task has a Prefect cache key (fingerprint + shard name + the task's source),
+  and a shard already renamed into place is kept, so a crashed run resumes where it died.
+
+Nothing heavy is imported at module import time: TensorFlow comes in with ``tasks.tfrecords``
+inside the tasks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.logging import get_run_logger
+
+from flows.config import DEFAULT_WORKDIR, ImgflowConfig, PreprocessOptions
+from flows.retrying import retry_unless
+
+TFRECORDS_DIR = "tfrecords"
+
+
+def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
+    """The shard's fingerprint and name: the same data, options and code give the same shard."""
+    return f"tfrecord-shard-{parameters['fingerprint']}-{parameters['shard_file']}"
+
+
+SHARD_CACHE_POLICY = CachePolicy.from_cache_key_fn(_shard_cache_key) + TASK_SOURCE
+
+
+def worker_count(options: PreprocessOptions) -> int:
+    """Parallel writers: threads of the Dask cluster at ``dask_address``, else this machine's cores."""
+    if options.dask_address:
+        from distributed import Client
+
+        try:
+            with Client(options.dask_address, timeout="20s", set_as_default=False) as client:
+                return max(1, sum(client.nthreads().values()))
+        except OSError as exc:
+            raise OSError(f"dask_address {options.dask_address!r}: cannot reach a Dask scheduler there: {exc}") from exc
+    return os.cpu_count() or 1
+
+
+def task_runner(options: PreprocessOptions, workers: int):
+    """A Dask task runner on ``dask_address`` when set, else a thread pool of ``workers`` threads.
+
+    Threads suffice locally: Pillow releases the GIL while it decodes, resizes and encodes,
+    and TensorFlow while it writes, so the shard tasks run truly in parallel.
+    """
+    if options.dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=options.dask_address)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=workers)
+
+
+@task(name="plan-shards", cache_policy=NO_CACHE)
+def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, workers: int) -> dict[str, Any]:
+    """Split, fingerprint and plan the shards; report whether a complete manifest already exists."""
+    from tasks import atomic, tfrecords
+
+    plan = tfrecords.plan_shards(atomic.read_json(report_path), options, out_root, workers)
+    done = tfrecords.complete_manifest(plan)
+    files = tfrecords.plan_shard_files(plan)
+    summary = {
+        "fingerprint": plan["fingerprint"],
+        "manifest": plan["manifest"],
+        "out_dir": plan["out_dir"],
+        "plan_path": str(Path(plan["out_dir"]) / tfrecords.PLAN_NAME),
+        "cached": done is not None,
+        "counts": {split: plan["splits"][split]["count"] for split in tfrecords.SPLITS},
+        "per_class": {split: plan["splits"][split]["per_class"] for split in tfrecords.SPLITS},
+        "shard_files": files,
+    }
+    if done is None:
+        # Only a run that will write touches the folder: a cached run rewrites nothing.
+        tfrecords.remove_temporaries(plan["out_dir"])
+        tfrecords.write_plan(plan)
+    return summary
+
+
+@task(
+    name="write-shard",
+    cache_policy=SHARD_CACHE_POLICY,
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless(ValueError, KeyError),
+)
+def write_shard_task(plan_path: str, fingerprint: str, shard_file: str) -> dict[str, Any]:
+    """Decode, resize and encode one shard's images into a TFRecord file."""
+    from tasks import atomic, tfrecords
+
+    plan = atomic.read_json(plan_path)
+    if plan["fingerprint"] != fingerprint:
+        raise ValueError(f"{plan_path}: plan is for fingerprint {plan['fingerprint']}, expected {fingerprint}")
+    return tfrecords.write_shard(plan, shard_file)
+
+
+@flow(name="write-shards")
+def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) -> list[dict[str, Any]]:
+    """Write every shard with one mapped task each, on this flow's task runner."""
+    futures = write_shard_task.map(unmapped(plan_path), unmapped(fingerprint), shard_files)
+    results = [future.result() for future in futures]
+    # A Prefect cache hit for a shard whose file was deleted since: write it again.
+    out_dir = Path(plan_path).parent
+    missing = [r["file"] for r in results if not (out_dir / r["file"]).exists()]
+    if missing:
+        again = write_shard_task.with_options(refresh_cache=True).map(unmapped(plan_path), unmapped(fingerprint), missing)
+        redone = {r["file"]: r for r in (future.result() for future in again)}
+        results = [redone.get(r["file"], r) for r in results]
+    return results
+
+
+@task(name="write-manifest", cache_policy=NO_CACHE)
+def manifest_task(plan_path: str, results: list[dict[str, Any]]) -> str:
+    """Check the shards and write manifest.json last."""
+    from tasks import atomic, tfrecords
+
+    return str(tfrecords.write_manifest(atomic.read_json(plan_path), results))
+
+
+def _publish_artifact(plan_summary: dict[str, Any], cached: bool) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    rows = [
+        {"class": name, "train": plan_summary["per_class"]["train"].get(name, 0), "val": plan_summary["per_class"]["val"].get(name, 0)}
+        for name in plan_summary["per_class"]["train"]
+    ]
+    create_table_artifact(
+        key="preprocess-splits",
+        table=rows,
+        description=f"{'Reused' if cached else 'Wrote'} {len(plan_summary['shard_files'])} TFRecord shards: {plan_summary['manifest']}",
+    )
+
+
+@flow(name="preprocess", log_prints=True)
+def preprocess_flow(
+    data_dir: Path,
+    val_dir: Path | None = None,
+    workdir: Path = DEFAULT_WORKDIR,
+    config: ImgflowConfig | None = None,
+) -> dict[str, Any]:
+    """Validate DATA_DIR (and VAL_DIR), then write TFRecord shards and ``manifest.json``.
+
+    Shards go in ``<workdir>/tfrecords/<fingerprint[:16]>/``. Unchanged data and options
+    reuse the existing shards without touching them.
+
+    Returns:
+        ``{"manifest": str, "cached": bool, "counts": {"train": n, "val": n}, "shards": int,
+        "validation": <validate_flow summary>}``.
+
+    Raises:
+        tasks.dataset.DatasetUnusable: validation found the data unusable (the report says why).
+    """
+    from flows.validation import validate_flow
+    from tasks.dataset import DatasetUnusable
+
+    config = config or ImgflowConfig()
+    options = config.preprocess
+    workdir = Path(workdir)
+    validation = validate_flow(data_dir, val_dir, workdir, options=config.validation)
+    if not validation["usable"]:
+        raise DatasetUnusable(
+            f"{data_dir}: validation found the data unusable ({validation['errors']} errors); "
+            f"nothing was preprocessed. See {validation['report_path']}"
+        )
+    logger = get_run_logger()
+    workers = worker_count(options)
+    plan = plan_task(Path(validation["report_path"]), options, workdir / TFRECORDS_DIR, workers)
+    result = {
+        "manifest": plan["manifest"],
+        "cached": plan["cached"],
+        "counts": plan["counts"],
+        "shards": len(plan["shard_files"]),
+        "validation": validation,
+    }
+    if plan["cached"]:
+        logger.info("Data and options unchanged: reusing %d shards in %s", result["shards"], plan["out_dir"])
+    else:
+        runner = task_runner(options, workers)
+        logger.info("Writing %d shards (%d train, %d val images) with %d workers to %s",
+                    result["shards"], plan["counts"]["train"], plan["counts"]["val"], workers, plan["out_dir"])
+        shards = write_shards_flow.with_options(task_runner=runner)(plan["plan_path"], plan["fingerprint"], plan["shard_files"])
+        result["manifest"] = manifest_task(plan["plan_path"], shards)
+    _publish_artifact(plan, plan["cached"])
+    return result

@@ -1,0 +1,702 @@
+"""TFRecord shards + manifest from a validated folder dataset, and the tf.data input pipeline.
+
+Preprocessing (``plan_shards`` -> ``write_shard`` for every shard -> ``write_manifest``)
+turns the usable files of a validation report into ``tf.train.Example`` shards of images
+already decoded, oriented, converted to RGB and resized, so training never touches the
+original files again. ``make_dataset`` is the one input path for training, evaluation
+and the doctor.
+
+Layout under ``<workdir>/tfrecords/``::
+
+    <fingerprint[:16]>/            one folder per (data, options, code version)
+        plan.json                  what each shard holds (written before any shard)
+        train-00000-of-00002.tfrecord
+        val-00000-of-00002.tfrecord
+        manifest.json              written last: a folder without it is not complete
+
+Every file is written to a ``.tmp-`` name and renamed into place, so a final shard name
+always holds a complete shard, and the manifest (written last) only ever names shards
+that exist. A crashed run is resumed: shards already renamed into place are kept.
+
+Encodings (``PreprocessOptions.encoding``), for 128 px images:
+
+* ``jpeg`` (default, quality 95): ~5-10 KB a record, lossy (mean error ~1-2 levels at
+  q95), cheapest to read from disk, costs a JPEG decode per image per epoch until the
+  split is cached in memory.
+* ``png``: lossless, ~3-5x larger than JPEG, slower to decode than JPEG.
+* ``raw``: lossless uint8 pixels (48 KB a record), no decode at all, largest on disk;
+  best when the disk is fast and the CPU is the bottleneck.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import io
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image, ImageOps
+
+from flows.config import PreprocessOptions
+from tasks import atomic
+
+# Bump when the record layout or the image preparation changes: old shards are rebuilt.
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+PLAN_NAME = "plan.json"
+SPLITS = ("train", "val")
+ASPECTS = ("squash", "crop", "pad")
+ENCODINGS = ("jpeg", "png", "raw")
+# Rough bytes per record per pixel, only used to choose the number of shards.
+_BYTES_PER_PIXEL = {"jpeg": 0.6, "png": 2.0, "raw": 3.0}
+_RECORD_OVERHEAD = 200
+_RESAMPLE = Image.Resampling.BILINEAR
+
+
+class ShardSourceError(ValueError):
+    """A planned source file could not be read or decoded while writing a shard.
+
+    A ValueError (bad input data), not an OSError: retrying will not help.
+    """
+
+
+def code_version() -> str:
+    """The imgflow package version plus the shard format version, e.g. ``0.1.0+fmt1``."""
+    try:
+        version = metadata.version("imgflow")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        version = "0+unknown"
+    return f"{version}+fmt{FORMAT_VERSION}"
+
+
+# --------------------------------------------------------------------------- images
+
+
+def load_image(path: Path | str, image_size: int, aspect: str = "squash") -> np.ndarray:
+    """Decode an image file the way every imgflow stage does, as ``image_size`` square RGB.
+
+    Pillow decodes (JPEGs at a reduced DCT scale when they are at least twice the target
+    size, which is both faster and antialiased), applies the EXIF orientation, converts any
+    mode (grey, palette, RGBA, CMYK, 16-bit) to RGB, then resizes.
+
+    Args:
+        path: image file.
+        image_size: side of the square output, in pixels.
+        aspect: ``squash`` (resize, ignoring the aspect ratio), ``crop`` (scale the short
+            side to ``image_size`` and cut the centre) or ``pad`` (scale the long side to
+            ``image_size`` and pad the rest with black).
+
+    Returns:
+        uint8 array of shape ``(image_size, image_size, 3)``.
+
+    Raises:
+        ValueError: unknown ``aspect`` or a non-positive ``image_size``.
+        OSError: the file cannot be read or decoded (Pillow's own error).
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    size = (image_size, image_size)
+    with Image.open(path) as img:
+        if img.format in ("JPEG", "MPO"):
+            # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
+            img.draft("RGB", size)
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit grey: scale to 8 bits instead of clipping at 255.
+                arr = np.asarray(img, dtype=np.float64)
+                top = max(float(arr.max()), 1.0)
+                img = Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype(np.uint8))
+            elif img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            img = img.convert("RGB")
+        if aspect == "squash":
+            out = img.resize(size, _RESAMPLE) if img.size != size else img
+        elif aspect == "crop":
+            out = ImageOps.fit(img, size, _RESAMPLE)
+        else:
+            out = ImageOps.pad(img, size, _RESAMPLE, color=(0, 0, 0))
+        return np.asarray(out, dtype=np.uint8).copy()
+
+
+def encode_image(pixels: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
+    """Encode a uint8 HxWx3 array as ``jpeg``, ``png`` or ``raw`` bytes (C order)."""
+    if encoding == "raw":
+        return np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    buffer = io.BytesIO()
+    image = Image.fromarray(pixels, "RGB")
+    if encoding == "jpeg":
+        image.save(buffer, format="JPEG", quality=jpeg_quality)
+    elif encoding == "png":
+        image.save(buffer, format="PNG", compress_level=1)
+    else:
+        raise ValueError(f"encoding must be one of {', '.join(ENCODINGS)}, got {encoding!r}")
+    return buffer.getvalue()
+
+
+def make_example(encoded: bytes, encoding: str, height: int, width: int, label: int, class_name: str, filename: str) -> bytes:
+    """A serialized ``tf.train.Example`` with the feature names of DESIGN.md."""
+
+    def _bytes(value: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+    def _int(value: int) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+    features = {
+        "image/encoded": _bytes(encoded),
+        "image/format": _bytes(encoding.encode()),
+        "image/class/label": _int(label),
+        "image/class/text": _bytes(class_name.encode("utf-8")),
+        "image/height": _int(height),
+        "image/width": _int(width),
+        "image/filename": _bytes(filename.encode("utf-8")),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+# --------------------------------------------------------------------------- split
+
+
+def unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by ``(seed, key)`` alone (SHA-256, stable across runs and machines)."""
+    digest = hashlib.sha256(f"{seed}\x00{key}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_splits(files: Sequence[Sequence[str]], val_fraction: float, seed: int) -> dict[str, list[list[str]]]:
+    """Split ``[[relpath, class_name], ...]`` into train and val, per class, by a hash of the path.
+
+    A file goes to val when ``unit_hash(seed, relpath) < val_fraction``, so its split depends
+    on its own relative path and the seed only: adding, removing or renaming other files never
+    moves it. Each class then holds about ``val_fraction`` of its files in val. Two guards keep
+    small classes usable: a class with at least 2 files and none drawn for val gives its
+    lowest-hash file to val, and a class drawn entirely into val keeps its highest-hash file
+    in train (these are the only cases where a file's split can depend on its class-mates).
+
+    Args:
+        files: usable files as ``[relpath, class_name]`` pairs.
+        val_fraction: share of each class held out, in [0, 1). 0 means no val split.
+        seed: split seed.
+
+    Returns:
+        ``{"train": [[relpath, class_name], ...], "val": [...]}``, each sorted by relpath.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    by_class: dict[str, list[tuple[float, str]]] = {}
+    for relpath, class_name in files:
+        by_class.setdefault(class_name, []).append((unit_hash(seed, relpath), relpath))
+    train: list[list[str]] = []
+    val: list[list[str]] = []
+    for class_name, entries in by_class.items():
+        entries.sort()
+        in_val = [h < val_fraction for h, _ in entries]
+        if val_fraction > 0 and len(entries) >= 2:
+            if not any(in_val):
+                in_val[0] = True
+            if all(in_val):
+                in_val[-1] = False
+        for (_, relpath), is_val in zip(entries, in_val):
+            (val if is_val else train).append([relpath, class_name])
+    return {"train": sorted(train), "val": sorted(val)}
+
+
+# --------------------------------------------------------------------------- plan
+
+
+def data_fingerprint(roots: dict[str, Path | str], files: dict[str, Sequence[Sequence[str]]]) -> str:
+    """SHA-256 of the relative path, class, size and mtime of every file of every split.
+
+    Args:
+        roots: split name -> folder the relative paths are relative to.
+        files: split name -> ``[[relpath, class_name], ...]``.
+
+    Raises:
+        FileNotFoundError: a listed file is gone (validation and preprocessing disagree).
+    """
+    digest = hashlib.sha256()
+    for split in sorted(files):
+        root = Path(roots[split])
+        for relpath, class_name in sorted(files[split]):
+            path = root / relpath
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{path}: listed as usable by the validation report but no longer exists; re-run validation"
+                ) from None
+            digest.update(f"{split}\x00{relpath}\x00{class_name}\x00{st.st_size}\x00{st.st_mtime_ns}\n".encode("utf-8"))
+    return digest.hexdigest()
+
+
+def _option_key(options: PreprocessOptions, has_val_dir: bool) -> dict[str, Any]:
+    """The options that change the shards' content or layout (``dask_address`` does not)."""
+    key: dict[str, Any] = {
+        "image_size": options.image_size,
+        "aspect": options.aspect,
+        "encoding": options.encoding,
+        "seed": options.seed,
+        "shard_size_mb": options.shard_size_mb,
+    }
+    if options.encoding == "jpeg":
+        key["jpeg_quality"] = options.jpeg_quality
+    if not has_val_dir:
+        key["val_fraction"] = options.val_fraction
+    return key
+
+
+def shard_count(records: int, options: PreprocessOptions, workers: int) -> int:
+    """Shards for a split: enough for ``shard_size_mb`` each, at least one per worker, at most one per record."""
+    if records == 0:
+        return 0
+    per_record = options.image_size**2 * _BYTES_PER_PIXEL[options.encoding] + _RECORD_OVERHEAD
+    by_size = math.ceil(records * per_record / (options.shard_size_mb * 1024 * 1024))
+    return max(1, min(records, max(by_size, workers)))
+
+
+def shard_name(split: str, index: int, total: int) -> str:
+    """``train-00000-of-00008.tfrecord``."""
+    return f"{split}-{index:05d}-of-{total:05d}.tfrecord"
+
+
+def plan_shards(report: dict[str, Any], options: PreprocessOptions, out_root: Path | str, workers: int = 1) -> dict[str, Any]:
+    """Decide the split, the fingerprint, the output folder and what every shard holds.
+
+    Only files listed as usable in the validation report are planned: a file validation
+    excluded can never reach a shard. Nothing is written.
+
+    Args:
+        report: a validation report (DESIGN.md interface 1); must be ``usable``.
+        options: preprocessing options.
+        out_root: ``<workdir>/tfrecords``; shards go in ``out_root/<fingerprint[:16]>``.
+        workers: parallel writers available (at least one shard per worker and split).
+
+    Returns:
+        The plan (JSON-able): ``fingerprint``, ``data_fingerprint``, ``out_dir``,
+        ``manifest``, ``class_names``, the image options, and ``splits`` with the
+        ``root``, ``count``, ``per_class`` and ``shards`` (``file`` and ``items``
+        ``[[relpath, label], ...]`` in write order) of each split.
+
+    Raises:
+        ValueError: the report is not usable, or names a val class it has no label for.
+    """
+    if not report.get("usable"):
+        raise ValueError(f"validation report of {report.get('data_dir')} is not usable; fix the data before preprocessing")
+    class_names: list[str] = list(report["class_names"])
+    labels = {name: index for index, name in enumerate(class_names)}
+    data_dir = str(report["data_dir"])
+    val_dir = report.get("val_dir")
+    if val_dir:
+        split_files = {"train": report["files"]["train"], "val": report["files"]["val"]}
+    else:
+        split_files = assign_splits(report["files"]["train"], options.val_fraction, options.seed)
+    roots = {"train": data_dir, "val": val_dir or data_dir}
+    for split, files in split_files.items():
+        for relpath, class_name in files:
+            if class_name not in labels:
+                raise ValueError(
+                    f"validation report: {split} file {relpath} has class {class_name!r}, "
+                    f"expected one of class_names {class_names}"
+                )
+
+    data_fp = data_fingerprint(roots, split_files)
+    key = {
+        "data": data_fp,
+        "class_names": class_names,
+        "data_dir": data_dir,
+        "val_dir": val_dir,
+        "options": _option_key(options, bool(val_dir)),
+        "code_version": code_version(),
+    }
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True).encode("utf-8")).hexdigest()
+    out_dir = Path(out_root) / fingerprint[:16]
+
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        files = split_files[split]
+        # Write order is a seeded hash order: every shard is a mix of all classes.
+        ordered = sorted(files, key=lambda f: (unit_hash(options.seed, "order\x00" + f[0]), f[0]))
+        total = shard_count(len(ordered), options, workers)
+        shards = []
+        for index, chunk in enumerate(np.array_split(np.arange(len(ordered)), total) if total else []):
+            shards.append({
+                "file": shard_name(split, index, total),
+                "items": [[ordered[i][0], labels[ordered[i][1]]] for i in chunk],
+            })
+        per_class = Counter(class_name for _, class_name in files)
+        splits[split] = {
+            "root": roots[split],
+            "count": len(files),
+            "per_class": {name: per_class.get(name, 0) for name in class_names},
+            "shards": shards,
+        }
+    return {
+        "fingerprint": fingerprint,
+        "data_fingerprint": data_fp,
+        "code_version": code_version(),
+        "out_dir": str(out_dir),
+        "manifest": str(out_dir / MANIFEST_NAME),
+        "class_names": class_names,
+        "image_size": options.image_size,
+        "aspect": options.aspect,
+        "encoding": options.encoding,
+        "jpeg_quality": options.jpeg_quality,
+        "data_dir": data_dir,
+        "val_dir": val_dir,
+        "splits": splits,
+    }
+
+
+def plan_shard_files(plan: dict[str, Any]) -> list[str]:
+    """Every shard file name of a plan, train first."""
+    return [shard["file"] for split in SPLITS for shard in plan["splits"][split]["shards"]]
+
+
+def _find_shard(plan: dict[str, Any], shard_file: str) -> tuple[str, dict[str, Any]]:
+    for split in SPLITS:
+        for shard in plan["splits"][split]["shards"]:
+            if shard["file"] == shard_file:
+                return split, shard
+    raise KeyError(f"{shard_file} is not a shard of the plan in {plan['out_dir']}")
+
+
+# --------------------------------------------------------------------------- write
+
+
+def write_shard(plan: dict[str, Any], shard_file: str) -> dict[str, Any]:
+    """Write one shard of a plan (to a temporary name, renamed into place when complete).
+
+    A shard already in place is complete (it was renamed only after its last record),
+    so it is kept as it is: a resumed run does no work for it and rewrites nothing.
+
+    Returns:
+        ``{"file", "records", "bytes", "written"}`` (``written`` False when kept).
+
+    Raises:
+        ShardSourceError: a file cannot be read or decoded; the message names it. No shard is left.
+    """
+    split, shard = _find_shard(plan, shard_file)
+    target = Path(plan["out_dir"]) / shard_file
+    if target.exists():
+        return {"file": shard_file, "records": len(shard["items"]), "bytes": target.stat().st_size, "written": False}
+    root = Path(plan["splits"][split]["root"])
+    class_names = plan["class_names"]
+    size, encoding = int(plan["image_size"]), plan["encoding"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.atomic_path(target) as tmp:
+        with tf.io.TFRecordWriter(str(tmp)) as writer:
+            for relpath, label in shard["items"]:
+                path = root / relpath
+                try:
+                    pixels = load_image(path, size, plan["aspect"])
+                except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                    raise ShardSourceError(
+                        f"{path}: validation accepted it, but it cannot be decoded now (changed since?) "
+                        f"while writing {shard_file}: {exc}; re-run validation"
+                    ) from exc
+                encoded = encode_image(pixels, encoding, int(plan["jpeg_quality"]))
+                writer.write(make_example(encoded, encoding, size, size, int(label), class_names[label], relpath))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+    return {"file": shard_file, "records": len(shard["items"]), "bytes": target.stat().st_size, "written": True}
+
+
+def manifest_from_plan(plan: dict[str, Any], results: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest (DESIGN.md interface 3) for a plan whose shards are written.
+
+    Raises:
+        ValueError: a shard result is missing or its record count differs from the plan.
+    """
+    by_file = {r["file"]: r for r in results}
+    splits: dict[str, Any] = {}
+    for split in SPLITS:
+        info = plan["splits"][split]
+        shards = []
+        for shard in info["shards"]:
+            result = by_file.get(shard["file"])
+            if result is None:
+                raise ValueError(f"{plan['out_dir']}: shard {shard['file']} was not written")
+            if result["records"] != len(shard["items"]):
+                raise ValueError(
+                    f"{plan['out_dir']}/{shard['file']}: expected {len(shard['items'])} records, found {result['records']}"
+                )
+            shards.append({"file": shard["file"], "records": result["records"], "bytes": result["bytes"]})
+        splits[split] = {"count": info["count"], "per_class": info["per_class"], "shards": shards}
+    return {
+        "class_names": plan["class_names"],
+        "image_size": plan["image_size"],
+        "aspect": plan["aspect"],
+        "encoding": plan["encoding"],
+        "jpeg_quality": plan["jpeg_quality"] if plan["encoding"] == "jpeg" else None,
+        "fingerprint": plan["fingerprint"],
+        "data_fingerprint": plan["data_fingerprint"],
+        "code_version": plan["code_version"],
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "data_dir": plan["data_dir"],
+        "val_dir": plan["val_dir"],
+        "splits": splits,
+    }
+
+
+def write_manifest(plan: dict[str, Any], results: Iterable[dict[str, Any]]) -> Path:
+    """Check every shard is in place, remove stale shards and temporaries, write the manifest last.
+
+    Returns:
+        The manifest path.
+
+    Raises:
+        ValueError: a planned shard is missing or its size differs from what was written.
+    """
+    manifest = manifest_from_plan(plan, results)
+    out_dir = Path(plan["out_dir"])
+    expected = set()
+    for split in SPLITS:
+        for shard in manifest["splits"][split]["shards"]:
+            path = out_dir / shard["file"]
+            if not path.exists() or path.stat().st_size != shard["bytes"]:
+                raise ValueError(f"{path}: expected a complete shard of {shard['bytes']} bytes, found none or another size")
+            expected.add(shard["file"])
+    # Shards of an earlier, interrupted layout (other worker count) would only confuse a reader.
+    for stale in out_dir.glob("*.tfrecord"):
+        if stale.name not in expected:
+            stale.unlink(missing_ok=True)
+    return atomic.write_json(out_dir / MANIFEST_NAME, manifest)
+
+
+def remove_temporaries(out_dir: Path | str) -> int:
+    """Delete ``.tmp-*`` files a killed writer left behind; returns how many."""
+    removed = 0
+    for tmp in Path(out_dir).glob(".tmp-*"):
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def write_plan(plan: dict[str, Any]) -> Path:
+    """Save the plan as ``plan.json`` in its output folder (the shard writers read it)."""
+    return atomic.write_json(Path(plan["out_dir"]) / PLAN_NAME, plan)
+
+
+def complete_manifest(plan: dict[str, Any]) -> Path | None:
+    """The plan's manifest path when it exists, matches the fingerprint and every shard is intact."""
+    path = Path(plan["manifest"])
+    if not path.exists():
+        return None
+    try:
+        manifest = atomic.read_json(path)
+    except (OSError, ValueError):
+        return None
+    if manifest.get("fingerprint") != plan["fingerprint"]:
+        return None
+    for split in SPLITS:
+        for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
+            shard_path = path.parent / shard["file"]
+            if not shard_path.exists() or shard_path.stat().st_size != shard.get("bytes", -1):
+                return None
+    return path
+
+
+def preprocess(report: dict[str, Any], options: PreprocessOptions, out_root: Path | str, workers: int = 1) -> dict[str, Any]:
+    """Plan, write every shard in this process (one after another) and write the manifest.
+
+    The Prefect flow does the same with mapped tasks; this is the plain-Python path.
+
+    Returns:
+        ``{"manifest": str, "cached": bool, "counts": {"train": n, "val": n}, "shards": int}``.
+    """
+    plan = plan_shards(report, options, out_root, workers)
+    counts = {split: plan["splits"][split]["count"] for split in SPLITS}
+    files = plan_shard_files(plan)
+    done = complete_manifest(plan)
+    if done is not None:
+        return {"manifest": str(done), "cached": True, "counts": counts, "shards": len(files)}
+    remove_temporaries(plan["out_dir"])
+    write_plan(plan)
+    results = [write_shard(plan, name) for name in files]
+    manifest = write_manifest(plan, results)
+    return {"manifest": str(manifest), "cached": False, "counts": counts, "shards": len(files)}
+
+
+# --------------------------------------------------------------------------- read
+
+
+def read_manifest(manifest_path: Path | str) -> dict[str, Any]:
+    """Load a manifest and check that it has the keys the input pipeline needs.
+
+    Raises:
+        FileNotFoundError: no manifest (preprocessing did not finish: run ``imgflow preprocess``).
+        ValueError: the manifest lacks a key or names an unknown encoding.
+    """
+    path = Path(manifest_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no TFRecord manifest here; run `imgflow preprocess` first")
+    manifest = atomic.read_json(path)
+    for key in ("class_names", "image_size", "encoding", "splits"):
+        if key not in manifest:
+            raise ValueError(f"{path}: manifest lacks the key {key!r}")
+    if manifest["encoding"] not in ENCODINGS:
+        raise ValueError(f"{path}: encoding must be one of {', '.join(ENCODINGS)}, found {manifest['encoding']!r}")
+    return manifest
+
+
+def shard_paths(manifest_path: Path | str, split: str) -> list[str]:
+    """Absolute paths of a split's shards, in manifest order.
+
+    Raises:
+        ValueError: unknown split, or a split with no records.
+        FileNotFoundError: a shard named by the manifest is missing.
+    """
+    path = Path(manifest_path)
+    manifest = read_manifest(path)
+    if split not in manifest["splits"]:
+        raise ValueError(f"{path}: split must be one of {', '.join(manifest['splits'])}, got {split!r}")
+    info = manifest["splits"][split]
+    if not info.get("count"):
+        raise ValueError(
+            f"{path}: split {split!r} has no records"
+            + (" (set --val-fraction above 0 or give --val-dir)" if split == "val" else "")
+        )
+    files = [str(path.parent / shard["file"]) for shard in info["shards"]]
+    for file in files:
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"{file}: shard named by {path} is missing; re-run `imgflow preprocess`")
+    return files
+
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+    "image/filename": tf.io.FixedLenFeature([], tf.string),
+}
+
+
+def _decoder(encoding: str, size: int):
+    def decode(encoded: tf.Tensor) -> tf.Tensor:
+        if encoding == "jpeg":
+            image = tf.io.decode_jpeg(encoded, channels=3)
+        elif encoding == "png":
+            image = tf.io.decode_png(encoded, channels=3, dtype=tf.uint8)
+        else:
+            image = tf.io.decode_raw(encoded, tf.uint8)
+        return tf.reshape(image, [size, size, 3])
+
+    return decode
+
+
+def make_dataset(
+    manifest_path: Path | str,
+    split: str,
+    batch_size: int,
+    training: bool,
+    seed: int = 42,
+    cache_budget_mb: float = 1024.0,
+    shuffle_buffer: int = 4096,
+    include_filenames: bool = False,
+) -> tf.data.Dataset:
+    """The tf.data input pipeline over a split's shards.
+
+    Shards are read with a parallel interleave and records parsed and decoded in parallel;
+    the decoded split is cached in memory when it fits ``cache_budget_mb``; training data
+    is shuffled (shard order, then a buffer of records, reshuffled every epoch); then
+    batched and prefetched. With ``training=False`` the order is deterministic (the same on
+    every pass and every machine) and nothing is shuffled.
+
+    Args:
+        manifest_path: ``manifest.json`` written by preprocessing.
+        split: ``train`` or ``val``.
+        batch_size: images per batch (the last batch may be smaller).
+        training: shuffle, and allow a non-deterministic order for speed.
+        seed: shuffle seed.
+        cache_budget_mb: cache the decoded split in memory when ``count * S * S * 3``
+            bytes fit in this many MiB; 0 disables the cache.
+        shuffle_buffer: records in the shuffle buffer (capped at the split size).
+        include_filenames: also yield the filenames (relative to the data root) as a
+            third element, for evaluation reports.
+
+    Returns:
+        A dataset of ``(uint8 images [B, S, S, 3], int32 labels [B])`` (plus
+        ``string filenames [B]`` with ``include_filenames``).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    manifest = read_manifest(manifest_path)
+    files = shard_paths(manifest_path, split)
+    count = int(manifest["splits"][split]["count"])
+    size = int(manifest["image_size"])
+    decode = _decoder(manifest["encoding"], size)
+    deterministic = not training
+
+    def parse(record: tf.Tensor):
+        parsed = tf.io.parse_single_example(record, _FEATURES)
+        image = decode(parsed["image/encoded"])
+        label = tf.cast(parsed["image/class/label"], tf.int32)
+        if include_filenames:
+            return image, label, parsed["image/filename"]
+        return image, label
+
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training and len(files) > 1:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(
+        lambda f: tf.data.TFRecordDataset(f, buffer_size=8 * 1024 * 1024),
+        cycle_length=min(len(files), 16),
+        block_length=1,
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=deterministic,
+    )
+    ds = ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    if count * size * size * 3 <= cache_budget_mb * 1024 * 1024:
+        ds = ds.cache()
+    if training:
+        ds = ds.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def read_records(shard_path: Path | str) -> list[dict[str, Any]]:
+    """Every record of one shard as a dict of Python values (for checks and tests).
+
+    Returns:
+        ``[{"image": uint8 array, "label", "class", "filename", "format", "height", "width"}, ...]``.
+    """
+    spec = {
+        "image/encoded": tf.io.FixedLenFeature([], tf.string),
+        "image/format": tf.io.FixedLenFeature([], tf.string),
+        "image/class/label": tf.io.FixedLenFeature([], tf.int64),
+        "image/class/text": tf.io.FixedLenFeature([], tf.string),
+        "image/height": tf.io.FixedLenFeature([], tf.int64),
+        "image/width": tf.io.FixedLenFeature([], tf.int64),
+        "image/filename": tf.io.FixedLenFeature([], tf.string),
+    }
+    out = []
+    for record in tf.data.TFRecordDataset(str(shard_path)):
+        parsed = tf.io.parse_single_example(record, spec)
+        fmt = parsed["image/format"].numpy().decode()
+        height, width = int(parsed["image/height"]), int(parsed["image/width"])
+        encoded = parsed["image/encoded"].numpy()
+        if fmt == "raw":
+            image = np.frombuffer(encoded, np.uint8).reshape(height, width, 3)
+        else:
+            image = tf.io.decode_image(encoded, channels=3, expand_animations=False).numpy()
+        out.append({
+            "image": image,
+            "label": int(parsed["image/class/label"]),
+            "class": parsed["image/class/text"].numpy().decode("utf-8"),
+            "filename": parsed["image/filename"].numpy().decode("utf-8"),
+            "format": fmt,
+            "height": height,
+            "width": width,
+        })
+    return out
