@@ -1,0 +1,453 @@
+"""Model builders: built-in CNNs, keras.applications backbones and user ``module:function``.
+
+Every built-in model takes raw 0-255 RGB images: rescaling (and, for training only,
+light augmentation) are layers inside the model, so a saved ``model.keras`` can be fed
+the same pixels at prediction time and can never drift from training. A user builder's
+model is used exactly as given.
+
+Only Keras 3 APIs are used here (no ``tf.*``), so the same builders run with
+``KERAS_BACKEND=jax``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Any, Callable
+
+import keras
+import numpy as np
+
+# Canonical names of the built-in models; lookups ignore case, "-" and "_".
+BUILTIN_MODELS = ("default", "conv_blocks", "efficientnetv2b0", "mobilenetv3small", "resnet50")
+
+# Built-in "default" CNN: conv blocks with BatchNorm, global average pooling, dropout.
+DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "filters": [32, 64, 128],
+    "convs_per_block": 2,
+    "kernel_size": 3,
+    "batch_norm": True,
+    # fast-moving BatchNorm statistics: small datasets give few steps per run, and the
+    # Keras default (0.99) leaves validation-time statistics near their initial values
+    "bn_momentum": 0.9,
+    "activation": "relu",
+    "pooling": "max",
+    "global_pool": "avg",
+    "dense": [],
+    "dropout": 0.3,
+}
+
+# "conv_blocks": the architecture of a typical hand-written Keras script
+# (Conv2D/MaxPool blocks, Flatten, one Dense layer), but with rescaling inside.
+CONV_BLOCKS_ARCHITECTURE: dict[str, Any] = {
+    "filters": [32, 64, 128],
+    "convs_per_block": 1,
+    "kernel_size": 3,
+    "batch_norm": False,
+    "bn_momentum": 0.9,
+    "activation": "relu",
+    "pooling": "max",
+    "global_pool": "flatten",
+    "dense": [128],
+    "dropout": 0.5,
+}
+
+# Options of the augmentation block (architecture keys, all models but user ones).
+AUGMENT_DEFAULTS: dict[str, Any] = {"translate": 0.1, "rotate": 0.05, "zoom": 0.1, "flip": False}
+
+# ImageNet channel means (BGR) of the "caffe" preprocessing ResNet50 weights expect.
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+
+class ModelConfigError(ValueError):
+    """A model name, builder or architecture option that cannot be used."""
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "").replace("_", "")
+
+
+def resolve_model_name(name: str) -> str:
+    """Return the canonical built-in name for ``name``, or ``name`` itself for ``module:function``.
+
+    Raises:
+        ModelConfigError: neither a built-in model nor a ``module:function`` reference.
+    """
+    if ":" in name:
+        return name
+    for builtin in BUILTIN_MODELS:
+        if _canonical(builtin) == _canonical(name):
+            return builtin
+    raise ModelConfigError(
+        f"model: unknown model {name!r}; expected one of {', '.join(BUILTIN_MODELS)} "
+        "or a user builder written as package.module:function"
+    )
+
+
+def augmentation_block(options: dict[str, Any] | None = None, seed: int = 42) -> keras.Sequential:
+    """Light, label-preserving augmentation layers (active only while training).
+
+    Args:
+        options: ``translate``, ``rotate`` (fraction of a full turn), ``zoom`` (fractions)
+            and ``flip`` (horizontal flips; off by default because digits and text are
+            not mirror-symmetric).
+        seed: seed of the random layers.
+    """
+    opts = {**AUGMENT_DEFAULTS, **(options or {})}
+    layers: list[keras.layers.Layer] = []
+    if opts["flip"]:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if opts["translate"]:
+        layers.append(keras.layers.RandomTranslation(opts["translate"], opts["translate"], seed=seed + 1))
+    if opts["rotate"]:
+        layers.append(keras.layers.RandomRotation(opts["rotate"], seed=seed + 2))
+    if opts["zoom"]:
+        layers.append(keras.layers.RandomZoom(opts["zoom"], seed=seed + 3))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def _split_architecture(architecture: dict[str, Any] | None, defaults: dict[str, Any]) -> tuple[dict, dict]:
+    """Split ``architecture`` into (model options, augmentation options), checking the keys."""
+    arch = dict(architecture or {})
+    augment = arch.pop("augmentation", {}) or {}
+    unknown = sorted(set(arch) - set(defaults))
+    if unknown:
+        raise ModelConfigError(
+            f"architecture: unknown key(s) {', '.join(unknown)}; expected any of "
+            f"{', '.join(sorted(defaults))} (or 'augmentation')"
+        )
+    bad_aug = sorted(set(augment) - set(AUGMENT_DEFAULTS))
+    if bad_aug:
+        raise ModelConfigError(
+            f"architecture.augmentation: unknown key(s) {', '.join(bad_aug)}; expected any of "
+            f"{', '.join(sorted(AUGMENT_DEFAULTS))}"
+        )
+    return {**defaults, **arch}, augment
+
+
+def _output_layer(num_classes: int) -> keras.layers.Dense:
+    # float32 output keeps softmax and the loss stable under mixed precision
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")
+
+
+def build_conv_blocks(
+    image_size: int,
+    num_classes: int,
+    architecture: dict[str, Any] | None = None,
+    augment: bool = True,
+    seed: int = 42,
+    defaults: dict[str, Any] = CONV_BLOCKS_ARCHITECTURE,
+    name: str = "conv_blocks",
+) -> keras.Model:
+    """A plain CNN of Conv2D blocks, configurable the way people write them by hand.
+
+    Args:
+        image_size: side of the square input images.
+        num_classes: number of output classes (softmax units).
+        architecture: overrides of ``filters`` (one block per entry), ``convs_per_block``,
+            ``kernel_size``, ``batch_norm``, ``bn_momentum``, ``activation``, ``pooling`` (max|avg|none),
+            ``global_pool`` (avg|max|flatten), ``dense`` (list of units), ``dropout``,
+            and ``augmentation`` (see :func:`augmentation_block`).
+        augment: include the augmentation block.
+        seed: seed of augmentation and dropout.
+        defaults: the base architecture the overrides apply to.
+        name: the model's name.
+
+    Raises:
+        ModelConfigError: an unknown architecture key or an unusable value.
+    """
+    arch, aug = _split_architecture(architecture, defaults)
+    filters = arch["filters"]
+    if isinstance(filters, int):
+        filters = [filters]
+    if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
+        raise ModelConfigError(f"architecture.filters: expected a list of positive integers, found {filters!r}")
+    if arch["pooling"] not in ("max", "avg", "none"):
+        raise ModelConfigError(f"architecture.pooling: expected max, avg or none, found {arch['pooling']!r}")
+    if arch["global_pool"] not in ("avg", "max", "flatten"):
+        raise ModelConfigError(
+            f"architecture.global_pool: expected avg, max or flatten, found {arch['global_pool']!r}"
+        )
+    pooled = len(filters) if arch["pooling"] != "none" else 0
+    if image_size // (2**pooled) < 1:
+        raise ModelConfigError(
+            f"architecture.filters: {len(filters)} pooling blocks need images of at least {2**pooled} px, "
+            f"found image_size {image_size}"
+        )
+
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    if augment:
+        x = augmentation_block(aug, seed)(x)
+    for b, width in enumerate(filters):
+        for c in range(int(arch["convs_per_block"])):
+            x = keras.layers.Conv2D(
+                width,
+                arch["kernel_size"],
+                padding="same",
+                use_bias=not arch["batch_norm"],
+                name=f"block{b + 1}_conv{c + 1}",
+            )(x)
+            if arch["batch_norm"]:
+                x = keras.layers.BatchNormalization(
+                    momentum=float(arch["bn_momentum"]), name=f"block{b + 1}_bn{c + 1}"
+                )(x)
+            x = keras.layers.Activation(arch["activation"], name=f"block{b + 1}_act{c + 1}")(x)
+        if arch["pooling"] == "max":
+            x = keras.layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)
+        elif arch["pooling"] == "avg":
+            x = keras.layers.AveragePooling2D(name=f"block{b + 1}_pool")(x)
+    if arch["global_pool"] == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    elif arch["global_pool"] == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="gmp")(x)
+    else:
+        x = keras.layers.Flatten(name="flatten")(x)
+    for i, units in enumerate(arch["dense"] or []):
+        x = keras.layers.Dense(int(units), activation=arch["activation"], name=f"dense{i + 1}")(x)
+    if arch["dropout"]:
+        x = keras.layers.Dropout(float(arch["dropout"]), seed=seed, name="dropout")(x)
+    outputs = _output_layer(num_classes)(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_default(
+    image_size: int, num_classes: int, architecture: dict[str, Any] | None = None, augment: bool = True, seed: int = 42
+) -> keras.Model:
+    """The built-in CNN: conv blocks with BatchNorm, global average pooling, dropout.
+
+    Trains well from scratch on small folder datasets; takes raw 0-255 RGB images.
+    """
+    return build_conv_blocks(
+        image_size, num_classes, architecture, augment, seed, defaults=DEFAULT_ARCHITECTURE, name="imgflow_default"
+    )
+
+
+def _channel_reverse_and_center(mean_bgr: tuple[float, float, float]) -> keras.layers.Conv2D:
+    """A frozen 1x1 convolution doing RGB->BGR and mean subtraction ("caffe" preprocessing).
+
+    A standard layer (not a Lambda) so the saved model loads anywhere in safe mode.
+    """
+    layer = keras.layers.Conv2D(3, 1, name="caffe_preprocess", trainable=False)
+    layer.build((None, None, None, 3))
+    kernel = np.zeros((1, 1, 3, 3), dtype="float32")
+    for out_channel, in_channel in enumerate((2, 1, 0)):
+        kernel[0, 0, in_channel, out_channel] = 1.0
+    layer.set_weights([kernel, -np.asarray(mean_bgr, dtype="float32")])
+    return layer
+
+
+def build_application(
+    name: str,
+    image_size: int,
+    num_classes: int,
+    weights: str | None = None,
+    architecture: dict[str, Any] | None = None,
+    augment: bool = True,
+    seed: int = 42,
+) -> keras.Model:
+    """A keras.applications backbone with a new softmax head; nothing is downloaded.
+
+    EfficientNetV2B0 and MobileNetV3Small rescale 0-255 input themselves
+    (``include_preprocessing=True``); ResNet50 gets its "caffe" preprocessing
+    (RGB->BGR, ImageNet mean subtraction) as a frozen 1x1 convolution in front.
+
+    Args:
+        name: ``efficientnetv2b0``, ``mobilenetv3small`` or ``resnet50``.
+        image_size: side of the square input images (at least 32).
+        num_classes: number of output classes.
+        weights: a local weights file for the headless backbone (``include_top=False``),
+            or None for random initialisation.
+        architecture: ``dropout`` (head dropout, default 0.2), ``trainable_backbone``
+            (default True) and ``augmentation`` options.
+        augment: include the augmentation block.
+        seed: seed of augmentation and dropout.
+
+    Raises:
+        ModelConfigError: unknown backbone, missing weights file or too small images.
+    """
+    arch, aug = _split_architecture(architecture, {"dropout": 0.2, "trainable_backbone": True})
+    if weights is not None and not Path(weights).is_file():
+        raise ModelConfigError(f"weights: expected a local weights file, found no file at {weights}")
+    if image_size < 32:
+        raise ModelConfigError(f"image_size: {name} needs images of at least 32 px, found {image_size}")
+    shape = (image_size, image_size, 3)
+    common: dict[str, Any] = {"include_top": False, "weights": weights, "input_shape": shape, "pooling": "avg"}
+    inputs = keras.Input(shape=shape, name="image")
+    x = inputs
+    if augment:
+        x = augmentation_block(aug, seed)(x)
+    if name == "efficientnetv2b0":
+        backbone = keras.applications.EfficientNetV2B0(include_preprocessing=True, **common)
+    elif name == "mobilenetv3small":
+        backbone = keras.applications.MobileNetV3Small(include_preprocessing=True, **common)
+    elif name == "resnet50":
+        x = _channel_reverse_and_center(_CAFFE_MEAN_BGR)(x)
+        backbone = keras.applications.ResNet50(**common)
+    else:
+        raise ModelConfigError(f"model: unknown keras.applications backbone {name!r}")
+    backbone.trainable = bool(arch["trainable_backbone"])
+    x = backbone(x)
+    if arch["dropout"]:
+        x = keras.layers.Dropout(float(arch["dropout"]), seed=seed, name="head_dropout")(x)
+    outputs = _output_layer(num_classes)(x)
+    return keras.Model(inputs, outputs, name=f"{name}_classifier")
+
+
+def load_builder(reference: str) -> Callable[..., Any]:
+    """Import a user builder written as ``package.module:function``.
+
+    Raises:
+        ModelConfigError: malformed reference, module not importable or no such callable.
+    """
+    module_name, _, func_name = reference.partition(":")
+    if not module_name or not func_name:
+        raise ModelConfigError(f"model: expected package.module:function, found {reference!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelConfigError(f"model: cannot import module {module_name!r} of {reference!r}: {exc}") from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise ModelConfigError(f"model: module {module_name!r} has no callable {func_name!r}")
+    return func
+
+
+def build_user_model(reference: str, image_size: int, num_classes: int) -> keras.Model:
+    """Call a user builder as ``function(input_shape=(S, S, 3), num_classes=N)`` and check its model.
+
+    Raises:
+        ModelConfigError: the builder does not return a Keras model with ``num_classes`` outputs.
+    """
+    func = load_builder(reference)
+    if not builder_signature_ok(func):
+        raise ModelConfigError(
+            f"model: {reference} must accept the keywords input_shape= and num_classes=; "
+            f"found signature {inspect.signature(func)}"
+        )
+    model = func(input_shape=(image_size, image_size, 3), num_classes=num_classes)
+    if not isinstance(model, keras.Model):
+        raise ModelConfigError(
+            f"model: {reference} must return a keras.Model, found {type(model).__name__}"
+        )
+    if not model.built:
+        model.build((None, image_size, image_size, 3))
+    units = model.outputs[0].shape[-1] if getattr(model, "outputs", None) else None
+    if units is not None and units != num_classes:
+        raise ModelConfigError(
+            f"model: {reference} returned a model with {units} output units, expected {num_classes} (one per class)"
+        )
+    return model
+
+
+def build_model(
+    name: str,
+    image_size: int,
+    num_classes: int,
+    architecture: dict[str, Any] | None = None,
+    augment: bool = True,
+    weights: str | None = None,
+    seed: int = 42,
+) -> keras.Model:
+    """Build the model named ``name`` for ``image_size`` px RGB input and ``num_classes`` classes.
+
+    Built-in models are returned uncompiled; a user model is returned as its builder made it
+    (maybe compiled).
+
+    Args:
+        name: a built-in name (see ``BUILTIN_MODELS``) or ``package.module:function``.
+        image_size: side of the square input images.
+        num_classes: number of classes (at least 2).
+        architecture: options for the chosen builder (``TrainOptions.architecture``).
+        augment: include augmentation layers (built-in models only).
+        weights: local weights file (keras.applications backbones only).
+        seed: seed of the random layers.
+
+    Raises:
+        ModelConfigError: an unknown model, option or an unusable builder.
+    """
+    if num_classes < 2:
+        raise ModelConfigError(f"num_classes: a classifier needs at least 2 classes, found {num_classes}")
+    canonical = resolve_model_name(name)
+    if weights is not None and canonical not in ("efficientnetv2b0", "mobilenetv3small", "resnet50"):
+        raise ModelConfigError(f"weights: only keras.applications backbones take a weights file, not {name!r}")
+    if canonical == "default":
+        return build_default(image_size, num_classes, architecture, augment, seed)
+    if canonical == "conv_blocks":
+        return build_conv_blocks(image_size, num_classes, architecture, augment, seed)
+    if canonical in ("efficientnetv2b0", "mobilenetv3small", "resnet50"):
+        return build_application(canonical, image_size, num_classes, weights, architecture, augment, seed)
+    return build_user_model(canonical, image_size, num_classes)
+
+
+def make_optimizer(
+    name: str,
+    learning_rate: float,
+    schedule: str = "none",
+    total_steps: int | None = None,
+) -> keras.optimizers.Optimizer:
+    """An optimizer by name (adam, adamw, sgd, rmsprop), optionally with a cosine decay schedule.
+
+    ``schedule="plateau"`` is a callback (ReduceLROnPlateau), so the optimizer gets a
+    constant rate here.
+
+    Raises:
+        ModelConfigError: unknown optimizer or schedule, or cosine without ``total_steps``.
+    """
+    if schedule == "cosine":
+        if not total_steps:
+            raise ModelConfigError("schedule: cosine decay needs the total number of training steps")
+        lr: Any = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(total_steps), alpha=0.01)
+    elif schedule in ("none", "plateau"):
+        lr = learning_rate
+    else:
+        raise ModelConfigError(f"schedule: expected none, cosine or plateau, found {schedule!r}")
+    if name == "adam":
+        return keras.optimizers.Adam(lr)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(lr)
+    raise ModelConfigError(f"optimizer: expected adam, adamw, sgd or rmsprop, found {name!r}")
+
+
+def is_compiled(model: keras.Model) -> bool:
+    """Whether ``model`` was compiled (by a user builder, say)."""
+    return bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
+
+
+def compile_model(
+    model: keras.Model,
+    optimizer: str = "adam",
+    learning_rate: float = 1e-3,
+    schedule: str = "none",
+    total_steps: int | None = None,
+    jit_compile: bool | str = "auto",
+) -> keras.Model:
+    """Compile ``model`` with sparse categorical cross-entropy and accuracy, unless it already is.
+
+    A model that a user builder compiled keeps its optimizer, loss and metrics.
+    """
+    if is_compiled(model):
+        return model
+    model.compile(
+        optimizer=make_optimizer(optimizer, learning_rate, schedule, total_steps),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        jit_compile=jit_compile,
+    )
+    return model
+
+
+def builder_signature_ok(func: Callable[..., Any]) -> bool:
+    """Whether ``func`` accepts ``input_shape=`` and ``num_classes=`` keywords."""
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return True
+    return "input_shape" in params and "num_classes" in params

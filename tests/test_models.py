@@ -1,0 +1,206 @@
+"""Model builders: built-in CNNs, keras.applications backbones, user builders, optimizers."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from tasks.models import (
+    BUILTIN_MODELS,
+    ModelConfigError,
+    build_model,
+    compile_model,
+    is_compiled,
+    make_optimizer,
+    resolve_model_name,
+)
+
+
+def _layer_types(model: keras.Model) -> list[str]:
+    return [type(layer).__name__ for layer in model.layers]
+
+
+def test_default_model_takes_raw_images_and_outputs_probabilities():
+    model = build_model("default", 32, 3)
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 3)
+    types = _layer_types(model)
+    assert types[1] == "Rescaling"  # scaling lives inside the model
+    assert model.get_layer("rescale").scale == pytest.approx(1 / 255)
+    assert "Sequential" in types  # augmentation block
+    assert types.count("BatchNormalization") == 6 and types.count("Conv2D") == 6
+    assert "GlobalAveragePooling2D" in types and "Dropout" in types
+    assert model.get_layer("predictions").dtype_policy.name == "float32"
+    raw = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
+    probs = model.predict(raw, verbose=0)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_no_augmentation_block_when_disabled():
+    model = build_model("default", 32, 2, augment=False)
+    assert "Sequential" not in _layer_types(model)
+
+
+def test_conv_blocks_architecture_from_config():
+    arch = {"filters": [8, 16], "dense": [24], "dropout": 0.25, "augmentation": {"rotate": 0.0, "flip": True}}
+    model = build_model("conv-blocks", 32, 4, arch)
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [c.filters for c in convs] == [8, 16]
+    assert model.get_layer("dense1").units == 24
+    assert model.get_layer("dropout").rate == 0.25
+    assert "Flatten" in _layer_types(model)  # the hand-written script style
+    aug = [type(layer).__name__ for layer in model.get_layer("augmentation").layers]
+    assert aug == ["RandomFlip", "RandomTranslation", "RandomZoom"]
+    assert model.output_shape == (None, 4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"name": "vgg99"}, "unknown model 'vgg99'"),
+        ({"architecture": {"filterz": [8]}}, "unknown key(s) filterz"),
+        ({"architecture": {"filters": [8, 8, 8, 8, 8, 8]}}, "at least 64 px"),
+        ({"architecture": {"pooling": "median"}}, "expected max, avg or none"),
+        ({"num_classes": 1}, "at least 2 classes"),
+        ({"weights": "/nope.h5"}, "only keras.applications backbones"),
+    ],
+)
+def test_bad_model_options_name_the_option(kwargs, needle):
+    args = {"name": "default", "image_size": 32, "num_classes": 3, **kwargs}
+    with pytest.raises(ModelConfigError) as err:
+        build_model(**args)
+    assert needle in str(err.value)
+
+
+def test_builtin_names_resolve_case_and_dash_insensitively():
+    assert resolve_model_name("MobileNet-V3-Small".replace("-V3-", "V3")) == "mobilenetv3small"
+    assert resolve_model_name("EfficientNetV2B0") == "efficientnetv2b0"
+    assert resolve_model_name("pkg.mod:fn") == "pkg.mod:fn"
+    assert set(BUILTIN_MODELS) >= {"default", "conv_blocks", "resnet50"}
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3small", "efficientnetv2b0"])
+def test_applications_rescale_raw_input_themselves(name):
+    model = build_model(name, 32, 3, augment=False)
+    assert model.output_shape == (None, 3)
+    backbone = [layer for layer in model.layers if isinstance(layer, keras.Model)][0]
+    # include_preprocessing=True: a Rescaling layer inside the backbone takes 0-255 input
+    assert any(isinstance(layer, keras.layers.Rescaling) for layer in backbone.layers)
+
+
+def test_resnet50_gets_caffe_preprocessing_as_a_standard_layer():
+    model = build_model("resnet50", 32, 2, augment=False)
+    pre = model.get_layer("caffe_preprocess")
+    assert pre.trainable is False
+    pixel = np.array([[[[10.0, 20.0, 30.0]]]], dtype="float32")  # R, G, B
+    out = np.asarray(pre(pixel))[0, 0, 0]
+    np.testing.assert_allclose(out, [30 - 103.939, 20 - 116.779, 10 - 123.68], rtol=1e-5)
+
+
+def test_application_weights_come_from_a_local_file(tmp_path):
+    source = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(32, 32, 3), pooling="avg"
+    )
+    path = tmp_path / "mnv3.weights.h5"
+    source.save_weights(path)
+    model = build_model("mobilenetv3small", 32, 3, weights=str(path), augment=False)
+    backbone = [layer for layer in model.layers if isinstance(layer, keras.Model)][0]
+    for a, b in zip(source.get_weights(), backbone.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ModelConfigError, match="weights: expected a local weights file"):
+        build_model("mobilenetv3small", 32, 3, weights=str(tmp_path / "missing.h5"))
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    (tmp_path / "my_builders.py").write_text(
+        textwrap.dedent(
+            """
+            import keras
+
+            def plain(input_shape, num_classes):
+                inputs = keras.Input(shape=input_shape)
+                x = keras.layers.Flatten()(inputs)
+                return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+
+            def compiled(input_shape, num_classes):
+                model = plain(input_shape, num_classes)
+                model.compile(optimizer=keras.optimizers.SGD(0.05), loss="sparse_categorical_crossentropy")
+                return model
+
+            def wrong_units(input_shape, num_classes):
+                return plain(input_shape, num_classes + 1)
+
+            def no_kwargs(shape):
+                return None
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_builders"
+    sys.modules.pop("my_builders", None)
+
+
+def test_user_builder_uncompiled_gets_compiled_with_configured_optimizer(user_module):
+    model = build_model(f"{user_module}:plain", 16, 3)
+    assert not is_compiled(model)
+    compile_model(model, "rmsprop", 0.002)
+    assert isinstance(model.optimizer, keras.optimizers.RMSprop)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.002)
+    assert model.loss == "sparse_categorical_crossentropy"
+    # a user model is used exactly as given: no rescaling added
+    assert not any(isinstance(layer, keras.layers.Rescaling) for layer in model.layers)
+
+
+def test_user_builder_compiled_keeps_its_optimizer(user_module):
+    model = build_model(f"{user_module}:compiled", 16, 3)
+    compile_model(model, "adam", 0.1)
+    assert isinstance(model.optimizer, keras.optimizers.SGD)
+    assert float(model.optimizer.learning_rate) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize(
+    ("func", "needle"),
+    [
+        ("wrong_units", "4 output units, expected 3"),
+        ("no_kwargs", "must accept the keywords input_shape= and num_classes="),
+        ("missing", "has no callable 'missing'"),
+    ],
+)
+def test_bad_user_builders_are_explained(user_module, func, needle):
+    with pytest.raises(ModelConfigError) as err:
+        build_model(f"{user_module}:{func}", 16, 3)
+    assert needle in str(err.value)
+
+
+def test_unimportable_builder_module():
+    with pytest.raises(ModelConfigError, match="cannot import module 'no_such_pkg.mod'"):
+        build_model("no_such_pkg.mod:fn", 16, 3)
+
+
+def test_optimizers_by_name_and_cosine_schedule():
+    assert isinstance(make_optimizer("adamw", 1e-3), keras.optimizers.AdamW)
+    sgd = make_optimizer("sgd", 0.1)
+    assert isinstance(sgd, keras.optimizers.SGD) and sgd.nesterov
+    cosine = make_optimizer("adam", 0.01, "cosine", total_steps=100)
+    schedule = cosine.learning_rate if callable(cosine.learning_rate) else cosine._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.01)
+    assert float(schedule(100)) == pytest.approx(0.0001, rel=1e-3)
+    with pytest.raises(ModelConfigError, match="optimizer: expected adam"):
+        make_optimizer("lbfgs", 0.1)
+    with pytest.raises(ModelConfigError, match="total number of training steps"):
+        make_optimizer("adam", 0.1, "cosine")
+
+
+def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):
+    model = build_model("default", 32, 3)
+    compile_model(model)
+    raw = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3)).astype("float32")
+    expected = model.predict(raw, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(raw, verbose=0), expected, rtol=1e-5, atol=1e-6)
