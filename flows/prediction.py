@@ -1,0 +1,243 @@
+"""Batch prediction of an image folder into one CSV: scan, mapped chunk tasks, assemble.
+
+``batch_predict`` is a Prefect flow and a plain Python call (a notebook can call it
+with the same arguments as ``imgflow predict``)::
+
+    from flows.prediction import batch_predict
+    summary = batch_predict("champion", "inbox/", workdir="imgflow-work")
+
+Where things go:
+
+* the CSV: ``out``, by default ``<workdir>/predictions/<INPUT_DIR name>.csv``;
+* part files: ``<workdir>/predictions/runs/<hash of model, INPUT_DIR, out>/part-<chunk key>.csv``.
+  They are kept after a run: the next run over the same inbox skips every chunk whose
+  files are unchanged and predicts only chunks holding new or changed files; parts
+  of chunks that no longer exist are deleted once the CSV is assembled.
+
+Chunks run as Prefect tasks on a local thread pool, or on an existing Dask cluster
+(``dask_address``, through ``prefect-dask``); each worker process loads the model once.
+Nothing heavy is imported at module import time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import DEFAULT_WORKDIR
+from flows.retrying import retry_unless
+from tasks import prediction as P
+from tasks.atomic import write_json
+
+DEFAULT_CHUNK_SIZE = 1024
+LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
+
+
+@task(
+    name="predict-chunk",
+    task_run_name="predict-chunk-{key}",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_unless(ValueError),
+)
+def predict_chunk_task(
+    key: str, model_dir: str, input_dir: str, entries: list[list[Any]], part: str, batch_size: int
+) -> dict[str, Any]:
+    """Predict one chunk of files and write its part file atomically."""
+    return P.predict_chunk(model_dir, input_dir, entries, part, batch_size=batch_size)
+
+
+def default_output(input_dir: Path | str, workdir: Path | str = DEFAULT_WORKDIR) -> Path:
+    """``<workdir>/predictions/<INPUT_DIR name>.csv`` (``predictions.csv`` for a nameless root)."""
+    name = Path(input_dir).resolve().name or "predictions"
+    return Path(workdir) / "predictions" / f"{name}.csv"
+
+
+def _resolve_model(model: str | Path, workdir: Path) -> Path:
+    from tasks.registry import RegistryError, resolve_model_dir
+
+    try:
+        return resolve_model_dir(str(model), workdir)
+    except RegistryError as exc:  # the CLI maps FileNotFoundError to exit code 2 (bad input)
+        raise FileNotFoundError(f"MODEL {model}: {exc}") from exc
+
+
+def _task_runner(dask_address: str | None) -> Any:
+    if dask_address:
+        try:
+            from prefect_dask import DaskTaskRunner
+        except ImportError as exc:
+            raise ValueError(
+                f"dask_address {dask_address!r}: needs prefect-dask, which is not installed "
+                "(pip install 'imgflow[dask]')"
+            ) from exc
+        return DaskTaskRunner(address=dask_address)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=LOCAL_CHUNK_WORKERS)
+
+
+def _window(runner: Any) -> int:
+    """How many chunks may be in flight: enough to keep every worker busy, few enough to stay flat."""
+    client = getattr(runner, "_client", None)
+    if client is not None:
+        try:
+            return max(2, 2 * sum(client.nthreads().values()))
+        except Exception:  # noqa: BLE001 - the window is only a tuning knob
+            return 8
+    return LOCAL_CHUNK_WORKERS + 1
+
+
+def _check_options(batch_size: int, chunk_size: int, top_k: int | None) -> None:
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, found {chunk_size}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k: expected an integer >= 1 or none, found {top_k}")
+
+
+def _publish(summary: dict[str, Any], input_dir: Path) -> None:
+    from prefect.artifacts import create_link_artifact, create_table_artifact
+
+    table = [{"label": label, "files": count} for label, count in summary["label_counts"].items()]
+    table.append({"label": "(unreadable)", "files": summary["errors"]})
+    create_table_artifact(
+        key="batch-predictions-labels",
+        table=table,
+        description=f"Predicted labels for {input_dir} ({summary['rows']} files, "
+        f"{summary['images_per_second']:.0f} images/s this run)",
+    )
+    create_link_artifact(
+        key="batch-predictions-csv",
+        link=Path(summary["csv"]).resolve().as_uri(),
+        link_text=Path(summary["csv"]).name,
+        description="The predictions CSV: path, label, confidence, prob_<class>..., error",
+    )
+
+
+@flow(name="batch-predict")
+def batch_predict(
+    model: str | Path,
+    input_dir: Path,
+    workdir: Path = DEFAULT_WORKDIR,
+    out: Path | None = None,
+    batch_size: int = 256,
+    dask_address: str | None = None,
+    top_k: int | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, Any]:
+    """Classify every file under INPUT_DIR into one CSV row each; resumable.
+
+    Args:
+        model: a model directory, a run id in ``<workdir>/models``, or ``"champion"``.
+        input_dir: folder of images, searched recursively (symlinks never lead out of it).
+        workdir: the imgflow work folder (champion pointer, part files, default output).
+        out: the CSV to write; default ``<workdir>/predictions/<INPUT_DIR name>.csv``.
+        batch_size: images per model call.
+        dask_address: scheduler address of an existing Dask cluster to run chunks on.
+        top_k: also write ``top<i>_label``/``top<i>_prob`` for the k best classes.
+        chunk_size: target files per chunk task (chunks hold between half and twice this).
+
+    Returns:
+        ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
+        "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir"}``; ``images_per_second``
+        counts the files predicted in this run (0 when every chunk was already done).
+
+    Raises:
+        FileNotFoundError: INPUT_DIR is not a folder, or MODEL is not a model directory.
+        ValueError: an option out of range, or a model whose outputs do not match its metadata.
+    """
+    logger = get_run_logger()
+    _check_options(batch_size, chunk_size, top_k)
+    workdir, input_dir = Path(workdir), Path(input_dir)
+    if not input_dir.is_dir():
+        found = "a file" if input_dir.exists() else "nothing there"
+        raise FileNotFoundError(f"INPUT_DIR {input_dir}: expected a folder of images, found {found}")
+    model_dir = _resolve_model(model, workdir)
+    metadata = P.read_metadata(model_dir)
+    class_names = list(metadata["class_names"])
+    out = Path(out) if out is not None else default_output(input_dir, workdir)
+    run_dir = P.run_dir_for(workdir, model_dir, input_dir, out)
+    write_json(
+        run_dir / "run.json",
+        {"model_dir": str(model_dir), "input_dir": str(input_dir.resolve()), "out": str(out.resolve()),
+         "class_names": class_names, "image_size": metadata["image_size"], "aspect": metadata["aspect"]},
+    )
+    model_id = P.model_identity(model_dir)
+    logger.info("predicting %s with %s (classes %s) into %s", input_dir, model_dir, class_names, out)
+
+    started = time.perf_counter()
+    keys: list[str] = []
+    skipped = predicted = 0
+    pids: set[int] = set()
+    failure: BaseException | None = None
+    in_flight: deque[Any] = deque()
+
+    def collect(future: Any) -> None:
+        nonlocal predicted, failure
+        try:
+            result = future.result()
+        except BaseException as exc:  # noqa: BLE001 - keep waiting for the others, re-raised below
+            failure = failure or exc
+            return
+        predicted += result["rows"]
+        pids.add(result["pid"])
+
+    scan = P.scan_files(input_dir, exclude=[out, workdir])
+    with _task_runner(dask_address) as runner:
+        window = _window(runner)
+        for chunk in P.chunk_entries(scan, chunk_size):
+            key = P.chunk_key(model_id, chunk)
+            keys.append(key)
+            part = P.part_path(run_dir, key)
+            if part.is_file():
+                skipped += 1
+                continue
+            while len(in_flight) >= window:
+                collect(in_flight.popleft())
+            if failure is not None:
+                break
+            in_flight.append(
+                runner.submit(
+                    predict_chunk_task,
+                    parameters={
+                        "key": key,
+                        "model_dir": str(model_dir),
+                        "input_dir": str(input_dir.resolve()),
+                        "entries": [list(e) for e in chunk],
+                        "part": str(part),
+                        "batch_size": batch_size,
+                    },
+                )
+            )
+        while in_flight:
+            collect(in_flight.popleft())
+    if failure is not None:
+        raise failure
+    seconds = time.perf_counter() - started
+
+    summary = P.assemble_csv(out, (P.part_path(run_dir, k) for k in keys), class_names, top_k)
+    stale = P.remove_stale_parts(run_dir, keys)
+    summary.update(
+        images_per_second=P.images_per_second(predicted, seconds),
+        skipped_chunks=skipped,
+        chunks=len(keys),
+        predicted=predicted,
+        worker_processes=len(pids),
+        seconds=round(seconds, 3),
+        model_dir=str(model_dir),
+        run_dir=str(run_dir),
+    )
+    logger.info(
+        "%d rows (%d unreadable) in %s; %d of %d chunks already done, %d stale parts removed; %.1f images/s",
+        summary["rows"], summary["errors"], out, skipped, len(keys), stale, summary["images_per_second"],
+    )
+    _publish(summary, input_dir)
+    return summary

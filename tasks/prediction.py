@@ -1,0 +1,537 @@
+"""Batched inference of image files into CSV rows, in resumable chunks.
+
+The pieces, each a plain function:
+
+* :func:`scan_files` walks INPUT_DIR as a stream in a deterministic order (sorted
+  per folder, depth first); symlinks never lead out of INPUT_DIR.
+* :func:`chunk_entries` cuts that stream into chunks at *content-defined*
+  boundaries: a chunk ends after a file whose name hashes to a boundary value. A
+  file added to (or removed from) INPUT_DIR therefore changes only the chunk it
+  falls into, every other chunk keeps its identity (:func:`chunk_key`), and a
+  re-run over a growing inbox predicts only what is new.
+* :func:`predict_chunk` decodes a chunk's files exactly as training did
+  (``tasks.tfrecords.load_image`` with the model's ``image_size`` and ``aspect``)
+  on a thread pool, one batch ahead of the model, runs the model on whole batches,
+  and writes one part file atomically.
+* :func:`assemble_csv` streams the part files of the current scan, in scan order,
+  into the final CSV atomically.
+
+The model is loaded once per process (:func:`load_model_cached`), so on a Dask
+cluster each worker loads it once and keeps it for every chunk it runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from tasks.atomic import atomic_open, read_json
+
+logger = logging.getLogger(__name__)
+
+PART_PREFIX = "part-"
+MAX_ERROR_CHARS = 200
+
+
+class FileEntry(NamedTuple):
+    """One file found under INPUT_DIR.
+
+    Attributes:
+        rel: POSIX path relative to INPUT_DIR (the CSV ``path``).
+        size: size in bytes (0 when it could not be read).
+        mtime_ns: modification time in nanoseconds (0 when it could not be read).
+        error: a reason the file cannot be predicted, known from the scan alone
+            (a symlink leading out of INPUT_DIR, a folder that cannot be listed), else "".
+    """
+
+    rel: str
+    size: int
+    mtime_ns: int
+    error: str = ""
+
+
+# --------------------------------------------------------------------------- scan
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def scan_files(input_dir: Path | str, exclude: Iterable[Path | str] = ()) -> Iterator[FileEntry]:
+    """Yield every file under ``input_dir``, recursively, in a deterministic order.
+
+    Each folder is listed with ``os.scandir`` and sorted by name; sub-folders are
+    walked where they sort (depth first), so only one folder's names per level are
+    held in memory. Names starting with ``.`` (``.DS_Store``, temporary files) are
+    skipped. A symlink to a file inside ``input_dir`` is listed; a symlink that
+    leads outside, or dangles, is listed with an ``error``; symlinked folders are
+    not descended (no cycles, no file listed twice). A folder that cannot be listed
+    yields one entry (its path with a trailing ``/``) carrying the error.
+
+    Args:
+        input_dir: the folder to walk.
+        exclude: folders or files to leave out (for example the output CSV or the
+            work folder when they lie inside ``input_dir``).
+
+    Yields:
+        :class:`FileEntry` records, ``rel`` POSIX relative to ``input_dir``.
+    """
+    root = os.path.realpath(input_dir)
+    excluded = {os.path.realpath(p) for p in exclude}
+
+    def walk(folder: str, prefix: str) -> Iterator[FileEntry]:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda entry: entry.name)
+        except OSError as exc:
+            if prefix:  # the root itself is checked by the caller
+                yield FileEntry(prefix, 0, 0, _short(f"cannot list folder: {exc.strerror or exc}"))
+            return
+        for entry in entries:
+            name = entry.name
+            if name.startswith("."):
+                continue
+            rel = prefix + name
+            try:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not _inside(target, root):
+                        yield FileEntry(rel, 0, 0, "symlink leads outside INPUT_DIR; not followed")
+                        continue
+                    if os.path.isdir(target):
+                        continue  # never descend a linked folder: cycles and duplicates
+                    if not os.path.isfile(target):
+                        yield FileEntry(rel, 0, 0, "broken symlink")
+                        continue
+                    if target in excluded:
+                        continue
+                    st = os.stat(target)
+                    yield FileEntry(rel, st.st_size, st.st_mtime_ns)
+                elif entry.is_dir(follow_symlinks=False):
+                    if os.path.realpath(entry.path) in excluded:
+                        continue
+                    yield from walk(entry.path, rel + "/")
+                elif entry.is_file(follow_symlinks=False):
+                    if excluded and os.path.realpath(entry.path) in excluded:
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    yield FileEntry(rel, st.st_size, st.st_mtime_ns)
+                # sockets, fifos, devices: not files a user means to classify
+            except OSError as exc:
+                yield FileEntry(rel, 0, 0, _short(f"cannot stat: {exc.strerror or exc}"))
+
+    if not os.path.isdir(root):
+        raise NotADirectoryError(f"INPUT_DIR {input_dir}: expected a folder of images, found no such folder")
+    yield from walk(root, "")
+
+
+def _name_hash(rel: str) -> int:
+    digest = hashlib.blake2b(rel.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def chunk_entries(entries: Iterable[FileEntry], chunk_size: int) -> Iterator[list[FileEntry]]:
+    """Cut a stream of files into chunks whose boundaries depend on file names only.
+
+    A chunk closes after a file whose name hash is divisible by ``chunk_size // 2``
+    once it holds at least ``chunk_size // 2`` files, or when it reaches
+    ``2 * chunk_size`` files. Chunks hold about ``chunk_size`` files on average, and
+    a file added or removed changes the chunk it falls into (rarely also the next),
+    never the chunks after it: their keys, and so their finished part files, stay valid.
+
+    Args:
+        entries: files in scan order.
+        chunk_size: target number of files per chunk (>= 1).
+
+    Yields:
+        Lists of :class:`FileEntry`, in scan order.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected an integer >= 1, found {chunk_size!r}")
+    low = max(1, chunk_size // 2)
+    high = max(2, 2 * chunk_size)
+    current: list[FileEntry] = []
+    for entry in entries:
+        current.append(entry)
+        if (len(current) >= low and _name_hash(entry.rel) % low == 0) or len(current) >= high:
+            yield current
+            current = []
+    if current:
+        yield current
+
+
+def chunk_key(model_id: str, chunk: Sequence[FileEntry]) -> str:
+    """Identity of a chunk: a hash of the model and of each file's path, size and mtime."""
+    h = hashlib.sha256(model_id.encode("utf-8"))
+    for entry in chunk:
+        h.update(json.dumps([entry.rel, entry.size, entry.mtime_ns, entry.error]).encode("utf-8", "surrogateescape"))
+        h.update(b"\n")
+    return h.hexdigest()[:24]
+
+
+def part_path(run_dir: Path, key: str) -> Path:
+    """Where the part file of the chunk with this key lives."""
+    return Path(run_dir) / f"{PART_PREFIX}{key}.csv"
+
+
+def model_identity(model_dir: Path | str) -> str:
+    """A string that changes whenever the model directory's weights change."""
+    model_dir = Path(model_dir).resolve()
+    st = (model_dir / "model.keras").stat()
+    return f"{model_dir}|{st.st_size}|{st.st_mtime_ns}"
+
+
+def run_dir_for(workdir: Path | str, model_dir: Path | str, input_dir: Path | str, out: Path | str) -> Path:
+    """The folder holding part files for one (model, INPUT_DIR, output) combination.
+
+    ``<workdir>/predictions/runs/<hash>``: a re-run with the same three resumes there.
+    """
+    key_source = "\n".join(
+        [model_identity(model_dir), str(Path(input_dir).resolve()), str(Path(out).resolve())]
+    )
+    return Path(workdir) / "predictions" / "runs" / hashlib.sha256(key_source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------- model
+
+_MODEL_CACHE: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
+_MODEL_LOCK = threading.Lock()
+_PREDICT_LOCKS: dict[int, threading.Lock] = {}
+
+
+def read_metadata(model_dir: Path | str) -> dict[str, Any]:
+    """Read and check ``metadata.json`` of a model directory (no TensorFlow needed).
+
+    Raises:
+        FileNotFoundError: no ``metadata.json`` or ``model.keras`` in ``model_dir``.
+        ValueError: metadata without a non-empty ``class_names`` list or a positive ``image_size``.
+    """
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "metadata.json"
+    if not (model_dir / "model.keras").is_file():
+        raise FileNotFoundError(f"model directory {model_dir}: expected model.keras in it, found none")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"model directory {model_dir}: expected metadata.json in it, found none")
+    meta = read_json(meta_path)
+    names = meta.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{meta_path}: expected 'class_names' as a non-empty list of strings, found {names!r}")
+    size = meta.get("image_size")
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"{meta_path}: expected 'image_size' as a positive integer, found {size!r}")
+    meta.setdefault("aspect", "squash")
+    return meta
+
+
+def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    from tasks.registry import load_model_dir
+
+    model, meta = load_model_dir(model_dir)
+    meta = dict(meta)
+    meta.setdefault("aspect", "squash")
+    return model, meta
+
+
+def load_model_cached(model_dir: Path | str) -> tuple[Any, dict[str, Any]]:
+    """Load a model directory once per process; reload only when ``model.keras`` changes.
+
+    Returns:
+        ``(keras.Model, metadata dict)``.
+    """
+    model_dir = Path(model_dir).resolve()
+    key = (str(model_dir), (model_dir / "model.keras").stat().st_mtime_ns)
+    with _MODEL_LOCK:
+        cached = _MODEL_CACHE.get(key)
+        if cached is None:
+            for old in [k for k in _MODEL_CACHE if k[0] == key[0]]:
+                del _MODEL_CACHE[old]
+            started = time.perf_counter()
+            cached = _load_model_dir(model_dir)
+            _MODEL_CACHE[key] = cached
+            _PREDICT_LOCKS.setdefault(id(cached[0]), threading.Lock())
+            logger.info("loaded model %s in %.1f s (pid %d)", model_dir, time.perf_counter() - started, os.getpid())
+        return cached
+
+
+# ---------------------------------------------------------------------- predict
+
+
+def _short(message: str) -> str:
+    line = " ".join(str(message).split())
+    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def _decode(path: Path, image_size: int, aspect: str) -> tuple[np.ndarray | None, str]:
+    from tasks.tfrecords import load_image
+
+    try:
+        return load_image(path, image_size, aspect), ""
+    except Exception as exc:  # any unreadable file becomes an error row, never stops the run
+        return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
+
+
+def to_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs as float64 class probabilities whose rows sum to 1.
+
+    Outputs that already look like probabilities (non-negative, rows summing to 1
+    within 1e-3) are only renormalised; anything else (logits) goes through softmax.
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.ndim != 2:
+        out = out.reshape(out.shape[0], -1)
+    sums = out.sum(axis=1)
+    if not (np.all(out >= 0) and np.all(np.abs(sums - 1.0) < 1e-3)):
+        out = np.exp(out - out.max(axis=1, keepdims=True))
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def csv_header(class_names: Sequence[str], top_k: int | None = None) -> list[str]:
+    """Columns of the predictions CSV: path, label, confidence, prob_<class>..., [top-k], error."""
+    header = ["path", "label", "confidence", *[f"prob_{name}" for name in class_names]]
+    for i in range(1, _clip_top_k(top_k, len(class_names)) + 1):
+        header += [f"top{i}_label", f"top{i}_prob"]
+    return header + ["error"]
+
+
+def _clip_top_k(top_k: int | None, n_classes: int) -> int:
+    return 0 if not top_k else max(0, min(int(top_k), n_classes))
+
+
+def _fmt(p: float) -> str:
+    return format(float(p), ".10g")
+
+
+def _row(rel: str, class_names: Sequence[str], probs: np.ndarray | None, error: str) -> list[str]:
+    if probs is None:
+        return [rel, "", "", *([""] * len(class_names)), error]
+    best = int(np.argmax(probs))
+    return [rel, class_names[best], _fmt(probs[best]), *[_fmt(p) for p in probs], ""]
+
+
+def predict_files(
+    model: Any,
+    metadata: dict[str, Any],
+    input_dir: Path | str,
+    entries: Sequence[FileEntry],
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> list[list[str]]:
+    """Predict a list of files with a loaded model; one row per file, in order.
+
+    Files are decoded on a thread pool one batch ahead of the model, so decoding
+    batch *n+1* overlaps the model's work on batch *n*; the model sees whole batches.
+
+    Args:
+        model: a loaded Keras model taking raw 0-255 RGB images.
+        metadata: the model directory's metadata (``class_names``, ``image_size``, ``aspect``).
+        input_dir: the folder ``entries`` are relative to.
+        entries: files to predict.
+        batch_size: images per model call.
+        workers: decoding threads (default: CPU count, at most 16).
+
+    Returns:
+        Rows ``[path, label, confidence, prob_<class>..., error]`` as strings;
+        a file that cannot be decoded gets empty prediction cells and an ``error``.
+
+    Raises:
+        ValueError: the model's output width does not match ``class_names``.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
+    class_names = list(metadata["class_names"])
+    size, aspect = int(metadata["image_size"]), str(metadata.get("aspect", "squash"))
+    root = Path(input_dir)
+    workers = workers or min(16, os.cpu_count() or 1)
+    predict_lock = _PREDICT_LOCKS.setdefault(id(model), threading.Lock())
+    rows: list[list[str]] = []
+
+    def submit(pool: ThreadPoolExecutor, batch: Sequence[FileEntry]) -> list[Future | None]:
+        return [None if e.error else pool.submit(_decode, root / e.rel, size, aspect) for e in batch]
+
+    batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:
+        pending = submit(pool, batches[0]) if batches else []
+        for index, batch in enumerate(batches):
+            current = pending
+            pending = submit(pool, batches[index + 1]) if index + 1 < len(batches) else []
+            images: list[np.ndarray] = []
+            errors: list[str] = []
+            for entry, future in zip(batch, current):
+                if future is None:
+                    errors.append(entry.error)
+                    continue
+                pixels, error = future.result()
+                if pixels is not None and pixels.shape != (size, size, 3):
+                    pixels, error = None, f"decoded to shape {pixels.shape}, expected {(size, size, 3)}"
+                errors.append(error)
+                if pixels is not None:
+                    images.append(pixels)
+            probs = np.zeros((0, len(class_names)))
+            if images:
+                x = np.stack(images).astype(np.float32)
+                with predict_lock:
+                    raw = model.predict_on_batch(x)
+                if isinstance(raw, (list, tuple)) or isinstance(raw, dict):
+                    raise ValueError("model: expected one output tensor of class scores, found several outputs")
+                probs = to_probabilities(np.asarray(raw))
+                if probs.shape[1] != len(class_names):
+                    raise ValueError(
+                        f"model: expected {len(class_names)} outputs (class_names in metadata.json), "
+                        f"found {probs.shape[1]}"
+                    )
+            next_prob = iter(probs)
+            for entry, error in zip(batch, errors):
+                rows.append(_row(entry.rel, class_names, None if error else next(next_prob), error))
+    return rows
+
+
+def write_part(path: Path | str, class_names: Sequence[str], rows: Iterable[Sequence[str]]) -> Path:
+    """Write a chunk's rows as a part CSV (with header), atomically."""
+    with atomic_open(path, "w", encoding="utf-8", newline="", errors="surrogateescape") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(csv_header(class_names))
+        writer.writerows(rows)
+    return Path(path)
+
+
+def read_part(path: Path | str, class_names: Sequence[str]) -> Iterator[list[str]]:
+    """Yield the rows of a part file, checking its header matches ``class_names``."""
+    with open(path, encoding="utf-8", newline="", errors="surrogateescape") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header != csv_header(class_names):
+            raise ValueError(f"part file {path}: expected header {csv_header(class_names)}, found {header}")
+        yield from reader
+
+
+def predict_chunk(
+    model_dir: Path | str,
+    input_dir: Path | str,
+    entries: Sequence[Sequence[Any]],
+    part: Path | str,
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Predict one chunk with the (per-process cached) model and write its part file.
+
+    Args:
+        model_dir: the model directory (``model.keras`` + ``metadata.json``).
+        input_dir: the folder the entries are relative to.
+        entries: :class:`FileEntry` records (or plain lists of the same four fields).
+        part: the part file to write atomically.
+        batch_size: images per model call.
+        workers: decoding threads.
+
+    Returns:
+        ``{"part", "rows", "errors", "label_counts", "seconds", "pid"}``.
+    """
+    started = time.perf_counter()
+    model, metadata = load_model_cached(model_dir)
+    files = [FileEntry(*e) for e in entries]
+    rows = predict_files(model, metadata, input_dir, files, batch_size=batch_size, workers=workers)
+    write_part(part, metadata["class_names"], rows)
+    labels = Counter(row[1] for row in rows if not row[-1])
+    return {
+        "part": str(part),
+        "rows": len(rows),
+        "errors": sum(1 for row in rows if row[-1]),
+        "label_counts": dict(labels),
+        "seconds": round(time.perf_counter() - started, 4),
+        "pid": os.getpid(),
+    }
+
+
+def _top_k_cells(row: Sequence[str], class_names: Sequence[str], k: int) -> list[str]:
+    if k == 0:
+        return []
+    n = len(class_names)
+    if row[-1]:  # error row
+        return [""] * (2 * k)
+    probs = np.array([float(v) for v in row[3 : 3 + n]])
+    order = np.argsort(-probs, kind="stable")[:k]
+    cells: list[str] = []
+    for i in order:
+        cells += [class_names[int(i)], _fmt(probs[int(i)])]
+    return cells
+
+
+def assemble_csv(
+    out: Path | str,
+    parts: Iterable[Path | str],
+    class_names: Sequence[str],
+    top_k: int | None = None,
+) -> dict[str, Any]:
+    """Concatenate part files, in the given order, into the final CSV atomically.
+
+    Rows are streamed (memory stays flat). ``top_k`` adds ``top<i>_label`` and
+    ``top<i>_prob`` columns computed from the stored probabilities.
+
+    Returns:
+        ``{"csv", "rows", "errors", "label_counts"}``.
+    """
+    k = _clip_top_k(top_k, len(class_names))
+    rows = errors = 0
+    labels: Counter[str] = Counter()
+    with atomic_open(out, "w", encoding="utf-8", newline="", errors="backslashreplace") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(csv_header(class_names, k))
+        for part in parts:
+            for row in read_part(part, class_names):
+                rows += 1
+                if row[-1]:
+                    errors += 1
+                else:
+                    labels[row[1]] += 1
+                writer.writerow([*row[:-1], *_top_k_cells(row, class_names, k), row[-1]])
+    ordered = {name: labels[name] for name in class_names if labels[name]}
+    return {"csv": str(out), "rows": rows, "errors": errors, "label_counts": ordered}
+
+
+def remove_stale_parts(run_dir: Path | str, keep: Iterable[str]) -> int:
+    """Delete part files of chunks that are no longer in the scan; return how many."""
+    keep_names = {part_path(Path(run_dir), key).name for key in keep}
+    removed = 0
+    for path in Path(run_dir).glob(f"{PART_PREFIX}*.csv"):
+        if path.name not in keep_names:
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def images_per_second(count: int, seconds: float) -> float:
+    """``count / seconds`` rounded, 0.0 when nothing was timed."""
+    return round(count / seconds, 2) if seconds > 0 and count else 0.0
+
+
+__all__ = [
+    "FileEntry",
+    "assemble_csv",
+    "chunk_entries",
+    "chunk_key",
+    "csv_header",
+    "images_per_second",
+    "load_model_cached",
+    "model_identity",
+    "part_path",
+    "predict_chunk",
+    "predict_files",
+    "read_metadata",
+    "read_part",
+    "remove_stale_parts",
+    "run_dir_for",
+    "scan_files",
+    "to_probabilities",
+    "write_part",
+]
