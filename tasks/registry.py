@@ -1,0 +1,250 @@
+"""Model directories, their metadata, and the champion pointer of a workdir.
+
+Layout::
+
+    <workdir>/models/<run_id>/model.keras, metadata.json, history.csv, diagnosis.json, ...
+    <workdir>/champion.json   {"run_id", "model_dir", "promoted", "val_accuracy"}
+
+A run id is derived from the dataset fingerprint and the configuration, so a retried or
+re-launched run lands in the same directory and resumes there instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tasks.atomic import read_json, write_json
+
+MODELS_DIR = "models"
+CHAMPION_FILE = "champion.json"
+METADATA_FILE = "metadata.json"
+MODEL_FILE = "model.keras"
+
+# Config keys that do not change what a run trains (so they do not change the run id).
+_RUN_ID_IGNORED_KEYS = frozenset({"dask_address", "workers", "promotion_tolerance"})
+
+
+class RegistryError(ValueError):
+    """A model directory or champion pointer that cannot be used."""
+
+
+def now_iso() -> str:
+    """The current UTC time as an ISO 8601 string."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def run_id_for(fingerprint: str, config: dict[str, Any], model_name: str = "model") -> str:
+    """A deterministic run id for (dataset fingerprint, config): ``<model>-<12 hex digits>``.
+
+    The same data and the same configuration always give the same id, so a retried or
+    re-launched training finds its own backup and resumes.
+    """
+    relevant = {k: v for k, v in sorted(config.items()) if k not in _RUN_ID_IGNORED_KEYS}
+    digest = hashlib.sha256(json.dumps([fingerprint, relevant], sort_keys=True, default=str).encode()).hexdigest()
+    slug = re.sub(r"[^a-z0-9]+", "_", model_name.lower()).strip("_")[:24] or "model"
+    return f"{slug}-{digest[:12]}"
+
+
+def is_complete(model_dir: Path) -> bool:
+    """Whether a model directory holds a finished run: model saved, evaluated, promotion decided."""
+    model_dir = Path(model_dir)
+    if not (model_dir / MODEL_FILE).is_file() or not (model_dir / METADATA_FILE).is_file():
+        return False
+    try:
+        return "promotion" in read_json(model_dir / METADATA_FILE)
+    except (OSError, ValueError):
+        return False
+
+
+def allocate_run_dir(workdir: Path, base_id: str, force: bool = False) -> tuple[str, Path, str]:
+    """Choose the directory of a run with id ``base_id`` (attempts are ``base_id``, ``base_id-2``, ...).
+
+    The latest attempt is resumed when it did not finish; when it finished it is reused
+    (``"done"``), unless ``force`` asks for a fresh attempt.
+
+    Returns:
+        (run_id, model_dir, state) where state is ``"new"``, ``"resume"`` or ``"done"``.
+    """
+    root = Path(workdir) / MODELS_DIR
+    attempt = 1
+    while (root / _attempt_id(base_id, attempt + 1)).exists():
+        attempt += 1
+    run_id = _attempt_id(base_id, attempt)
+    model_dir = root / run_id
+    if not model_dir.exists():
+        return run_id, model_dir, "new"
+    if not is_complete(model_dir):
+        return run_id, model_dir, "resume"
+    if not force:
+        return run_id, model_dir, "done"
+    run_id = _attempt_id(base_id, attempt + 1)
+    return run_id, root / run_id, "new"
+
+
+def _attempt_id(base_id: str, attempt: int) -> str:
+    return base_id if attempt == 1 else f"{base_id}-{attempt}"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a model depends on (for metadata.json)."""
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version()}
+    for package in ("keras", "tensorflow", "jax", "numpy", "imgflow"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def write_metadata(model_dir: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``metadata.json`` atomically (the key order of the contract first).
+
+    Raises:
+        RegistryError: a required key is missing.
+    """
+    required = ("run_id", "class_names", "image_size", "metrics", "fingerprint", "config", "created", "healthy")
+    missing = [k for k in required if k not in metadata]
+    if missing:
+        raise RegistryError(f"{Path(model_dir) / METADATA_FILE}: missing key(s) {', '.join(missing)}")
+    return write_json(Path(model_dir) / METADATA_FILE, metadata)
+
+
+def read_metadata(model_dir: Path) -> dict[str, Any]:
+    """Read ``metadata.json`` of a model directory.
+
+    Raises:
+        RegistryError: no metadata file, or it is not a JSON object with class names and image size.
+    """
+    path = Path(model_dir) / METADATA_FILE
+    if not path.is_file():
+        raise RegistryError(f"{model_dir}: expected a model directory with {METADATA_FILE}, found none")
+    try:
+        data = read_json(path)
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path}: cannot read JSON metadata: {exc}") from None
+    if not isinstance(data, dict) or "class_names" not in data or "image_size" not in data:
+        raise RegistryError(f"{path}: expected a JSON object with class_names and image_size")
+    return data
+
+
+def read_champion(workdir: Path) -> dict[str, Any] | None:
+    """The champion pointer of ``workdir``, or None when nothing was promoted yet."""
+    path = Path(workdir) / CHAMPION_FILE
+    if not path.is_file():
+        return None
+    return read_json(path)
+
+
+def resolve_model_dir(model: str | Path, workdir: Path | str = Path("imgflow-work")) -> Path:
+    """Resolve MODEL (``"champion"`` or a model directory path) to a model directory.
+
+    A run id of ``<workdir>/models`` is accepted too.
+
+    Raises:
+        RegistryError: no champion in ``workdir``, or the path is not a model directory.
+    """
+    workdir = Path(workdir)
+    if str(model) == "champion":
+        pointer = read_champion(workdir)
+        if pointer is None:
+            raise RegistryError(
+                f"champion: no model was promoted in workdir {workdir} ({workdir / CHAMPION_FILE} is missing); "
+                "run `imgflow train` first or pass a model directory"
+            )
+        candidate = Path(pointer["model_dir"])
+        if not candidate.is_absolute():
+            candidate = workdir / candidate
+    else:
+        candidate = Path(model)
+        if not candidate.exists() and (workdir / MODELS_DIR / str(model)).exists():
+            candidate = workdir / MODELS_DIR / str(model)
+    if not (candidate / MODEL_FILE).is_file():
+        raise RegistryError(f"{candidate}: expected a model directory holding {MODEL_FILE}, found none")
+    return candidate.resolve()
+
+
+def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
+    """Load ``model.keras`` (safe mode) and ``metadata.json`` of a model directory.
+
+    Returns:
+        (keras.Model, metadata dict).
+    """
+    import keras
+
+    path = Path(path)
+    metadata = read_metadata(path)
+    model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    return model, metadata
+
+
+def promotion_decision(
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | None,
+    tolerance: float = 0.01,
+    champion_accuracy_on_candidate_val: float | None = None,
+) -> tuple[bool, str]:
+    """Decide whether a finished run becomes champion; pure.
+
+    A run is promoted only when it is healthy and its val accuracy is not worse than the
+    champion's, on the same validation set, by more than ``tolerance``.
+
+    Args:
+        candidate: the run's metadata (``healthy``, ``metrics.val_accuracy``, ``fingerprint``,
+            ``class_names``, ``run_id``).
+        champion: the current champion's metadata, or None.
+        tolerance: how much lower (absolute accuracy) the candidate may score.
+        champion_accuracy_on_candidate_val: the champion's accuracy measured on the
+            candidate's validation set, when the stored figure was measured on another set.
+
+    Returns:
+        (promote, reason) where reason is a sentence.
+    """
+    acc = candidate.get("metrics", {}).get("val_accuracy")
+    if not candidate.get("healthy", False):
+        return False, "rejected: the training diagnosis is not healthy (see diagnosis.json for the critical findings)"
+    if acc is None:
+        return False, "rejected: the run has no validation accuracy to compare"
+    if champion is None:
+        return True, f"promoted: first healthy model in this workdir (val accuracy {acc:.4f})"
+    if champion.get("run_id") == candidate.get("run_id"):
+        return True, f"promoted: this run is already the champion (val accuracy {acc:.4f})"
+    if list(champion.get("class_names", [])) != list(candidate.get("class_names", [])):
+        return True, (
+            f"promoted: the class list changed ({champion.get('class_names')} -> {candidate.get('class_names')}), "
+            f"so the old champion does not compete (val accuracy {acc:.4f})"
+        )
+    if champion.get("fingerprint") == candidate.get("fingerprint"):
+        reference = champion.get("metrics", {}).get("val_accuracy")
+    else:
+        reference = champion_accuracy_on_candidate_val
+    if reference is None:
+        return True, f"promoted: the champion could not be scored on this validation set (val accuracy {acc:.4f})"
+    if acc + tolerance < reference:
+        return False, (
+            f"rejected: val accuracy {acc:.4f} is worse than champion {champion.get('run_id')} "
+            f"({reference:.4f}) by more than the tolerance {tolerance}"
+        )
+    return True, (
+        f"promoted: val accuracy {acc:.4f} vs champion {champion.get('run_id')} {reference:.4f} "
+        f"(tolerance {tolerance})"
+    )
+
+
+def promote(workdir: Path, model_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Point ``<workdir>/champion.json`` at ``model_dir`` (atomic rename)."""
+    pointer = {
+        "run_id": metadata["run_id"],
+        "model_dir": str(Path(model_dir).resolve()),
+        "promoted": now_iso(),
+        "val_accuracy": metadata.get("metrics", {}).get("val_accuracy"),
+    }
+    write_json(Path(workdir) / CHAMPION_FILE, pointer)
+    return pointer
