@@ -28,9 +28,10 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "convs_per_block": 2,
     "kernel_size": 3,
     "batch_norm": True,
-    # fast-moving BatchNorm statistics: small datasets give few steps per run, and the
-    # Keras default (0.99) leaves validation-time statistics near their initial values
-    "bn_momentum": 0.9,
+    # "auto": fast-moving BatchNorm statistics sized to the epoch (see bn_momentum_for);
+    # with the Keras default (0.99) a small dataset's few steps leave the statistics used
+    # at validation time far from the trained weights' (val accuracy stuck at chance)
+    "bn_momentum": "auto",
     "activation": "relu",
     "pooling": "max",
     "global_pool": "avg",
@@ -45,7 +46,7 @@ CONV_BLOCKS_ARCHITECTURE: dict[str, Any] = {
     "convs_per_block": 1,
     "kernel_size": 3,
     "batch_norm": False,
-    "bn_momentum": 0.9,
+    "bn_momentum": "auto",
     "activation": "relu",
     "pooling": "max",
     "global_pool": "flatten",
@@ -62,6 +63,17 @@ _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 class ModelConfigError(ValueError):
     """A model name, builder or architecture option that cannot be used."""
+
+
+def bn_momentum_for(steps_per_epoch: int | None) -> float:
+    """BatchNorm momentum for ``bn_momentum: auto``: statistics averaged over ~a quarter epoch.
+
+    ``1 - 4 / steps`` clipped to [0.5, 0.99]: 0.5 for tiny datasets (or unknown size),
+    the Keras default 0.99 from 400 steps an epoch on.
+    """
+    if not steps_per_epoch:
+        return 0.5
+    return float(min(0.99, max(0.5, 1.0 - 4.0 / steps_per_epoch)))
 
 
 def _canonical(name: str) -> str:
@@ -139,6 +151,7 @@ def build_conv_blocks(
     seed: int = 42,
     defaults: dict[str, Any] = CONV_BLOCKS_ARCHITECTURE,
     name: str = "conv_blocks",
+    steps_per_epoch: int | None = None,
 ) -> keras.Model:
     """A plain CNN of Conv2D blocks, configurable the way people write them by hand.
 
@@ -153,11 +166,17 @@ def build_conv_blocks(
         seed: seed of augmentation and dropout.
         defaults: the base architecture the overrides apply to.
         name: the model's name.
+        steps_per_epoch: training steps an epoch, for ``bn_momentum: auto``.
 
     Raises:
         ModelConfigError: an unknown architecture key or an unusable value.
     """
     arch, aug = _split_architecture(architecture, defaults)
+    momentum = arch["bn_momentum"]
+    if momentum == "auto":
+        momentum = bn_momentum_for(steps_per_epoch)
+    elif not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
+        raise ModelConfigError(f"architecture.bn_momentum: expected auto or a number in [0, 1), found {momentum!r}")
     filters = arch["filters"]
     if isinstance(filters, int):
         filters = [filters]
@@ -191,7 +210,7 @@ def build_conv_blocks(
             )(x)
             if arch["batch_norm"]:
                 x = keras.layers.BatchNormalization(
-                    momentum=float(arch["bn_momentum"]), name=f"block{b + 1}_bn{c + 1}"
+                    momentum=float(momentum), name=f"block{b + 1}_bn{c + 1}"
                 )(x)
             x = keras.layers.Activation(arch["activation"], name=f"block{b + 1}_act{c + 1}")(x)
         if arch["pooling"] == "max":
@@ -213,14 +232,20 @@ def build_conv_blocks(
 
 
 def build_default(
-    image_size: int, num_classes: int, architecture: dict[str, Any] | None = None, augment: bool = True, seed: int = 42
+    image_size: int,
+    num_classes: int,
+    architecture: dict[str, Any] | None = None,
+    augment: bool = True,
+    seed: int = 42,
+    steps_per_epoch: int | None = None,
 ) -> keras.Model:
     """The built-in CNN: conv blocks with BatchNorm, global average pooling, dropout.
 
     Trains well from scratch on small folder datasets; takes raw 0-255 RGB images.
     """
     return build_conv_blocks(
-        image_size, num_classes, architecture, augment, seed, defaults=DEFAULT_ARCHITECTURE, name="imgflow_default"
+        image_size, num_classes, architecture, augment, seed, defaults=DEFAULT_ARCHITECTURE,
+        name="imgflow_default", steps_per_epoch=steps_per_epoch,
     )
 
 
@@ -349,6 +374,7 @@ def build_model(
     augment: bool = True,
     weights: str | None = None,
     seed: int = 42,
+    steps_per_epoch: int | None = None,
 ) -> keras.Model:
     """Build the model named ``name`` for ``image_size`` px RGB input and ``num_classes`` classes.
 
@@ -363,6 +389,7 @@ def build_model(
         augment: include augmentation layers (built-in models only).
         weights: local weights file (keras.applications backbones only).
         seed: seed of the random layers.
+        steps_per_epoch: training steps an epoch (sizes BatchNorm momentum of the CNNs).
 
     Raises:
         ModelConfigError: an unknown model, option or an unusable builder.
@@ -373,9 +400,9 @@ def build_model(
     if weights is not None and canonical not in ("efficientnetv2b0", "mobilenetv3small", "resnet50"):
         raise ModelConfigError(f"weights: only keras.applications backbones take a weights file, not {name!r}")
     if canonical == "default":
-        return build_default(image_size, num_classes, architecture, augment, seed)
+        return build_default(image_size, num_classes, architecture, augment, seed, steps_per_epoch)
     if canonical == "conv_blocks":
-        return build_conv_blocks(image_size, num_classes, architecture, augment, seed)
+        return build_conv_blocks(image_size, num_classes, architecture, augment, seed, steps_per_epoch=steps_per_epoch)
     if canonical in ("efficientnetv2b0", "mobilenetv3small", "resnet50"):
         return build_application(canonical, image_size, num_classes, weights, architecture, augment, seed)
     return build_user_model(canonical, image_size, num_classes)

@@ -204,3 +204,17 @@ def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(raw, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_batchnorm_momentum_follows_epoch_length():
+    from tasks.models import bn_momentum_for
+
+    assert bn_momentum_for(None) == 0.5 and bn_momentum_for(6) == 0.5
+    assert bn_momentum_for(40) == pytest.approx(0.9)
+    assert bn_momentum_for(100_000) == 0.99
+    model = build_model("default", 32, 3, steps_per_epoch=40)
+    assert model.get_layer("block1_bn1").momentum == pytest.approx(0.9)
+    fixed = build_model("default", 32, 3, architecture={"bn_momentum": 0.8})
+    assert fixed.get_layer("block3_bn2").momentum == pytest.approx(0.8)
+    with pytest.raises(ModelConfigError, match="bn_momentum: expected auto or a number"):
+        build_model("default", 32, 3, architecture={"bn_momentum": 2})

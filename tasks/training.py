@@ -1,0 +1,507 @@
+"""Fit a model: device plan (GPU, precision, XLA, strategy), callbacks, resume, outputs.
+
+A run directory holds everything one training writes::
+
+    backup/          BackupAndRestore state (deleted when fit ends; a killed run resumes from it)
+    checkpoints/     ModelCheckpoint of the best epoch (val loss)
+    logs/            TensorBoard
+    history.csv      one row per finished epoch (CSVLogger, appended across resumes)
+    learning_curves.png, diagnosis.json, train_summary.json, model.keras
+
+Re-running :func:`train_from_manifest` on the same run directory continues from the last
+finished epoch; once ``model.keras`` and ``train_summary.json`` exist it returns the
+saved summary without training again.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from flows.config import TrainOptions
+from tasks.atomic import atomic_path, read_json, write_json
+from tasks.models import build_model, compile_model
+
+Logger = Callable[[str], None]
+
+BACKUP_DIR = "backup"
+CHECKPOINT_DIR = "checkpoints"
+TENSORBOARD_DIR = "logs"
+HISTORY_FILE = "history.csv"
+CURVES_FILE = "learning_curves.png"
+DIAGNOSIS_FILE = "diagnosis.json"
+SUMMARY_FILE = "train_summary.json"
+MODEL_FILE = "model.keras"
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def detect_gpus() -> list[str]:
+    """Names of the GPUs the current Keras backend can use (empty on a CPU-only machine)."""
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            return [d.name for d in tf.config.list_physical_devices("GPU")]
+        if backend == "jax":
+            import jax
+
+            return [str(d) for d in jax.devices() if d.platform == "gpu"]
+        if backend == "torch":
+            import torch
+
+            return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    except RuntimeError:
+        return []
+    return []
+
+
+def plan_devices(
+    gpus: list[str],
+    mixed_precision: str = "auto",
+    jit_compile: str = "auto",
+    batch_size: int = 32,
+    backend: str = "tensorflow",
+) -> dict[str, Any]:
+    """Decide precision, XLA, distribution strategy and global batch size; pure.
+
+    ``auto`` means: mixed precision (``mixed_float16``) and XLA on a GPU, float32 and no
+    XLA on a CPU (XLA rarely helps convolutions on a CPU and compiles slowly). Several
+    GPUs with the TensorFlow backend train under ``MirroredStrategy`` with the batch
+    scaled by the number of replicas, so each GPU keeps ``batch_size`` images a step.
+
+    Args:
+        gpus: visible GPU names (see :func:`detect_gpus`).
+        mixed_precision: ``auto``, ``on`` or ``off``.
+        jit_compile: ``auto``, ``on`` or ``off``.
+        batch_size: images per step and device.
+        backend: the Keras backend name.
+
+    Returns:
+        ``{"devices", "precision", "jit_compile", "strategy", "replicas", "global_batch_size", "log"}``.
+    """
+    for option, value in (("mixed_precision", mixed_precision), ("jit_compile", jit_compile)):
+        if value not in ("auto", "on", "off"):
+            raise ValueError(f"{option}: expected auto, on or off, found {value!r}")
+    on_gpu = bool(gpus)
+    mixed = mixed_precision == "on" or (mixed_precision == "auto" and on_gpu)
+    jit = jit_compile == "on" or (jit_compile == "auto" and on_gpu)
+    if len(gpus) > 1 and backend == "tensorflow":
+        strategy, replicas = "mirrored", len(gpus)
+    else:
+        strategy, replicas = "default", 1
+    devices = list(gpus) if on_gpu else ["CPU"]
+    precision = "mixed_float16" if mixed else "float32"
+    where = f"{len(gpus)} GPU(s) ({', '.join(gpus)})" if on_gpu else "CPU (no GPU visible)"
+    log = (
+        f"training on {where} with backend {backend}, strategy {strategy} ({replicas} replica(s)), "
+        f"precision {precision}, XLA {'on' if jit else 'off'}, global batch {batch_size * replicas}"
+    )
+    return {
+        "devices": devices,
+        "precision": precision,
+        "jit_compile": jit,
+        "strategy": strategy,
+        "replicas": replicas,
+        "global_batch_size": batch_size * replicas,
+        "log": log,
+    }
+
+
+def make_strategy(plan: dict[str, Any]) -> Any:
+    """The ``tf.distribute`` strategy of a device plan (TensorFlow backend).
+
+    For several machines, set ``TF_CONFIG`` on every worker and use
+    ``tf.distribute.MultiWorkerMirroredStrategy`` the same way; other backends use
+    ``keras.distribution`` instead and get the default (no-op) strategy here.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return _NullStrategy()
+    import tensorflow as tf
+
+    if plan["strategy"] == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+class _NullStrategy:
+    def scope(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def class_weights_for(counts: list[int], mode: str = "auto", threshold: float = 1.5) -> dict[int, float] | None:
+    """Class weights ``n / (k * count)`` for imbalanced data; pure.
+
+    Args:
+        counts: training images per class, in label order.
+        mode: ``on`` (always), ``off`` (never) or ``auto`` (when max/min count > ``threshold``).
+        threshold: imbalance ratio above which ``auto`` weights the classes.
+
+    Returns:
+        ``{label: weight}`` or None for unweighted training.
+    """
+    if mode == "off" or not counts or min(counts) <= 0:
+        return None
+    if mode == "auto" and max(counts) / min(counts) <= threshold:
+        return None
+    total, k = float(sum(counts)), len(counts)
+    return {i: total / (k * c) for i, c in enumerate(counts)}
+
+
+def read_history(run_dir: Path) -> list[dict[str, float]]:
+    """The rows of ``history.csv`` (one dict per finished epoch), or [] when there is none."""
+    import pandas as pd
+
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file() or path.stat().st_size == 0:
+        return []
+    return pd.read_csv(path).to_dict("records")
+
+
+def _trim_history(run_dir: Path, keep_epochs: int) -> None:
+    """Keep only the rows of epochs < ``keep_epochs`` (a killed run may have logged one more)."""
+    import pandas as pd
+
+    path = Path(run_dir) / HISTORY_FILE
+    if not path.is_file():
+        return
+    if keep_epochs <= 0 or path.stat().st_size == 0:
+        path.unlink()
+        return
+    frame = pd.read_csv(path)
+    frame = frame[frame["epoch"] < keep_epochs].drop_duplicates("epoch", keep="last")
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def backup_epoch(run_dir: Path) -> int:
+    """The number of epochs a killed run had finished, from its BackupAndRestore state (0 if none)."""
+    meta = Path(run_dir) / BACKUP_DIR / "training_metadata.json"
+    if not meta.is_file():
+        return 0
+    try:
+        return int(read_json(meta)["epoch"])
+    except (ValueError, KeyError, OSError):
+        return 0
+
+
+def save_learning_curves(run_dir: Path) -> Path | None:
+    """Plot loss and accuracy per epoch (train and val) from ``history.csv`` to a PNG."""
+    rows = read_history(run_dir)
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-o"), ("val_", "--s")):
+            key = prefix + metric
+            if key in rows[0]:
+                ax.plot(epochs, [r[key] for r in rows], style, label=key)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    target = Path(run_dir) / CURVES_FILE
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return target
+
+
+class EpochLogger(keras.callbacks.Callback):
+    """Send a one-line summary of each epoch to ``log`` (the Prefect run log in a flow)."""
+
+    def __init__(self, log: Logger, epochs: int):
+        super().__init__()
+        self.log = log
+        self.epochs = epochs
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        figures = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted((logs or {}).items()) if np.isscalar(v))
+        self.log(f"epoch {epoch + 1}/{self.epochs} ({time.perf_counter() - self.started:.1f}s): {figures}")
+
+
+def _tensorboard_available() -> bool:
+    import importlib.util
+
+    return keras.backend.backend() != "tensorflow" or importlib.util.find_spec("tensorboard") is not None
+
+
+def _doctor() -> Any:
+    """The doctor module, or None while it is not installed (training then runs unmonitored)."""
+    try:
+        from tasks import doctor
+    except ImportError:
+        return None
+    return doctor
+
+
+def _fallback_diagnosis(history: list[dict[str, float]]) -> dict[str, Any]:
+    findings = []
+    if any(not math.isfinite(float(r.get("loss", 0.0))) for r in history):
+        findings.append(
+            {
+                "code": "nan_loss",
+                "severity": "critical",
+                "evidence": {"epochs": len(history)},
+                "advice": "The loss became NaN or infinite: lower the learning rate and check the input scaling.",
+            }
+        )
+    return {"healthy": not findings, "findings": findings}
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+def fit_model(
+    model: keras.Model,
+    train_ds: Any,
+    val_ds: Any,
+    run_dir: Path,
+    options: TrainOptions,
+    class_counts: list[int],
+    probe: tuple[np.ndarray, np.ndarray] | None = None,
+    log: Logger = print,
+    steps_per_epoch: int | None = None,
+    jit_compile: bool | str = False,
+    extra_callbacks: list[keras.callbacks.Callback] | None = None,
+) -> dict[str, Any]:
+    """Compile (unless compiled), check, fit with resume, and write history and diagnosis.
+
+    Args:
+        model: a built Keras model taking raw 0-255 images (weights are trained in place).
+        train_ds: training batches ``(images, labels)`` (tf.data, or anything ``fit`` takes).
+        val_ds: validation batches.
+        run_dir: the run directory; a BackupAndRestore state there is resumed.
+        options: optimiser, schedule, epochs, class weights, early stopping.
+        class_counts: training images per class, in label order.
+        probe: a (images, labels) batch for the doctor's preflight and monitor.
+        log: where one-line progress messages go.
+        steps_per_epoch: batches per epoch (for the cosine schedule's length).
+        jit_compile: XLA for the train step.
+        extra_callbacks: more callbacks, run after the built-in ones.
+
+    Returns:
+        ``{"epochs_run", "initial_epoch", "resumed", "stopped_early", "best_epoch",
+        "final": {metric: value}, "diagnosis": {"healthy", "findings"}, "fit_seconds"}``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = len(class_counts)
+    total_steps = (steps_per_epoch or 1) * options.epochs
+    compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile)
+
+    doctor = _doctor()
+    findings: list[dict[str, Any]] = []
+    resume_from = backup_epoch(run_dir)
+    _trim_history(run_dir, resume_from)
+    if doctor is not None and probe is not None and resume_from == 0:
+        findings.extend(doctor.preflight(model, probe[0], probe[1], num_classes, overfit_steps=0))
+        critical = [f for f in findings if f.get("severity") == "critical"]
+        if critical:
+            log(f"preflight found {len(critical)} critical problem(s): {', '.join(f['code'] for f in critical)}; not training")
+            diagnosis = doctor.diagnose(findings)
+            write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
+            return {
+                "epochs_run": 0,
+                "initial_epoch": 0,
+                "resumed": False,
+                "stopped_early": False,
+                "best_epoch": None,
+                "final": {},
+                "diagnosis": diagnosis,
+                "fit_seconds": 0.0,
+            }
+
+    if resume_from:
+        log(f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}")
+    monitor = None
+    callbacks: list[keras.callbacks.Callback] = [
+        # backup first: it restores weights and the epoch counter before the others start
+        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
+        keras.callbacks.ModelCheckpoint(
+            str(run_dir / CHECKPOINT_DIR / "best.keras"), monitor="val_loss", save_best_only=True
+        ),
+        keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True
+        ),
+        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
+        keras.callbacks.TerminateOnNaN(),
+        EpochLogger(log, options.epochs),
+    ]
+    if _tensorboard_available():
+        callbacks.append(keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD_DIR), write_graph=False, profile_batch=0))
+    else:
+        log("TensorBoard is not installed: no TensorBoard logs (pip install tensorboard)")
+    if options.schedule == "plateau":
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6))
+    if doctor is not None and probe is not None:
+        monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts)
+        callbacks.append(monitor)
+    callbacks.extend(extra_callbacks or [])
+
+    weights = class_weights_for(class_counts, options.class_weights)
+    if weights:
+        log("class weights (imbalanced data): " + ", ".join(f"{k}: {v:.2f}" for k, v in weights.items()))
+    (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+    started = time.perf_counter()
+    keras_history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=options.epochs,
+        callbacks=callbacks,
+        class_weight=weights,
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
+    fit_seconds = time.perf_counter() - started
+    history = read_history(run_dir)
+    early = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
+    if monitor is not None:
+        findings.extend(monitor.findings)
+        diagnosis = doctor.diagnose(findings)
+    else:
+        diagnosis = _fallback_diagnosis(history)
+    write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
+    save_learning_curves(run_dir)
+    best_epoch = None
+    if history and "val_loss" in history[0]:
+        best_epoch = int(min(history, key=lambda r: r["val_loss"])["epoch"]) + 1
+    final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
+    return {
+        "epochs_run": len(history),
+        "initial_epoch": resume_from,
+        "resumed": resume_from > 0,
+        "stopped_early": bool(early.stopped_epoch),
+        "best_epoch": best_epoch,
+        "final": final,
+        "diagnosis": diagnosis,
+        "fit_seconds": round(fit_seconds, 2),
+    }
+
+
+def save_model(model: keras.Model, target: Path) -> Path:
+    """Save ``model`` as a ``.keras`` file atomically."""
+    with atomic_path(target) as tmp:
+        model.save(tmp)
+    return Path(target)
+
+
+def _probe_batch(dataset: Any, limit: int = 128, seed: int = 42, scan: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+    """A fixed probe batch drawn across the (class-ordered) validation split, not just its head."""
+    xs, ys, seen = [], [], 0
+    for images, labels in dataset:
+        xs.append(np.asarray(images))
+        ys.append(np.asarray(labels))
+        seen += len(xs[-1])
+        if seen >= scan:
+            break
+    if not xs:
+        return None
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(y))[:limit])
+    return x[pick], y[pick]
+
+
+def train_from_manifest(
+    manifest_path: Path,
+    run_dir: Path,
+    options: TrainOptions,
+    log: Logger = print,
+) -> dict[str, Any]:
+    """Train the configured model on the TFRecord shards of a manifest into ``run_dir``.
+
+    Resumes a killed run from its backup; returns the saved summary when the run already
+    finished. Writes ``model.keras``, ``history.csv``, ``learning_curves.png``,
+    ``diagnosis.json`` and ``train_summary.json``.
+
+    Args:
+        manifest_path: ``manifest.json`` written by preprocessing (class names, shards).
+        run_dir: the run's model directory.
+        options: the training options.
+        log: where progress lines go.
+
+    Returns:
+        The summary record: model path, class names, image size, device plan, fit figures,
+        diagnosis.
+
+    Raises:
+        ValueError: the manifest has no validation images or fewer than 2 classes.
+    """
+    from tasks.tfrecords import make_dataset
+
+    run_dir = Path(run_dir)
+    summary_path = run_dir / SUMMARY_FILE
+    if summary_path.is_file() and (run_dir / MODEL_FILE).is_file():
+        log(f"run {run_dir.name} already finished; reusing {run_dir / MODEL_FILE}")
+        return read_json(summary_path)
+
+    manifest = read_json(manifest_path)
+    class_names = list(manifest["class_names"])
+    image_size = int(manifest["image_size"])
+    splits = manifest["splits"]
+    if len(class_names) < 2:
+        raise ValueError(f"{manifest_path}: class_names: expected at least 2 classes, found {class_names}")
+    if not splits.get("val", {}).get("count"):
+        raise ValueError(
+            f"{manifest_path}: splits.val: expected validation images (set val_fraction > 0 or pass a val dir), found none"
+        )
+    counts = [int(splits["train"]["per_class"].get(n, 0)) for n in class_names]
+
+    plan = plan_devices(detect_gpus(), options.mixed_precision, options.jit_compile, options.batch_size, keras.backend.backend())
+    log(plan["log"])
+    previous_policy = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy(plan["precision"])
+    try:
+        keras.utils.set_random_seed(options.seed)
+        batch = plan["global_batch_size"]
+        train_ds = make_dataset(manifest_path, "train", batch, training=True, seed=options.seed)
+        val_ds = make_dataset(manifest_path, "val", batch, training=False, seed=options.seed)
+        steps = math.ceil(int(splits["train"]["count"]) / batch)
+        strategy = make_strategy(plan)
+        with strategy.scope():
+            model = build_model(
+                options.model, image_size, len(class_names), options.architecture, options.augment,
+                options.weights, options.seed, steps_per_epoch=steps,
+            )
+            fit = fit_model(
+                model, train_ds, val_ds, run_dir, options, counts, probe=_probe_batch(val_ds), log=log,
+                steps_per_epoch=steps, jit_compile=plan["jit_compile"],
+            )
+        save_model(model, run_dir / MODEL_FILE)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+    summary = {
+        "model_path": str((run_dir / MODEL_FILE).resolve()),
+        "class_names": class_names,
+        "image_size": image_size,
+        "aspect": manifest.get("aspect", "squash"),
+        "fingerprint": manifest.get("fingerprint"),
+        "device_plan": {k: v for k, v in plan.items() if k != "log"},
+        **fit,
+    }
+    write_json(summary_path, summary)
+    return summary

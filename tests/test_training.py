@@ -1,0 +1,157 @@
+"""Training: device plan, class weights, fit with outputs, resume from BackupAndRestore."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from flows.config import TrainOptions
+from tasks import training
+from tasks.models import build_model
+from tests.imagefactory import digit_images
+
+
+# ----------------------------------------------------------------------------- device plan
+
+
+def test_plan_cpu_only_keeps_float32_without_xla():
+    plan = training.plan_devices([], batch_size=32)
+    assert plan["precision"] == "float32" and plan["jit_compile"] is False
+    assert plan["strategy"] == "default" and plan["global_batch_size"] == 32
+    assert plan["devices"] == ["CPU"]
+    assert "CPU (no GPU visible)" in plan["log"] and "precision float32" in plan["log"]
+
+
+def test_plan_one_gpu_uses_mixed_precision_and_xla():
+    plan = training.plan_devices(["/physical_device:GPU:0"], batch_size=32)
+    assert plan["precision"] == "mixed_float16" and plan["jit_compile"] is True
+    assert plan["strategy"] == "default" and plan["replicas"] == 1
+    assert "1 GPU(s)" in plan["log"] and "XLA on" in plan["log"]
+
+
+def test_plan_several_gpus_mirror_and_scale_the_batch():
+    gpus = [f"/physical_device:GPU:{i}" for i in range(4)]
+    plan = training.plan_devices(gpus, batch_size=16)
+    assert plan["strategy"] == "mirrored" and plan["replicas"] == 4
+    assert plan["global_batch_size"] == 64
+    assert "global batch 64" in plan["log"]
+    # MirroredStrategy is a TensorFlow thing: on JAX the default (one device) plan applies
+    assert training.plan_devices(gpus, batch_size=16, backend="jax")["strategy"] == "default"
+
+
+def test_plan_options_override_auto():
+    plan = training.plan_devices(["gpu0"], mixed_precision="off", jit_compile="off")
+    assert plan["precision"] == "float32" and plan["jit_compile"] is False
+    plan = training.plan_devices([], mixed_precision="on", jit_compile="on")
+    assert plan["precision"] == "mixed_float16" and plan["jit_compile"] is True
+    with pytest.raises(ValueError, match="mixed_precision: expected auto, on or off, found 'yes'"):
+        training.plan_devices([], mixed_precision="yes")
+
+
+def test_detect_gpus_on_this_machine_matches_tensorflow():
+    assert training.detect_gpus() == [d.name for d in tf.config.list_physical_devices("GPU")]
+
+
+def test_class_weights_only_when_imbalanced():
+    assert training.class_weights_for([50, 50, 45]) is None  # auto: balanced enough
+    weights = training.class_weights_for([90, 30, 30])
+    assert weights == pytest.approx({0: 150 / 270, 1: 150 / 90, 2: 150 / 90})
+    assert training.class_weights_for([90, 30, 30], "off") is None
+    assert training.class_weights_for([10, 10], "on") == pytest.approx({0: 1.0, 1: 1.0})
+
+
+# ----------------------------------------------------------------------------- fit
+
+
+@pytest.fixture(scope="module")
+def digits_data():
+    """Real digits 0/1/7 at 32 px, shuffled once: (train x, train y, val x, val y)."""
+    pairs = digit_images([0, 1, 7], per_class=70, size=32)
+    order = np.random.default_rng(0).permutation(len(pairs))
+    x = np.stack([pairs[i][1] for i in order])
+    y = np.array([[0, 1, 7].index(pairs[i][0]) for i in order], dtype="int32")
+    return x[:165], y[:165], x[165:], y[165:]
+
+
+def _datasets(data, batch=32):
+    x, y, vx, vy = data
+    train = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(256, seed=1).batch(batch)
+    val = tf.data.Dataset.from_tensor_slices((vx, vy)).batch(batch)
+    return train, val
+
+
+def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_data):
+    keras.utils.set_random_seed(3)
+    train, val = _datasets(digits_data)
+    model = build_model("default", 32, 3)
+    options = TrainOptions(epochs=6, early_stopping_patience=6)
+    logs: list[str] = []
+    vx, vy = digits_data[2], digits_data[3]
+    result = training.fit_model(
+        model, train, val, tmp_path, options, [55, 55, 55], probe=(vx[:32], vy[:32]), log=logs.append
+    )
+    accuracy = float(np.mean(np.argmax(model.predict(vx, verbose=0), axis=1) == vy))
+    assert accuracy >= 0.9, result
+    assert result["epochs_run"] == 6 and result["initial_epoch"] == 0 and not result["resumed"]
+    history = training.read_history(tmp_path)
+    assert [int(r["epoch"]) for r in history] == list(range(6))
+    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
+    assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "checkpoints" / "best.keras").is_file()
+    assert list((tmp_path / "logs").rglob("*tfevents*"))  # TensorBoard
+    assert not (tmp_path / "backup").exists()  # removed once fit finished
+    diagnosis = training.read_json(tmp_path / "diagnosis.json")
+    assert diagnosis["healthy"] is True
+    assert not [f for f in diagnosis["findings"] if f["severity"] == "critical"]
+    assert sum(line.startswith("epoch ") for line in logs) == 6
+    assert logs[-1].startswith("epoch 6/6") and "val_accuracy" in logs[-1]
+
+
+class _Crash(keras.callbacks.Callback):
+    """Stand-in for a killed worker: fail after ``after`` finished epochs."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after:
+            raise RuntimeError("worker lost")
+
+
+def test_fit_resumes_from_last_finished_epoch(tmp_path, digits_data):
+    train, val = _datasets(digits_data)
+    options = TrainOptions(epochs=4, early_stopping_patience=10, augment=False)
+    keras.utils.set_random_seed(5)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        training.fit_model(build_model("default", 32, 3, augment=False), train, val, tmp_path, options,
+                           [55, 55, 55], log=lambda _: None, extra_callbacks=[_Crash(2)])
+    assert training.backup_epoch(tmp_path) == 2
+    assert [int(r["epoch"]) for r in training.read_history(tmp_path)] == [0, 1]
+
+    # a fresh process would build a fresh model: the backup restores weights and epoch
+    logs: list[str] = []
+    fresh = build_model("default", 32, 3, augment=False)
+    result = training.fit_model(fresh, train, val, tmp_path, options, [55, 55, 55], log=logs.append)
+    assert result["resumed"] and result["initial_epoch"] == 2
+    assert any("continuing at epoch 3" in line for line in logs)
+    assert [line.split(" ")[1] for line in logs if line.startswith("epoch ")] == ["3/4", "4/4"]
+    assert [int(r["epoch"]) for r in training.read_history(tmp_path)] == [0, 1, 2, 3]
+    assert not (tmp_path / "backup").exists()
+
+
+def test_history_rows_logged_past_the_backup_are_dropped(tmp_path):
+    (tmp_path / "history.csv").write_text("epoch,loss\n0,1.0\n1,0.8\n2,0.7\n")
+    training._trim_history(tmp_path, 2)  # killed after CSVLogger, before the backup of epoch 3
+    assert [int(r["epoch"]) for r in training.read_history(tmp_path)] == [0, 1]
+    training._trim_history(tmp_path, 0)
+    assert not (tmp_path / "history.csv").exists()
+
+
+def test_save_model_is_atomic_and_loadable(tmp_path):
+    model = build_model("default", 16, 2, architecture={"filters": [4]})
+    target = training.save_model(model, tmp_path / "model.keras")
+    assert target.is_file() and not list(tmp_path.glob(".tmp-*"))
+    assert keras.saving.load_model(target, safe_mode=True).output_shape == (None, 2)
