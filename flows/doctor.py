@@ -1,0 +1,98 @@
+"""`imgflow doctor`: check a model before a long run (preflight + a short probe training).
+
+MODEL_OR_BUILDER is a built-in model name, ``package.module:function`` or a model
+directory (or ``champion``). The data is validated and preprocessed exactly as for
+training (cached shards are reused), then :func:`tasks.doctor.check_model` runs the
+preflight checks and, unless they find a critical problem, a few probe epochs watched by
+the :class:`tasks.doctor.DoctorMonitor`. TensorFlow/Keras are imported inside the task.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import DEFAULT_WORKDIR, ImgflowConfig
+
+DOCTOR_DIR = "doctor"
+
+
+def _slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name if Path(model).is_dir() else model).strip("_") or "model"
+
+
+@task(name="doctor-check-model", cache_policy=NO_CACHE)
+def check_model_task(
+    model: str, manifest_path: str, out_dir: str, config: ImgflowConfig, workdir: str, epochs: int, overfit_steps: int
+) -> dict[str, Any]:
+    """Preflight and probe-train one model on the preprocessed data."""
+    from tasks.doctor import check_model
+
+    return check_model(model, manifest_path, out_dir, config.train, workdir, epochs=epochs, overfit_steps=overfit_steps)
+
+
+def publish_diagnosis(diagnosis: dict[str, Any], key: str = "training-diagnosis", title: str = "") -> None:
+    """Publish a diagnosis as a Prefect markdown artifact (inside a flow or task run)."""
+    from tasks.doctor import findings_markdown
+
+    create_markdown_artifact(
+        key=key,
+        markdown=(f"# {title}\n\n" if title else "") + findings_markdown(diagnosis),
+        description="healthy" if diagnosis.get("healthy") else "unhealthy: " + ", ".join(
+            f["code"] for f in diagnosis.get("findings", []) if f.get("severity") == "critical"
+        ),
+    )
+
+
+@flow(name="doctor", log_prints=True)
+def doctor_flow(
+    model: str,
+    data_dir: Path,
+    workdir: Path = DEFAULT_WORKDIR,
+    config: ImgflowConfig | None = None,
+    epochs: int = 3,
+    overfit_steps: int = 20,
+) -> dict[str, Any]:
+    """Diagnose MODEL_OR_BUILDER on DATA_DIR before a long training run.
+
+    Args:
+        model: built-in model name, ``package.module:function``, a model directory or ``champion``.
+        data_dir: the class-folder dataset (validated and preprocessed like for training).
+        workdir: imgflow workdir (shards are shared with training; output in ``<workdir>/doctor/``).
+        config: parameters (image size, batch size, optimizer, learning rate, seed...).
+        epochs: probe training epochs (fewer than ``config.train.epochs`` when that is smaller).
+        overfit_steps: steps of the overfit-one-batch preflight check (0 to skip).
+
+    Returns:
+        ``{"healthy", "findings", "epochs_run", "history", "model", "diagnosis_path",
+        "markdown_path", "manifest"}``.
+
+    Raises:
+        tasks.dataset.DatasetUnusable: the data failed validation.
+    """
+    from flows.preprocessing import preprocess_flow
+
+    config = config or ImgflowConfig()
+    workdir = Path(workdir)
+    if model == "champion" or Path(model).is_dir():
+        # a saved model fixes the image size and resize mode; preprocess to match it
+        from tasks.registry import read_metadata, resolve_model_dir
+
+        metadata = read_metadata(resolve_model_dir(model, workdir))
+        updates = {k: metadata[k] for k in ("image_size", "aspect") if metadata.get(k) is not None}
+        config = config.model_copy(update={"preprocess": config.preprocess.model_copy(update=updates)})
+    prep = preprocess_flow(data_dir, workdir=workdir, config=config)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+    out_dir = workdir / DOCTOR_DIR / f"{_slug(model)}-{stamp}"
+    result = check_model_task(model, prep["manifest"], str(out_dir), config, str(workdir),
+                              min(epochs, config.train.epochs), overfit_steps)
+    publish_diagnosis(result, key="doctor-diagnosis", title=f"Doctor: {model}")
+    print(f"doctor: {model} is {'healthy' if result['healthy'] else 'UNHEALTHY'} after "
+          f"{result['epochs_run']} probe epoch(s); diagnosis in {result['diagnosis_path']}")
+    return {**result, "manifest": prep["manifest"]}
