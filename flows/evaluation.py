@@ -1,0 +1,152 @@
+"""The evaluate step: ``imgflow evaluate MODEL DATA_DIR --out DIR`` and the pipeline's evaluation.
+
+Thin Prefect wrappers around :mod:`tasks.evaluation`; nothing heavy is imported
+until a flow or task runs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from flows.config import DEFAULT_WORKDIR
+
+# keys of the small summary a task hands back (the full metrics live in metrics.json)
+_SUMMARY_KEYS = (
+    "out_dir", "accuracy", "loss", "count", "skipped", "report_html", "report_md", "metrics_json",
+    "macro", "per_class", "prediction_distribution", "class_names", "class_notes", "saliency_method",
+    "expected_calibration_error", "top_k", "top_k_accuracy", "plots",
+)
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    summary = {key: result[key] for key in _SUMMARY_KEYS if key in result}
+    if "comparison" in result:
+        comparison = result["comparison"]
+        summary["comparison"] = {key: comparison[key] for key in
+                                 ("candidate_run_id", "champion_run_id", "decision", "reason", "rows")}
+    return summary
+
+
+@task(name="evaluate-split")
+def evaluate_split_task(
+    model_dir: str,
+    manifest_path: str,
+    split: str = "val",
+    out_dir: str | None = None,
+    champion_dir: str | None = None,
+    tolerance: float = 0.0,
+) -> dict[str, Any]:
+    """Evaluate a model directory on a split of the shards; returns the report summary."""
+    from tasks.evaluation import evaluate_split
+
+    result = evaluate_split(Path(model_dir), Path(manifest_path), split, Path(out_dir) if out_dir else None,
+                            Path(champion_dir) if champion_dir else None, tolerance=tolerance)
+    return _summary(result)
+
+
+@task(name="evaluate-folder")
+def evaluate_folder_task(
+    model_dir: str,
+    data_dir: str,
+    out_dir: str,
+    champion_dir: str | None = None,
+    tolerance: float = 0.0,
+) -> dict[str, Any]:
+    """Evaluate a model directory on a class-folder directory; returns the report summary."""
+    from tasks.evaluation import evaluate_folder
+
+    result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
+                             Path(champion_dir) if champion_dir else None, tolerance=tolerance)
+    return _summary(result)
+
+
+def publish_artifacts(summary: dict[str, Any], key_prefix: str = "evaluation") -> None:
+    """Prefect artifacts of an evaluation: markdown summary, per-class table, link to the HTML.
+
+    Call inside a flow or task run. Keys are ``<prefix>-summary``, ``<prefix>-per-class``
+    and ``<prefix>-report`` (lowercase letters, digits and dashes only).
+    """
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+    from tasks.evaluation import summary_markdown
+
+    prefix = re.sub(r"[^a-z0-9-]+", "-", key_prefix.lower()).strip("-") or "evaluation"
+    metrics_like = {
+        "count": summary["count"], "accuracy": summary["accuracy"], "loss": summary["loss"],
+        "macro": summary["macro"], "expected_calibration_error": summary["expected_calibration_error"],
+        "class_notes": summary["class_notes"], "chance_accuracy": 1.0 / len(summary["class_names"]),
+        "majority_accuracy": max(v["support"] for v in summary["per_class"].values()) / max(summary["count"], 1),
+    }
+    if "top_k_accuracy" in summary:
+        metrics_like.update(top_k=summary["top_k"], top_k_accuracy=summary["top_k_accuracy"])
+    markdown = summary_markdown(metrics_like, {"run_id": summary.get("run_id", "model"),
+                                               "data": summary.get("data", summary["out_dir"]),
+                                               "skipped_count": summary["skipped"]})
+    if "comparison" in summary:
+        comparison = summary["comparison"]
+        markdown += (f"\n\n**Champion comparison** ({comparison['candidate_run_id']} vs "
+                     f"{comparison['champion_run_id']}): {comparison['decision']} — {comparison['reason']}")
+    markdown += f"\n\nFull report: `{summary['report_html']}`"
+    create_markdown_artifact(markdown, key=f"{prefix}-summary", description="Evaluation summary")
+    rows = [
+        {"class": name, **{k: round(float(v), 4) if k != "support" else int(v) for k, v in values.items()},
+         "predicted": summary["prediction_distribution"][name]}
+        for name, values in summary["per_class"].items()
+    ]
+    create_table_artifact(rows, key=f"{prefix}-per-class", description="Per-class precision, recall, F1, support")
+    create_link_artifact(Path(summary["report_html"]).resolve().as_uri(), link_text="report.html",
+                         key=f"{prefix}-report", description="Self-contained HTML evaluation report")
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    model: str,
+    data_dir: Path,
+    workdir: Path = DEFAULT_WORKDIR,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
+
+    Writes metrics.json, report.html, report.md, predictions.csv and PNG plots into
+    ``out`` (default ``<workdir>/evaluations/<run_id>-<data_dir name>``). When a
+    champion other than MODEL is promoted in ``workdir``, it is evaluated on the same
+    images and shown side by side.
+
+    Returns:
+        {"out_dir", "accuracy", "report_html", "metrics_json", "skipped"} plus
+        ``report_md``, ``count`` and ``comparison`` (with a champion).
+
+    Raises:
+        tasks.registry.RegistryError: no such model directory, or no champion in ``workdir``.
+        tasks.evaluation.EvaluationError: no class folder the model knows in ``data_dir``,
+            or no readable image. Both are ValueErrors and usage errors (CLI exit 2).
+    """
+    from tasks.evaluation import _champion_dir
+    from tasks.registry import read_metadata, resolve_model_dir
+
+    logger = get_run_logger()
+    workdir = Path(workdir)
+    data_dir = Path(data_dir)
+    model_dir = resolve_model_dir(model, workdir)
+    metadata = read_metadata(model_dir)
+    run_id = str(metadata.get("run_id", model_dir.name))
+    out_dir = Path(out) if out is not None else workdir / "evaluations" / f"{run_id}-{data_dir.resolve().name}"
+    champion_dir = _champion_dir(workdir)
+    if champion_dir is not None and champion_dir.resolve() == model_dir.resolve():
+        champion_dir = None
+    tolerance = float((metadata.get("config") or {}).get("promotion_tolerance", 0.0))
+    summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir),
+                                   str(champion_dir) if champion_dir else None, tolerance)
+    summary.update(run_id=run_id, data=str(data_dir))
+    publish_artifacts(summary)
+    logger.info("accuracy %.4f on %d images (%d skipped); report %s",
+                summary["accuracy"], summary["count"], summary["skipped"], summary["report_html"])
+    result = {key: summary[key] for key in ("out_dir", "accuracy", "report_html", "metrics_json", "skipped",
+                                            "report_md", "count")}
+    if "comparison" in summary:
+        result["comparison"] = {k: summary["comparison"][k] for k in ("decision", "reason", "champion_run_id")}
+    return result
