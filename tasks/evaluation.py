@@ -338,7 +338,7 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
     annotate = k <= 25
     for ax, data, title, fmt in (
         (axes[0], cm, "Counts", "{:.0f}"),
-        (axes[1], norm, "Row-normalised (recall on the diagonal)", "{:.2f}"),
+        (axes[1], norm, "Row-normalised (recall)", "{:.2f}"),
     ):
         vmax = data.max() if data.max() > 0 else 1.0
         image = ax.imshow(data, cmap="Blues", vmin=0, vmax=vmax)
@@ -401,7 +401,10 @@ def plot_learning_curves(history_csv: Path, path: Path) -> Path | None:
     panels = bases + extra[:1]
     fig = _figure(4.2 * min(len(panels), 3), 3.2 * math.ceil(len(panels) / 3))
     axes = np.atleast_1d(fig.subplots(math.ceil(len(panels) / 3), min(len(panels), 3))).ravel()
+    from matplotlib.ticker import MaxNLocator
+
     for ax, key in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.plot(epochs, history[key], marker="o", markersize=3, label=f"train {key}" if key not in extra else key)
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], marker="o", markersize=3, label=f"val {key}")
@@ -438,8 +441,8 @@ def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, 
     acc = [r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
     ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="#4c72b0", alpha=0.85, label="accuracy")
     gap = [(r["confidence"] - r["accuracy"]) if r["accuracy"] is not None else 0.0 for r in rows]
-    ax.bar(centers, gap, bottom=acc, width=1 / bins, edgecolor="#c44e52", color="#c44e52", alpha=0.3,
-           hatch="//", label="gap to confidence")
+    ax.bar(centers, gap, bottom=acc, width=1 / bins, edgecolor="#c44e52", facecolor="none",
+           hatch="//", label="gap to mean confidence")
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -500,7 +503,7 @@ def plot_saliency(
     heatmaps: Sequence[np.ndarray],
     captions: Sequence[str],
     path: Path,
-    method: str,
+    method: str | Sequence[str],
     ncols: int = 4,
     colors: Sequence[str] | None = None,
 ) -> Path:
@@ -511,13 +514,18 @@ def plot_saliency(
         heatmaps: float HxW maps in [0, 1], same spatial size as the images.
         captions: one caption per image.
         path: PNG file to write.
-        method: ``"grad-cam"`` or ``"occlusion"`` (shown in the title).
+        method: ``"grad-cam"`` or ``"occlusion"``, or one of them per image (shown above each map).
         ncols: image/heatmap pairs per row.
         colors: caption colour per image.
 
     Returns:
         ``path``.
     """
+    from matplotlib import colormaps
+
+    cmap = colormaps["jet"]
+    methods = [method] * len(images) if isinstance(method, str) else list(method)
+    summary = method if isinstance(method, str) else " / ".join(sorted(set(methods)))
     n = max(len(images), 1)
     ncols = max(1, min(ncols, n))
     nrows = math.ceil(n / ncols)
@@ -533,9 +541,12 @@ def plot_saliency(
         ax_image.imshow(image, interpolation="nearest")
         ax_image.set_title(captions[index], fontsize=7, color=(colors[index] if colors else "black"))
         ax_map.imshow(image, interpolation="nearest")
-        ax_map.imshow(heatmaps[index], cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
-        ax_map.set_title(method, fontsize=7)
-    fig.suptitle(f"What the model looked at ({method}; red = most important for the predicted class)", fontsize=10)
+        heat = np.clip(np.asarray(heatmaps[index], dtype=np.float32), 0.0, 1.0)
+        overlay = cmap(heat)
+        overlay[..., 3] = 0.15 + 0.6 * heat  # an empty map leaves the image visible
+        ax_map.imshow(overlay, interpolation="bilinear")
+        ax_map.set_title(methods[index], fontsize=7)
+    fig.suptitle(f"What the model looked at ({summary}; red = most important for the predicted class)", fontsize=10)
     return _save(fig, path)
 
 
@@ -712,8 +723,12 @@ def occlusion_saliency(
     return maps
 
 
-def saliency_maps(model: Any, images: np.ndarray, class_indices: Sequence[int]) -> tuple[np.ndarray, str]:
+def saliency_maps(model: Any, images: np.ndarray, class_indices: Sequence[int]) -> tuple[np.ndarray, list[str]]:
     """Grad-CAM where it can run, occlusion sensitivity otherwise.
+
+    Grad-CAM keeps only positive evidence; an image whose map is empty (every weighted
+    feature pointed away from the class) gets an occlusion map instead, so no panel of
+    the report is blank.
 
     Args:
         model: a Keras model taking raw 0-255 images.
@@ -721,13 +736,21 @@ def saliency_maps(model: Any, images: np.ndarray, class_indices: Sequence[int]) 
         class_indices: the class to explain per image.
 
     Returns:
-        (maps [N, H, W] in [0, 1], method) with method ``"grad-cam"`` or ``"occlusion"``.
+        (maps [N, H, W] in [0, 1], methods) with one ``"grad-cam"`` or ``"occlusion"`` per image.
     """
+    images = np.asarray(images, dtype=np.float32)
     try:
-        return grad_cam(model, images, class_indices), "grad-cam"
+        maps = grad_cam(model, images, class_indices)
     except SaliencyUnavailable as exc:
         log.info("Grad-CAM unavailable (%s); using occlusion sensitivity", exc)
-        return occlusion_saliency(model, images, class_indices), "occlusion"
+        return occlusion_saliency(model, images, class_indices), ["occlusion"] * len(images)
+    methods = ["grad-cam"] * len(images)
+    empty = [i for i in range(len(images)) if not maps[i].any()]
+    if empty:
+        maps[empty] = occlusion_saliency(model, images[empty], [class_indices[i] for i in empty])
+        for i in empty:
+            methods[i] = "occlusion"
+    return maps, methods
 
 
 # --------------------------------------------------------------------------- report
@@ -1243,11 +1266,12 @@ def _render(
     if chosen["saliency"]:
         sel = chosen["saliency"]
         batch = np.stack([images[i] for i in sel]).astype(np.float32)
-        maps, method = saliency_maps(model, batch, [int(chosen["pred"][i]) for i in sel])
+        maps, methods = saliency_maps(model, batch, [int(chosen["pred"][i]) for i in sel])
+        method = " + ".join(sorted(set(methods)))
         plots["saliency"] = plot_saliency(
             [images[i] for i in sel], list(maps),
             [_caption(filenames[i], names, labels[i], probs[i]) for i in sel],
-            out_dir / "saliency.png", method, ncols=2, colors=[colour(i) for i in sel],
+            out_dir / "saliency.png", methods, ncols=2, colors=[colour(i) for i in sel],
         )
     return plots, method
 
@@ -1323,6 +1347,14 @@ def _evaluate(
         champion_metrics = compute_metrics(y, np.concatenate(champion_outputs), names)
         comparison = compare_models(metrics, champion_metrics, str(metadata.get("run_id", model_dir.name)),
                                     str(champion[1].get("run_id", Path(champion_dir).name)), tolerance)
+        # the pipeline's own promotion rule (health, tolerance), fed the accuracies measured here
+        from tasks.registry import promotion_decision
+
+        candidate_meta = {**metadata, "metrics": {**(metadata.get("metrics") or {}), "val_accuracy": metrics["accuracy"]}}
+        champion_meta = {**champion[1], "fingerprint": "<scored on the same images>"}
+        promote, reason = promotion_decision(candidate_meta, champion_meta, tolerance, champion_metrics["accuracy"])
+        comparison["decision"] = "promote" if promote else "keep champion"
+        comparison["reason"] = f"{reason}; both scored on the same {metrics['count']} images"
         comparison["champion_metrics"] = {k: champion_metrics[k] for k in (
             "accuracy", "loss", "macro", "weighted", "per_class", "confusion_matrix", "expected_calibration_error")}
     diagnosis = read_json(model_dir / "diagnosis.json") if (model_dir / "diagnosis.json").is_file() else None
