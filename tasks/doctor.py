@@ -705,8 +705,10 @@ class DoctorMonitor(keras.callbacks.Callback):
                 record["top_class_share"] = float(shares.max())
                 record["top_class"] = int(shares.argmax())
                 record["probe_accuracy"] = float((preds == self.probe_labels[: len(preds)]).mean())
-            self._check_dead_relu(relu_acts)
+        else:
+            relu_acts = {}
         self.epoch_records.append(record)
+        self._check_dead_relu(relu_acts)
         self._check_chance(final=False)
         self._check_frozen(final=False)
         self._check_collapse(final=False)
@@ -843,11 +845,16 @@ class DoctorMonitor(keras.callbacks.Callback):
             dead = int((per_unit <= 0.0).sum())
             frac = dead / act.shape[-1]
             if frac >= self.dead_fraction:
-                severity = "critical" if frac >= 1.0 and len(self.epoch_records) + 1 >= self.patience else "warning"
+                # a wholly dead layer passes no gradient at all; critical once it has lasted
+                # `patience` epochs and the model has not learned past it (residual paths may)
+                acc = self.epoch_records[-1].get("accuracy")
+                learned = acc is not None and acc > self.majority_share + 0.05
+                lasting = len(self.epoch_records) >= self.patience
+                severity = "critical" if frac >= 1.0 and lasting and not learned else "warning"
                 self._report(make_finding(
                     "dead_relu", severity,
                     {"dead_fraction": frac, "dead_units": dead, "units": int(act.shape[-1]),
-                     "probe_size": len(self.probe_images), "epoch": len(self.epoch_records) + 1},
+                     "probe_size": len(self.probe_images), "epoch": len(self.epoch_records)},
                     f"{frac:.0%} of the ReLU units of {name} never activate on the probe images, so no gradient "
                     f"flows through them; scale the inputs (`Rescaling(1/255)`), lower the learning rate, or use "
                     "`LeakyReLU`/BatchNormalization before the activation",

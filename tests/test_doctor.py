@@ -353,3 +353,58 @@ def test_checks_run_on_the_jax_backend(tmp_path):
     codes = {f["code"]: f["severity"] for f in diagnosis["findings"]}
     assert codes["bad_output_activation"] == "critical"
     assert "unnormalized_input" in codes
+
+
+# ----------------------------------------------------------------------------- flow and command
+
+
+def relu_head_builder(input_shape, num_classes):
+    """A user builder in the style of the original report: raw inputs and a ReLU output layer."""
+    return keras.Sequential([
+        keras.Input(input_shape), keras.layers.Conv2D(8, 3, activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(num_classes, activation="relu", name="user_head"),
+    ])
+
+
+def healthy_builder(input_shape, num_classes):
+    """The same network done right: Rescaling(1/255) first and a softmax head."""
+    return keras.Sequential([
+        keras.Input(input_shape), keras.layers.Rescaling(1 / 255), keras.layers.Conv2D(8, 3, activation="relu"),
+        keras.layers.MaxPooling2D(), keras.layers.Flatten(), keras.layers.Dense(32, activation="relu"),
+        keras.layers.Dense(num_classes, activation="softmax"),
+    ])
+
+
+def test_doctor_flow_on_a_healthy_user_model(prefect_server, digits_dir, tmp_path):
+    from flows.config import ImgflowConfig
+    from flows.doctor import doctor_flow
+
+    config = ImgflowConfig.from_flat({"image_size": 32, "batch_size": 16, "seed": 1})
+    result = doctor_flow("tests.test_doctor:healthy_builder", digits_dir, workdir=tmp_path / "w", config=config,
+                         epochs=3, overfit_steps=10)
+    assert result["healthy"] is True
+    assert not [f for f in result["findings"] if f["severity"] == "critical"]
+    assert result["epochs_run"] == 3
+    assert result["history"]["accuracy"][-1] > 0.9
+    saved = json.loads(Path(result["diagnosis_path"]).read_text())
+    assert saved == {"healthy": True, "findings": result["findings"]}
+    assert Path(result["markdown_path"]).read_text().startswith("## Training diagnosis")
+    assert Path(result["diagnosis_path"]).parent.parent == tmp_path / "w" / "doctor"
+
+
+def test_doctor_command_exits_1_and_names_the_relu_head(prefect_server, digits_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["doctor", "tests.test_doctor:relu_head_builder", str(digits_dir),
+                                      "--workdir", str(tmp_path / "w"), "--image-size", "32"])
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert "bad_output_activation" in last and "user_head" in last
+    saved = json.loads(next((tmp_path / "w" / "doctor").glob("*/diagnosis.json")).read_text())
+    assert saved["healthy"] is False
+    codes = {f["code"]: f["severity"] for f in saved["findings"]}
+    assert codes["bad_output_activation"] == "critical"
+    assert "unnormalized_input" in codes
