@@ -341,7 +341,9 @@ def fit_model(
         log(f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}")
     monitor = None
     callbacks: list[keras.callbacks.Callback] = [
-        # backup first: it restores weights and the epoch counter before the others start
+        # the history row of an epoch is written before its backup: a kill in between
+        # leaves one row too many (trimmed on resume), never a missing one
+        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
         keras.callbacks.ModelCheckpoint(
             str(run_dir / CHECKPOINT_DIR / "best.keras"), monitor="val_loss", save_best_only=True
@@ -349,7 +351,6 @@ def fit_model(
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True
         ),
-        keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         keras.callbacks.TerminateOnNaN(),
         EpochLogger(log, options.epochs),
     ]
