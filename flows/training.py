@@ -1,0 +1,238 @@
+"""The training pipeline flow: validate -> preprocess -> train -> evaluate -> promote.
+
+The run directory ``<workdir>/models/<run_id>`` is derived from the dataset fingerprint
+and the configuration, so a retried train task, or the same command run again after a
+crash, resumes the same run from its last finished epoch (``BackupAndRestore``). A run
+that already finished is reused unless ``force`` asks for a fresh attempt.
+
+TensorFlow and Keras are imported inside the tasks: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.config import DEFAULT_WORKDIR, ImgflowConfig, TrainOptions
+from flows.retrying import retry_unless
+from tasks import registry
+from tasks.atomic import read_json
+
+_SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
+TOP_FINDINGS = 5
+
+
+def _permanent_errors() -> tuple[type[BaseException], ...]:
+    from tasks.models import ModelConfigError
+
+    return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
+
+
+def _retry_train(task_obj: Any, task_run: Any, state: Any) -> bool:
+    # a logic error fails the same way every time; anything else (OOM, a killed worker,
+    # a flaky filesystem) is retried and resumes from the backup
+    return retry_unless(*_permanent_errors())(task_obj, task_run, state)
+
+
+@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_train)
+def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[str, Any]:
+    """Fit the configured model into ``run_dir`` (resuming a killed attempt); return its summary."""
+    from tasks.training import train_from_manifest
+
+    logger = get_run_logger()
+    return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
+
+
+@task(name="evaluate-model", cache_policy=NO_CACHE)
+def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float) -> dict[str, Any]:
+    """Score the model on the validation split (and the champion on the same images)."""
+    from tasks.evaluation import evaluate_split
+
+    result = evaluate_split(
+        Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
+        tolerance=tolerance,
+    )
+    keep = ("accuracy", "loss", "per_class", "count", "report_html", "report_md", "metrics_json", "comparison")
+    return {k: result[k] for k in keep if k in result}
+
+
+@task(name="promote-model", cache_policy=NO_CACHE)
+def promote_task(workdir: str, model_dir: str, champion_accuracy: float | None, tolerance: float) -> dict[str, Any]:
+    """Make the run champion when it is healthy and not worse than the champion; record why."""
+    workdir_path, model_path = Path(workdir), Path(model_dir)
+    metadata = registry.read_metadata(model_path)
+    pointer = registry.read_champion(workdir_path)
+    champion_meta = None
+    if pointer is not None:
+        try:
+            champion_meta = registry.read_metadata(Path(pointer["model_dir"]))
+        except registry.RegistryError:
+            champion_meta = None  # a champion whose directory is gone does not compete
+    promoted, reason = registry.promotion_decision(metadata, champion_meta, tolerance, champion_accuracy)
+    if promoted:
+        registry.promote(workdir_path, model_path, metadata)
+    metadata["promotion"] = {"promoted": promoted, "reason": reason, "decided": registry.now_iso()}
+    registry.write_metadata(model_path, metadata)
+    return {"promoted": promoted, "reason": reason}
+
+
+def top_findings(findings: list[dict[str, Any]], limit: int = TOP_FINDINGS) -> list[dict[str, Any]]:
+    """The most severe findings first (critical, warning, info), at most ``limit``."""
+    ranked = sorted(findings, key=lambda f: _SEVERITY_ORDER.get(f.get("severity", "info"), 3))
+    return ranked[:limit]
+
+
+def _metrics(train_summary: dict[str, Any], evaluation: dict[str, Any]) -> dict[str, Any]:
+    final = train_summary.get("final", {})
+    metrics: dict[str, Any] = {
+        "val_accuracy": evaluation.get("accuracy"),
+        "val_loss": evaluation.get("loss"),
+        "val_count": evaluation.get("count"),
+        "per_class_recall": {n: v.get("recall") for n, v in (evaluation.get("per_class") or {}).items()},
+        "train_accuracy": final.get("accuracy"),
+        "train_loss": final.get("loss"),
+        "epochs_run": train_summary.get("epochs_run"),
+        "best_epoch": train_summary.get("best_epoch"),
+        "fit_seconds": train_summary.get("fit_seconds"),
+    }
+    return metrics
+
+
+def _result_from_metadata(metadata: dict[str, Any], model_dir: Path, workdir: Path, skipped: bool) -> dict[str, Any]:
+    pointer = registry.read_champion(workdir)
+    promotion = metadata.get("promotion", {})
+    promoted = bool(pointer and pointer.get("run_id") == metadata["run_id"])
+    reason = promotion.get("reason", "")
+    if skipped:
+        reason = (
+            f"reused run {metadata['run_id']}: this data and configuration were already trained "
+            f"({'it is the champion' if promoted else 'it is not the champion: ' + reason}); pass force to train again"
+        )
+    diagnosis_path = model_dir / "diagnosis.json"
+    findings = read_json(diagnosis_path).get("findings", []) if diagnosis_path.is_file() else []
+    return {
+        "run_id": metadata["run_id"],
+        "model_dir": str(model_dir.resolve()),
+        "val_accuracy": metadata.get("metrics", {}).get("val_accuracy"),
+        "healthy": bool(metadata.get("healthy")),
+        "promoted": promoted if skipped else bool(promotion.get("promoted")),
+        "reason": reason,
+        "findings": top_findings(findings),
+        "champion_dir": pointer.get("model_dir") if pointer else None,
+        "skipped": skipped,
+    }
+
+
+def _publish(result: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
+    lines = [
+        f"# Training run `{result['run_id']}`",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| validation accuracy | {result['val_accuracy'] if result['val_accuracy'] is None else round(result['val_accuracy'], 4)} |",
+        f"| healthy | {result['healthy']} |",
+        f"| promoted | {result['promoted']} |",
+        f"| model directory | `{result['model_dir']}` |",
+        f"| champion | `{result['champion_dir']}` |",
+        "",
+        result["reason"],
+    ]
+    if evaluation and evaluation.get("report_html"):
+        lines += ["", f"Evaluation report: `{evaluation['report_html']}`"]
+    if result["findings"]:
+        lines += ["", "## Doctor's findings", ""]
+        lines += [f"- **{f['severity']}** `{f['code']}`: {f.get('advice', '')}" for f in result["findings"]]
+    create_markdown_artifact(key="training-run", markdown="\n".join(lines), description="Training pipeline summary")
+
+
+@flow(name="training-pipeline", log_prints=True)
+def training_pipeline(
+    data_dir: Path,
+    val_dir: Path | None = None,
+    workdir: Path = DEFAULT_WORKDIR,
+    config: ImgflowConfig | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Validate, preprocess, train, evaluate and promote; return a small summary.
+
+    Args:
+        data_dir: ``DATA_DIR/<class>/*`` training images.
+        val_dir: optional separate validation class folders (else ``val_fraction`` splits).
+        workdir: the imgflow work folder (reports, shards, models, champion pointer).
+        config: every parameter; defaults when None.
+        force: train a fresh attempt even when this data and configuration already
+            produced a finished run (an interrupted run is always resumed).
+
+    Returns:
+        ``{"run_id", "model_dir", "val_accuracy", "healthy", "promoted", "reason",
+        "findings", "champion_dir", "skipped"}`` (``skipped`` is True when a finished
+        run was reused instead of training).
+
+    Raises:
+        tasks.dataset.DatasetUnusable: validation found the data unusable.
+    """
+    from flows.preprocessing import preprocess_flow
+
+    config = config or ImgflowConfig()
+    workdir = Path(workdir)
+    logger = get_run_logger()
+    prep = preprocess_flow(data_dir, val_dir, workdir, config)
+    manifest_path = Path(prep["manifest"])
+    manifest = read_json(manifest_path)
+
+    base_id = registry.run_id_for(manifest["fingerprint"], config.flat(), config.train.model.split(":")[-1])
+    run_id, model_dir, state = registry.allocate_run_dir(workdir, base_id, force)
+    if state == "done":
+        logger.info("run %s already finished with this data and configuration; reusing it", run_id)
+        result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=True)
+        print(result["reason"])
+        return result
+    logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
+
+    summary = train_task(str(manifest_path), str(model_dir), config.train)
+    diagnosis = summary["diagnosis"]
+    metadata: dict[str, Any] = {
+        "run_id": run_id,
+        "class_names": summary["class_names"],
+        "image_size": summary["image_size"],
+        "aspect": summary.get("aspect", "squash"),
+        "metrics": _metrics(summary, {}),
+        "fingerprint": manifest["fingerprint"],
+        "config": config.flat(),
+        "versions": registry.library_versions(),
+        "created": registry.now_iso(),
+        "healthy": bool(diagnosis.get("healthy")),
+        "data_dir": str(Path(data_dir).resolve()),
+        "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
+        "manifest": str(manifest_path.resolve()),
+        "device_plan": summary.get("device_plan"),
+        "resumed": summary.get("resumed", False),
+    }
+    if (model_dir / "metadata.json").is_file():
+        metadata["created"] = registry.read_metadata(model_dir).get("created", metadata["created"])
+    # evaluation reads class names and image size from metadata.json: write it first
+    registry.write_metadata(model_dir, metadata)
+
+    pointer = registry.read_champion(workdir)
+    champion_dir = pointer["model_dir"] if pointer and Path(pointer["model_dir"], "model.keras").is_file() else None
+    evaluation = evaluate_task(str(model_dir), str(manifest_path), champion_dir, config.train.promotion_tolerance)
+    metadata["metrics"] = _metrics(summary, evaluation)
+    metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
+    registry.write_metadata(model_dir, metadata)
+
+    comparison = evaluation.get("comparison") or {}
+    champion_accuracy = (comparison.get("champion_metrics") or {}).get("accuracy")
+    decision = promote_task(str(workdir), str(model_dir), champion_accuracy, config.train.promotion_tolerance)
+    result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=False)
+    result["reason"] = decision["reason"]
+    result["promoted"] = decision["promoted"]
+    _publish(result, evaluation)
+    print(
+        f"val accuracy {result['val_accuracy']:.4f} | model {result['model_dir']} | "
+        f"{result['reason']}"
+    )
+    return result
