@@ -7,12 +7,25 @@ Temporary names start with ``.tmp-`` so a reader that lists a folder can skip th
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+@functools.cache
+def _file_mode() -> int:
+    """Permissions of a newly created file under this process's umask (0o644 under 022).
+
+    ``mkstemp`` creates files readable by their owner only; outputs should get the
+    permissions a plain ``open`` would have given them.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -30,6 +43,8 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, _file_mode())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
