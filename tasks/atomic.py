@@ -43,7 +43,7 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        if tmp.exists():
+        if tmp.is_file():
             os.chmod(tmp, _file_mode())
         os.replace(tmp, target)
     finally:
