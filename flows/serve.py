@@ -110,7 +110,9 @@ def build_deployments(
     """The two imgflow deployments as ``RunnerDeployment`` objects (no server needed).
 
     Paths are made absolute so a run finds its folders whatever the worker's
-    working directory is.
+    working directory is. Entrypoints are module paths (``flows.serve.scheduled_retraining``,
+    ``flows.prediction.batch_predict``), as in ``deployments/prefect.yaml``: they load from
+    the installed package whatever the current folder is.
 
     Args:
         data_dir: training class folders, read every night.
@@ -131,6 +133,7 @@ def build_deployments(
         ValueError: a cron expression Prefect cannot parse (the message names it).
     """
     from prefect.client.schemas.schedules import CronSchedule
+    from prefect.types.entrypoint import EntrypointType
 
     from flows.prediction import batch_predict
 
@@ -155,6 +158,7 @@ def build_deployments(
             "force": False,
         },
         tags=["imgflow", "training"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
         description="Nightly: validate, preprocess, train, evaluate and promote; nothing to do when data and config are unchanged.",
     )
     prediction = batch_predict.to_deployment(
@@ -169,6 +173,7 @@ def build_deployments(
             "dask_address": dask_address,
         },
         tags=["imgflow", "prediction"],
+        entrypoint_type=EntrypointType.MODULE_PATH,
         description="Hourly: classify every new file of the inbox with the champion model into one CSV.",
     )
     return [training, prediction]
