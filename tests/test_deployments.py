@@ -1,0 +1,247 @@
+"""Deployments: prefect.yaml and serve.py definitions, a real worker run, "nothing to do" retraining."""
+
+from __future__ import annotations
+
+import csv
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from flows.config import ConfigError
+from tests.imagefactory import DIGIT_CLASSES, digit_images, make_digit_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
+PREFECT = str(Path(sys.executable).with_name("prefect"))
+CLASS_NAMES = sorted(DIGIT_CLASSES)  # ["one", "seven", "zero"]
+
+
+def _yaml_deployments() -> dict[str, dict]:
+    spec = yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8"))
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+# ------------------------------------------------------------------ definitions, no server
+
+
+def test_prefect_yaml_validates_with_prefects_own_model():
+    from prefect.cli.deploy._models import PrefectYamlModel
+
+    model = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8")))
+    names = [d.name for d in model.deployments]
+    assert names == ["nightly-retraining", "hourly-inbox-predictions"]
+    for deployment in model.deployments:
+        assert deployment.work_pool.name == "imgflow"
+        assert deployment.concurrency_limit.limit == 1
+        assert deployment.concurrency_limit.collision_strategy == "CANCEL_NEW"
+        assert len(deployment.schedules) == 1
+
+
+def test_yaml_entrypoints_load_and_parameters_match_the_flow_signatures():
+    from prefect.client.schemas.schedules import CronSchedule
+    from prefect.flows import load_flow_from_entrypoint
+
+    flows_by_deployment = {}
+    for name, spec in _yaml_deployments().items():
+        flow = load_flow_from_entrypoint(spec["entrypoint"], use_placeholder_flow=False)
+        signature = inspect.signature(flow.fn)
+        unknown = set(spec["parameters"]) - set(signature.parameters)
+        assert not unknown, f"{name}: parameters {unknown} are not arguments of {flow.name}"
+        required = {p for p, v in signature.parameters.items() if v.default is inspect.Parameter.empty}
+        assert required <= set(spec["parameters"]), f"{name}: missing required parameters {required - set(spec['parameters'])}"
+        # the values coerce to the annotated types exactly as a worker's run would do it
+        validated = flow.validate_parameters(dict(spec["parameters"]))
+        assert set(spec["parameters"]) <= set(validated)
+        assert validated["workdir"] == Path("imgflow-work")  # a str in YAML, a Path for the flow
+        for schedule in spec["schedules"]:
+            CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad expression
+        flows_by_deployment[name] = (flow, spec)
+
+    training_flow, training = flows_by_deployment["nightly-retraining"]
+    assert training_flow.name == "scheduled-retraining"
+    assert training["schedules"][0]["cron"] == "0 2 * * *"
+    assert training["parameters"]["force"] is False
+    assert {"data_dir", "workdir", "config_file"} <= set(training["parameters"])
+
+    prediction_flow, prediction = flows_by_deployment["hourly-inbox-predictions"]
+    assert prediction_flow.name == "batch-predict"
+    assert prediction["schedules"][0]["cron"] == "0 * * * *"
+    assert prediction["parameters"]["model"] == "champion"
+    assert prediction["parameters"]["input_dir"] == "inbox"
+
+
+def test_build_deployments_mirror_the_yaml(tmp_path):
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+    from prefect.flows import load_flow_from_entrypoint
+
+    from flows.serve import build_deployments
+
+    config = tmp_path / "imgflow.yaml"
+    config.write_text("image_size: 32\n")
+    training, prediction = build_deployments(tmp_path / "data", tmp_path / "inbox", tmp_path / "work", config)
+    specs = _yaml_deployments()
+    for deployment in (training, prediction):
+        spec = specs[deployment.name]
+        assert deployment.entrypoint == spec["entrypoint"]
+        assert set(deployment.parameters) == set(spec["parameters"])
+        assert deployment.schedules[0].schedule.cron == spec["schedules"][0]["cron"]
+        assert deployment.concurrency_limit == 1
+        assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+        assert deployment.flow_name == load_flow_from_entrypoint(deployment.entrypoint).name
+    assert training.parameters["data_dir"] == str((tmp_path / "data").resolve())
+    assert training.parameters["config_file"] == str(config.resolve())
+    assert prediction.parameters["input_dir"] == str((tmp_path / "inbox").resolve())
+    assert prediction.parameters["model"] == "champion"
+
+
+def test_build_deployments_names_a_bad_cron(tmp_path):
+    from flows.serve import build_deployments
+
+    with pytest.raises(ValueError, match=r"train_cron: expected a cron expression .* found 'every night'"):
+        build_deployments(tmp_path, tmp_path, train_cron="every night")
+
+
+def test_serve_script_check_prints_both_deployments(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "deployments"))
+    try:
+        import serve as serve_script
+    finally:
+        sys.path.remove(str(ROOT / "deployments"))
+    assert serve_script.main(["--check", "--data-dir", str(tmp_path / "d"), "--inbox", str(tmp_path / "in"),
+                              "--predict-cron", "*/15 * * * *"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("scheduled-retraining/nightly-retraining  cron '0 2 * * *'")
+    assert out[1].startswith("batch-predict/hourly-inbox-predictions  cron '*/15 * * * *'")
+    assert str((tmp_path / "in").resolve()) in out[1]
+
+
+def test_scheduled_retraining_names_a_bad_config_file_before_any_work(tmp_path, prefect_server):
+    from flows.serve import scheduled_retraining
+
+    config = tmp_path / "imgflow.yaml"
+    config.write_text("image_size: 32\nepochz: 3\n")
+    with pytest.raises(ConfigError, match=r"imgflow.yaml: unknown key 'epochz'"):
+        scheduled_retraining.with_options(retries=0)(tmp_path / "data", workdir=tmp_path / "work", config_file=config)
+    assert not (tmp_path / "work").exists()
+
+
+# ------------------------------------------------------------------ under the test server
+
+
+def _tiny_model_dir(workdir: Path) -> Path:
+    """A small digits classifier (Rescaling inside) saved per interface 4 and named champion."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    samples = digit_images(DIGIT_CLASSES.values(), per_class=40)
+    label_of = {digit: CLASS_NAMES.index(name) for name, digit in DIGIT_CLASSES.items()}
+    x = np.stack([pixels for _, pixels in samples]).astype("float32")
+    y = np.array([label_of[digit] for digit, _ in samples])
+    model = keras.Sequential(
+        [
+            keras.Input((32, 32, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Flatten(),
+            keras.layers.Dense(len(CLASS_NAMES), activation="softmax"),
+        ]
+    )
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    history = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
+    accuracy = float(history.history["accuracy"][-1])
+    assert accuracy > 0.9
+    model_dir = workdir / "models" / "tiny-digits"
+    model_dir.mkdir(parents=True)
+    model.save(model_dir / "model.keras")
+    (model_dir / "metadata.json").write_text(json.dumps({
+        "run_id": "tiny-digits", "class_names": CLASS_NAMES, "image_size": 32, "aspect": "squash",
+        "metrics": {"val_accuracy": accuracy}, "fingerprint": "test", "config": {}, "versions": {},
+        "created": "2026-01-01T00:00:00+00:00", "healthy": True,
+    }))
+    (workdir / "champion.json").write_text(json.dumps({
+        "run_id": "tiny-digits", "model_dir": str(model_dir), "promoted": "2026-01-01T00:00:00+00:00",
+        "val_accuracy": accuracy,
+    }))
+    return model_dir
+
+
+def _prefect_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 240) -> str:
+    done = subprocess.run([PREFECT, "--no-prompt", *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"prefect {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_yaml_prediction_deployment_runs_once_on_a_process_worker(tmp_path, prefect_server):
+    """prefect deploy (the YAML, from the project folder), deployment run, worker --run-once: a CSV."""
+    from prefect.settings import PREFECT_API_URL
+
+    project = tmp_path / "project"
+    workdir = project / "imgflow-work"
+    workdir.mkdir(parents=True)
+    _tiny_model_dir(workdir)
+    inbox = project / "inbox"
+    (inbox / "nested").mkdir(parents=True)
+    name_of = {digit: name for name, digit in DIGIT_CLASSES.items()}
+    truth = {}
+    for i, (digit, pixels) in enumerate(digit_images(DIGIT_CLASSES.values())[-30:]):  # not the training images
+        rel = f"{'nested/' if i % 2 else ''}{i:02d}.png"
+        Image.fromarray(pixels).save(inbox / rel)
+        truth[rel] = name_of[digit]
+    (inbox / "broken.png").write_bytes(b"not an image")
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    _prefect_cli(["work-pool", "create", "imgflow", "--type", "process", "--overwrite"], project, env)
+    out = _prefect_cli(["deploy", "--prefect-file", str(PREFECT_YAML), "--name", "hourly-inbox-predictions"],
+                       project, env)
+    assert "batch-predict/hourly-inbox-predictions" in out
+    _prefect_cli(["deployment", "run", "batch-predict/hourly-inbox-predictions"], project, env)
+    started = time.perf_counter()
+    log = _prefect_cli(["worker", "start", "--pool", "imgflow", "--run-once"], project, env, timeout=300)
+    seconds = time.perf_counter() - started
+    assert "Finished in state Completed()" in log, log[-3000:]
+
+    csv_path = workdir / "predictions" / "inbox.csv"  # relative paths resolved in the folder of `prefect deploy`
+    with csv_path.open(newline="", encoding="utf-8") as handle:
+        rows = {row["path"]: row for row in csv.DictReader(handle)}
+    assert set(rows) == set(truth) | {"broken.png"}
+    assert rows["broken.png"]["error"] and not rows["broken.png"]["label"]
+    correct = sum(rows[rel]["label"] == label for rel, label in truth.items())
+    assert correct / len(truth) >= 0.8, f"{correct}/{len(truth)} correct"
+    print(f"worker --run-once of the prediction deployment: {seconds:.1f} s")
+
+
+@pytest.mark.slow
+def test_scheduled_retraining_has_nothing_to_do_when_unchanged(tmp_path, prefect_server):
+    from flows.serve import scheduled_retraining
+    from tasks.registry import read_champion
+
+    data = make_digit_folder(tmp_path / "data", per_class=20)
+    config = tmp_path / "imgflow.yaml"
+    config.write_text("image_size: 16\nepochs: 1\nbatch_size: 16\nencoding: png\nval_fraction: 0.2\n")
+    workdir = tmp_path / "work"
+
+    first = scheduled_retraining(data, workdir=workdir, config_file=config)
+    assert first["nothing_to_do"] is False and first["skipped"] is False
+    assert first["config_file"] == str(config.resolve())
+    champion_before = read_champion(workdir)
+    models_before = sorted(p.name for p in (workdir / "models").iterdir())
+
+    started = time.perf_counter()
+    second = scheduled_retraining(data, workdir=workdir, config_file=config)
+    seconds = time.perf_counter() - started
+    assert second["nothing_to_do"] is True
+    assert second["run_id"] == first["run_id"]
+    assert read_champion(workdir) == champion_before  # nothing promoted, nothing rewritten
+    assert sorted(p.name for p in (workdir / "models").iterdir()) == models_before
+    assert seconds < 60, f"nothing-to-do run took {seconds:.1f} s"
+    print(f"nothing-to-do retraining run: {seconds:.1f} s")
