@@ -357,7 +357,7 @@ def check_initial_loss(outputs: np.ndarray, labels: np.ndarray, num_classes: int
     """``nan_loss`` / ``initial_loss_high``: the loss at step 0 against ln(K)."""
     if outputs.shape[-1] != num_classes:
         return []
-    losses = _loss_values(outputs, labels, from_logits)
+    losses = _loss_values(outputs, labels[: len(outputs)], from_logits)
     chance = chance_loss(num_classes)
     loss = float(losses.mean())
     if not math.isfinite(loss):
@@ -479,6 +479,19 @@ def check_overfit_batch(
     return []
 
 
+def _training_mode_outputs(model: Any, images: np.ndarray, limit: int = 64) -> np.ndarray:
+    """Outputs of ``model(images, training=True)`` on up to ``limit`` images, leaving the
+    model's non-trainable state (BatchNorm moving averages, seed generators) as it was."""
+    state = [_to_numpy(v) for v in model.non_trainable_variables]
+    try:
+        out = model(images[:limit], training=True)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return _to_numpy(out).astype("float32").reshape(len(images[:limit]), -1)
+    finally:
+        for variable, value in zip(model.non_trainable_variables, state):
+            variable.assign(value)
+
+
 def preflight(model: Any, images: Any, labels: Any, num_classes: int, overfit_steps: int = 0) -> list[dict[str, Any]]:
     """Check a model on one real batch before the first epoch (seconds).
 
@@ -507,7 +520,10 @@ def preflight(model: Any, images: Any, labels: Any, num_classes: int, overfit_st
     outputs = outputs.reshape(len(outputs), -1) if outputs.ndim != 2 else outputs
     findings += check_output_layer(model, outputs, num_classes)
     if not any(f["code"] == "labels_out_of_range" for f in findings):
-        findings += check_initial_loss(outputs, y, num_classes, _loss_from_logits(model))
+        # the loss the optimizer sees at step 0 is a training-mode one (BatchNorm uses the
+        # batch statistics, not its still-initial moving averages)
+        train_outputs = _training_mode_outputs(model, x)
+        findings += check_initial_loss(train_outputs, y, num_classes, _loss_from_logits(model))
     if overfit_steps > 0 and not any(f["severity"] == "critical" and f["code"] in {"output_units_mismatch", "labels_out_of_range"} for f in findings):
         findings += check_overfit_batch(model, x, y, num_classes, overfit_steps)
     return findings
