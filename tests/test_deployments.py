@@ -183,6 +183,8 @@ def _prefect_cli(args: list[str], cwd: Path, env: dict[str, str], timeout: float
 @pytest.mark.slow
 def test_yaml_prediction_deployment_runs_once_on_a_process_worker(tmp_path, prefect_server):
     """prefect deploy (the YAML, from the project folder), deployment run, worker --run-once: a CSV."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
     project = tmp_path / "project"
@@ -204,11 +206,13 @@ def test_yaml_prediction_deployment_runs_once_on_a_process_worker(tmp_path, pref
     out = _prefect_cli(["deploy", "--prefect-file", str(PREFECT_YAML), "--name", "hourly-inbox-predictions"],
                        project, env)
     assert "batch-predict/hourly-inbox-predictions" in out
-    _prefect_cli(["deployment", "run", "batch-predict/hourly-inbox-predictions"], project, env)
+    flow_run = run_deployment("batch-predict/hourly-inbox-predictions", timeout=0)  # schedule it now, return
     started = time.perf_counter()
     log = _prefect_cli(["worker", "start", "--pool", "imgflow", "--run-once"], project, env, timeout=300)
     seconds = time.perf_counter() - started
-    assert "Finished in state Completed()" in log, log[-3000:]
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(flow_run.id).state
+    assert state.is_completed(), f"flow run {flow_run.id} ended {state.type}: {state.message}\n{log[-3000:]}"
 
     csv_path = workdir / "predictions" / "inbox.csv"  # relative paths resolved in the folder of `prefect deploy`
     with csv_path.open(newline="", encoding="utf-8") as handle:
