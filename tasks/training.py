@@ -228,6 +228,24 @@ def save_learning_curves(run_dir: Path) -> Path | None:
     return target
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Add the epoch's wall time (``seconds``, training and validation) to the epoch logs.
+
+    Placed first, so ``history.csv`` gets the column too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = 0.0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is not None:
+            logs["seconds"] = round(time.perf_counter() - self.started, 4)
+
+
 class EpochLogger(keras.callbacks.Callback):
     """Send a one-line summary of each epoch to ``log`` (the Prefect run log in a flow)."""
 
@@ -241,7 +259,8 @@ class EpochLogger(keras.callbacks.Callback):
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        figures = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted((logs or {}).items()) if np.isscalar(v))
+        logs = {k: v for k, v in (logs or {}).items() if k != "seconds"}
+        figures = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(logs.items()) if np.isscalar(v))
         self.log(f"epoch {epoch + 1}/{self.epochs} ({time.perf_counter() - self.started:.1f}s): {figures}")
 
 
@@ -341,12 +360,15 @@ def fit_model(
         log(f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}")
     monitor = None
     callbacks: list[keras.callbacks.Callback] = [
+        EpochTimer(),
         # the history row of an epoch is written before its backup: a kill in between
         # leaves one row too many (trimmed on resume), never a missing one
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
         keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
+        # weights only: a light per-epoch write (the full model.keras is saved once at the end)
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / CHECKPOINT_DIR / "best.keras"), monitor="val_loss", save_best_only=True
+            str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor="val_loss", save_best_only=True,
+            save_weights_only=True,
         ),
         keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True

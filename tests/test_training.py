@@ -97,9 +97,10 @@ def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_dat
     assert result["epochs_run"] == 6 and result["initial_epoch"] == 0 and not result["resumed"]
     history = training.read_history(tmp_path)
     assert [int(r["epoch"]) for r in history] == list(range(6))
-    assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history[0])
+    assert {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"} <= set(history[0])
+    assert all(r["seconds"] > 0 for r in history)
     assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "checkpoints" / "best.keras").is_file()
+    assert (tmp_path / "checkpoints" / "best.weights.h5").is_file()
     assert list((tmp_path / "logs").rglob("*tfevents*"))  # TensorBoard
     assert not (tmp_path / "backup").exists()  # removed once fit finished
     diagnosis = training.read_json(tmp_path / "diagnosis.json")
