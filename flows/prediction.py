@@ -12,7 +12,9 @@ Where things go:
 * part files: ``<workdir>/predictions/runs/<hash of model, INPUT_DIR, out>/part-<chunk key>.csv``.
   They are kept after a run: the next run over the same inbox skips every chunk whose
   files are unchanged and predicts only chunks holding new or changed files; parts
-  of chunks that no longer exist are deleted once the CSV is assembled.
+  of chunks that no longer exist are deleted once the CSV is assembled, and so are the
+  run folders of the same INPUT_DIR and output made with an older model (a new
+  champion predicts the whole inbox again, once).
 
 Chunks run as Prefect tasks on a local thread pool, or on an existing Dask cluster
 (``dask_address``, through ``prefect-dask``); each worker process loads the model once.
@@ -165,12 +167,13 @@ def batch_predict(
     class_names = list(metadata["class_names"])
     out = Path(out) if out is not None else default_output(input_dir, workdir)
     run_dir = P.run_dir_for(workdir, model_dir, input_dir, out)
+    model_id = P.model_identity(model_dir)
     write_json(
         run_dir / "run.json",
-        {"model_dir": str(model_dir), "input_dir": str(input_dir.resolve()), "out": str(out.resolve()),
-         "class_names": class_names, "image_size": metadata["image_size"], "aspect": metadata["aspect"]},
+        {"model": model_id, "model_dir": str(model_dir), "input_dir": str(input_dir.resolve()),
+         "out": str(out.resolve()), "class_names": class_names, "image_size": metadata["image_size"],
+         "aspect": metadata["aspect"]},
     )
-    model_id = P.model_identity(model_dir)
     logger.info("predicting %s with %s (classes %s) into %s", input_dir, model_dir, class_names, out)
 
     started = time.perf_counter()
@@ -225,6 +228,8 @@ def batch_predict(
 
     summary = P.assemble_csv(out, (P.part_path(run_dir, k) for k in keys), class_names, top_k)
     stale = P.remove_stale_parts(run_dir, keys)
+    P.remove_stale_temporaries(run_dir)
+    superseded = P.remove_superseded_runs(run_dir)
     summary.update(
         images_per_second=P.images_per_second(predicted, seconds),
         skipped_chunks=skipped,
@@ -236,8 +241,10 @@ def batch_predict(
         run_dir=str(run_dir),
     )
     logger.info(
-        "%d rows (%d unreadable) in %s; %d of %d chunks already done, %d stale parts removed; %.1f images/s",
-        summary["rows"], summary["errors"], out, skipped, len(keys), stale, summary["images_per_second"],
+        "%d rows (%d unreadable) in %s; %d of %d chunks already done, %d stale parts and %d runs of older "
+        "models removed; %.1f images/s",
+        summary["rows"], summary["errors"], out, skipped, len(keys), stale, len(superseded),
+        summary["images_per_second"],
     )
     _publish(summary, input_dir)
     return summary

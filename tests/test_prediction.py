@@ -197,6 +197,27 @@ def test_to_probabilities_renormalises_or_applies_softmax():
     ]
 
 
+def test_part_files_round_trip_and_stale_cleanup(tmp_path):
+    rows = [["a,b.png", "one", "0.9", "0.9", "0.05", "0.05", ""], ['q"x.png', "", "", "", "", "", "OSError: bad"]]
+    part = P.write_part(P.part_path(tmp_path, "k1"), CLASS_NAMES, rows)
+    assert list(P.read_part(part, CLASS_NAMES)) == rows
+    with pytest.raises(ValueError, match="expected header"):
+        list(P.read_part(part, ["cat", "dog"]))
+    P.write_part(P.part_path(tmp_path, "k2"), CLASS_NAMES, [])
+    old, fresh = tmp_path / ".tmp-part-k3.csv.abc.csv", tmp_path / ".tmp-part-k4.csv.def.csv"
+    old.write_text("half")
+    fresh.write_text("half")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert P.remove_stale_temporaries(tmp_path) == 1 and fresh.exists() and not old.exists()
+    assert P.remove_stale_parts(tmp_path, keep=["k1"]) == 1
+    assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-k1.csv"]
+    summary = P.assemble_csv(tmp_path / "out.csv", [part], CLASS_NAMES, top_k=1)
+    assert summary == {"csv": str(tmp_path / "out.csv"), "rows": 2, "errors": 1, "label_counts": {"one": 1}}
+    header, read = _read_csv(tmp_path / "out.csv")
+    assert header[-3:] == ["top1_label", "top1_prob", "error"]
+    assert read[0]["top1_label"] == "one" and read[1]["top1_label"] == "" and read[1]["error"] == "OSError: bad"
+
+
 def test_predict_files_rows_in_order_with_errors(model_dir, tmp_path):
     model, meta = P.load_model_cached(model_dir)
     assert P.load_model_cached(model_dir)[0] is model  # loaded once per process
@@ -348,15 +369,36 @@ def test_bad_inputs_name_what_is_wrong(prefect_server, model_dir, tmp_path):
         batch_predict(model=str(model_dir), input_dir=tmp_path / "in", workdir=tmp_path, batch_size=0)
 
 
-def test_champion_and_empty_folder(prefect_server, model_dir, tmp_path):
+def test_champion_and_a_folder_holding_only_the_workdir(prefect_server, model_dir, tmp_path):
     from flows.prediction import batch_predict
 
-    workdir = tmp_path / "work"
-    workdir.mkdir()
+    inbox = tmp_path / "inbox"
+    workdir = inbox / "work"  # the workdir (and so the CSV and part files) inside INPUT_DIR: never listed
+    workdir.mkdir(parents=True)
     (workdir / "champion.json").write_text(json.dumps({"run_id": "digits-test", "model_dir": str(model_dir)}))
-    (tmp_path / "empty").mkdir()
-    result = batch_predict(model="champion", input_dir=tmp_path / "empty", workdir=workdir)
+    result = batch_predict(model="champion", input_dir=inbox, workdir=workdir)
     assert result["rows"] == 0 and result["chunks"] == 0
+    assert result["model_dir"] == str(Path(model_dir).resolve())
+    assert result["csv"] == str(workdir / "predictions" / "inbox.csv")
     header, rows = _read_csv(Path(result["csv"]))
     assert header == ["path", "label", "confidence", "prob_one", "prob_seven", "prob_zero", "error"] and rows == []
-    assert result["model_dir"] == str(Path(model_dir).resolve())
+    again = batch_predict(model="champion", input_dir=inbox, workdir=workdir)
+    assert again["rows"] == 0
+
+
+def test_a_new_model_predicts_everything_again_and_drops_the_old_parts(prefect_server, model_dir, inbox, tmp_path):
+    import shutil
+
+    from flows.prediction import batch_predict
+
+    root, truth, broken = inbox
+    out = tmp_path / "preds.csv"
+    first = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, chunk_size=16)
+    other = shutil.copytree(model_dir, tmp_path / "newer-model")
+    second = batch_predict(model=str(other), input_dir=root, workdir=tmp_path / "w", out=out, chunk_size=16)
+    assert second["run_dir"] != first["run_dir"] and not Path(first["run_dir"]).exists()
+    assert second["skipped_chunks"] == 0 and second["predicted"] == 48
+    elsewhere = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", chunk_size=16)
+    assert Path(second["run_dir"]).exists()  # another output file: not superseded
+    _, rows = _read_csv(Path(elsewhere["csv"]))
+    assert _check_rows(rows, truth, broken) >= 0.9
