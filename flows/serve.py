@@ -179,6 +179,28 @@ def build_deployments(
     return [training, prediction]
 
 
+class NoServerError(RuntimeError):
+    """No Prefect API configured: schedules need a server that outlives this process."""
+
+
+def check_api_url() -> str:
+    """The configured Prefect API URL.
+
+    Raises:
+        NoServerError: ``PREFECT_API_URL`` is not set (a temporary server would lose the
+            schedules when this process ends).
+    """
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise NoServerError(
+            "PREFECT_API_URL: expected the URL of a running Prefect server, found none; start one with "
+            "`prefect server start` and run `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`"
+        )
+    return str(url)
+
+
 def serve_deployments(
     data_dir: Path | str,
     inbox: Path | str,
@@ -194,14 +216,20 @@ def serve_deployments(
 
     Needs a Prefect API (``prefect server start`` in another terminal, with
     ``PREFECT_API_URL`` pointing at it). Schedules are paused when the process stops.
+    Nothing is registered before the folders and the API URL are checked.
 
     Args:
         data_dir, inbox, workdir, config_file, val_dir, train_cron, predict_cron, timezone:
             as :func:`build_deployments`.
         limit: flow runs this process executes at once.
+
+    Raises:
+        NoServerError: ``PREFECT_API_URL`` is not set.
+        FileNotFoundError: DATA_DIR is not a folder, or ``config_file`` is not a file.
     """
     from prefect import serve
 
+    check_api_url()
     if not Path(data_dir).is_dir():
         raise FileNotFoundError(f"DATA_DIR {data_dir}: expected a folder of class folders, found nothing there")
     if config_file is not None and not Path(config_file).is_file():

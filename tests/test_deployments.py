@@ -258,3 +258,24 @@ def test_training_task_carries_the_gpu_tag():
     if "gpu" not in train_task.tags:
         pytest.xfail(f"flows/training.py train_task has tags {sorted(train_task.tags)}; needs tags={{'gpu'}} (issue #4)")
     assert "gpu" in train_task.tags
+
+
+def test_serve_refuses_without_a_server_url(tmp_path, monkeypatch):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import NoServerError, serve_deployments
+
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        with pytest.raises(NoServerError, match=r"PREFECT_API_URL: expected the URL of a running Prefect server"):
+            serve_deployments(tmp_path / "data", tmp_path / "inbox")
+    assert not (tmp_path / "inbox").exists()  # refused before touching anything
+
+
+def test_serve_names_a_missing_data_dir(tmp_path):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.serve import serve_deployments
+
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(FileNotFoundError, match=r"DATA_DIR .*missing: expected a folder of class folders"):
+            serve_deployments(tmp_path / "missing", tmp_path / "inbox")
