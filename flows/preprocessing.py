@@ -1,8 +1,9 @@
 """The preprocessing stage as Prefect tasks and a flow: validated folder -> TFRecord shards.
 
 ``preprocess_flow`` validates first (and refuses unusable data), plans the shards, writes
-them with one mapped task per shard on the chosen task runner (a thread pool over all
-cores, or an existing Dask cluster with ``dask_address``), then writes ``manifest.json``.
+them with one mapped task per shard (on the flow's thread pool, one thread per core, or,
+with ``dask_address``, in a ``write-shards`` subflow on that Dask cluster through
+``prefect_dask.DaskTaskRunner``), then writes ``manifest.json``.
 
 Caching has two layers, both keyed by the plan's fingerprint (relative path, size and
 mtime of every usable file + the options that shape the shards + the code version):
@@ -18,6 +19,7 @@ inside the tasks.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from prefect import flow, task, unmapped
 from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.logging import get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.config import DEFAULT_WORKDIR, ImgflowConfig, PreprocessOptions
 from flows.retrying import retry_unless
@@ -33,8 +36,13 @@ TFRECORDS_DIR = "tfrecords"
 
 
 def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
-    """The shard's fingerprint and name: the same data, options and code give the same shard."""
-    return f"tfrecord-shard-{parameters['fingerprint']}-{parameters['shard_file']}"
+    """Fingerprint (data + options + code version), output folder and shard name.
+
+    The same data, options and code give the same shard; the folder keeps two workdirs
+    over the same data from answering for each other.
+    """
+    out_dir = Path(parameters["plan_path"]).parent.resolve()
+    return f"tfrecord-shard-{parameters['fingerprint']}-{hashlib.sha256(str(out_dir).encode()).hexdigest()[:16]}-{parameters['shard_file']}"
 
 
 SHARD_CACHE_POLICY = CachePolicy.from_cache_key_fn(_shard_cache_key) + TASK_SOURCE
@@ -63,8 +71,6 @@ def task_runner(options: PreprocessOptions, workers: int):
         from prefect_dask import DaskTaskRunner
 
         return DaskTaskRunner(address=options.dask_address)
-    from prefect.task_runners import ThreadPoolTaskRunner
-
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
@@ -110,9 +116,8 @@ def write_shard_task(plan_path: str, fingerprint: str, shard_file: str) -> dict[
     return tfrecords.write_shard(plan, shard_file)
 
 
-@flow(name="write-shards")
-def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) -> list[dict[str, Any]]:
-    """Write every shard with one mapped task each, on this flow's task runner."""
+def _write_shards(plan_path: str, fingerprint: str, shard_files: list[str]) -> list[dict[str, Any]]:
+    """Map one shard task per shard on the current flow's task runner; wait for all."""
     futures = write_shard_task.map(unmapped(plan_path), unmapped(fingerprint), shard_files)
     results = [future.result() for future in futures]
     # A Prefect cache hit for a shard whose file was deleted since: write it again.
@@ -123,6 +128,12 @@ def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) 
         redone = {r["file"]: r for r in (future.result() for future in again)}
         results = [redone.get(r["file"], r) for r in results]
     return results
+
+
+@flow(name="write-shards")
+def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) -> list[dict[str, Any]]:
+    """Write every shard with one mapped task each, on this flow's task runner (Dask, for a cluster)."""
+    return _write_shards(plan_path, fingerprint, shard_files)
 
 
 @task(name="write-manifest", cache_policy=NO_CACHE)
@@ -147,7 +158,8 @@ def _publish_artifact(plan_summary: dict[str, Any], cached: bool) -> None:
     )
 
 
-@flow(name="preprocess", log_prints=True)
+# Local default: one thread per core. A Dask cluster gets its own subflow (write_shards_flow).
+@flow(name="preprocess", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
 def preprocess_flow(
     data_dir: Path,
     val_dir: Path | None = None,
@@ -191,10 +203,15 @@ def preprocess_flow(
     if plan["cached"]:
         logger.info("Data and options unchanged: reusing %d shards in %s", result["shards"], plan["out_dir"])
     else:
-        runner = task_runner(options, workers)
-        logger.info("Writing %d shards (%d train, %d val images) with %d workers to %s",
-                    result["shards"], plan["counts"]["train"], plan["counts"]["val"], workers, plan["out_dir"])
-        shards = write_shards_flow.with_options(task_runner=runner)(plan["plan_path"], plan["fingerprint"], plan["shard_files"])
+        logger.info("Writing %d shards (%d train, %d val images) with %d workers%s to %s",
+                    result["shards"], plan["counts"]["train"], plan["counts"]["val"], workers,
+                    f" on Dask at {options.dask_address}" if options.dask_address else "", plan["out_dir"])
+        args = (plan["plan_path"], plan["fingerprint"], plan["shard_files"])
+        if options.dask_address:
+            shards = write_shards_flow.with_options(task_runner=task_runner(options, workers))(*args)
+        else:
+            # mapped on this flow's own thread pool: a subflow would add ~1.5 s of run bookkeeping
+            shards = _write_shards(*args)
         result["manifest"] = manifest_task(plan["plan_path"], shards)
     _publish_artifact(plan, plan["cached"])
     return result

@@ -26,6 +26,15 @@ def _records_by_name(manifest_path: str) -> dict[str, tuple[str, int]]:
     return out
 
 
+def _task_states(flow_run_id, prefix: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+    return sorted(run.state.name for run in runs if run.name.startswith(prefix))
+
+
 def _mtimes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in sorted(folder.iterdir())}
 
@@ -59,8 +68,11 @@ def test_flow_writes_shards_then_reuses_them(prefect_server, digits_dir, tmp_pat
     # a lost manifest: the shards already in place are kept (Prefect cache / resume), the manifest comes back
     manifest_path.unlink()
     shards_before = {k: v for k, v in before.items() if k.endswith(".tfrecord")}
-    third = preprocess_flow(digits_dir, workdir=work, config=CONFIG)
+    state = preprocess_flow(digits_dir, workdir=work, config=CONFIG, return_state=True)
+    third = state.result()
     assert third["cached"] is False and third["manifest"] == first["manifest"]
+    shard_states = _task_states(state.state_details.flow_run_id, "write-shard")
+    assert shard_states == ["Cached"] * first["shards"]  # Prefect cache key: no shard task body ran
     assert {k: v for k, v in _mtimes(manifest_path.parent).items() if k.endswith(".tfrecord")} == shards_before
 
     # an option change builds a new set beside the old one
