@@ -37,13 +37,10 @@ TRAINING_TIMEOUT_S = 12 * 3600
 NOTHING_TO_DO = "nothing to do"
 
 
-@flow(
-    name="scheduled-retraining",
-    retries=1,
-    retry_delay_seconds=300,
-    timeout_seconds=TRAINING_TIMEOUT_S,
-    log_prints=True,
-)
+# No flow-level retries: Prefect cannot filter them by exception, so unusable data or a
+# bad config key would be re-validated for nothing; the train task itself retries
+# transient failures and resumes from its last epoch.
+@flow(name="scheduled-retraining", timeout_seconds=TRAINING_TIMEOUT_S, log_prints=True)
 def scheduled_retraining(
     data_dir: Path,
     val_dir: Path | None = None,
@@ -56,8 +53,9 @@ def scheduled_retraining(
     Reads the flat YAML ``config_file`` at run time (edits apply to the next night
     without redeploying), then runs ``flows.training.training_pipeline``. That
     pipeline derives the run id from the dataset fingerprint and the configuration:
-    a finished run for the same pair is reused instead of trained again. A retry of
-    this flow resumes an interrupted training from its last epoch.
+    a finished run for the same pair is reused instead of trained again, and an
+    interrupted one (a killed worker, a timeout) resumes from its last epoch on the
+    next run.
 
     Args:
         data_dir: ``DATA_DIR/<class>/*`` training images.

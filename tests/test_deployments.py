@@ -130,7 +130,7 @@ def test_scheduled_retraining_names_a_bad_config_file_before_any_work(tmp_path, 
     config = tmp_path / "imgflow.yaml"
     config.write_text("image_size: 32\nepochz: 3\n")
     with pytest.raises(ConfigError, match=r"imgflow.yaml: unknown key 'epochz'"):
-        scheduled_retraining.with_options(retries=0)(tmp_path / "data", workdir=tmp_path / "work", config_file=config)
+        scheduled_retraining(tmp_path / "data", workdir=tmp_path / "work", config_file=config)
     assert not (tmp_path / "work").exists()
 
 
