@@ -333,6 +333,9 @@ def fit_model(
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
     compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile)
+    if jit_compile is True and getattr(model, "jit_compile", True) is False:
+        log("XLA requested but off for this model: one of its layers (TensorFlow image augmentation) "
+            "has no XLA kernel; training runs as a TensorFlow graph instead")
 
     doctor = _doctor()
     findings: list[dict[str, Any]] = []

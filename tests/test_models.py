@@ -218,3 +218,24 @@ def test_batchnorm_momentum_follows_epoch_length():
     assert fixed.get_layer("block3_bn2").momentum == pytest.approx(0.8)
     with pytest.raises(ModelConfigError, match="bn_momentum: expected auto or a number"):
         build_model("default", 32, 3, architecture={"bn_momentum": 2})
+
+
+def test_default_model_trains_compiled_under_jax_backend():
+    """The same builders run with KERAS_BACKEND=jax, with the train step compiled."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("jax")
+    script = (
+        "import numpy as np, keras\n"
+        "from tasks.models import build_model, compile_model\n"
+        "m = compile_model(build_model('default', 32, 3), jit_compile=True)\n"
+        "x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype('float32')\n"
+        "loss = m.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))\n"
+        "print(keras.backend.backend(), m.jit_compile, np.isfinite(loss).all())\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "jax True True"
