@@ -156,3 +156,21 @@ def test_save_model_is_atomic_and_loadable(tmp_path):
     target = training.save_model(model, tmp_path / "model.keras")
     assert target.is_file() and not list(tmp_path.glob(".tmp-*"))
     assert keras.saving.load_model(target, safe_mode=True).output_shape == (None, 2)
+
+
+def test_critical_preflight_finding_skips_training(tmp_path, digits_data):
+    """A model that cannot learn (no softmax before a probability loss) is not trained."""
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3)(x))  # linear outputs, loss expects probabilities
+    train, val = _datasets(digits_data)
+    logs: list[str] = []
+    vx, vy = digits_data[2], digits_data[3]
+    result = training.fit_model(model, train, val, tmp_path, TrainOptions(epochs=3), [55, 55, 55],
+                                probe=(vx[:32], vy[:32]), log=logs.append)
+    assert result["epochs_run"] == 0 and result["diagnosis"]["healthy"] is False
+    codes = {f["code"] for f in result["diagnosis"]["findings"] if f["severity"] == "critical"}
+    assert "bad_output_activation" in codes
+    assert any("not training" in line for line in logs)
+    assert training.read_json(tmp_path / "diagnosis.json")["healthy"] is False
+    assert not (tmp_path / "history.csv").exists()
