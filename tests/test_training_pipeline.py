@@ -139,3 +139,41 @@ def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, d
     assert not (run_dir / "backup").exists()
     assert read_json(workdir / "champion.json")["run_id"] == run_dir.name
     assert registry.resolve_model_dir("champion", workdir) == run_dir.resolve()
+
+
+def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_server, monkeypatch, tmp_path):
+    from prefect import flow
+
+    import tasks.training
+    from flows.config import TrainOptions
+    from flows.training import train_task
+    from tasks.models import ModelConfigError
+
+    calls: list[str] = []
+
+    def flaky(manifest_path, run_dir, options, log=print):
+        calls.append(str(run_dir))
+        if len(calls) == 1:
+            raise RuntimeError("worker lost")  # transient: retried, the retry resumes run_dir
+        return {"run_dir": str(run_dir), "attempt": len(calls)}
+
+    monkeypatch.setattr(tasks.training, "train_from_manifest", flaky)
+    monkeypatch.setattr(train_task, "retry_delay_seconds", 0)
+
+    @flow
+    def one_task(fn_args):
+        return train_task(*fn_args)
+
+    result = one_task((str(tmp_path / "m.json"), str(tmp_path / "run"), TrainOptions()))
+    assert result == {"run_dir": str(tmp_path / "run"), "attempt": 2}
+    assert calls == [str(tmp_path / "run")] * 2  # same run directory on the retry
+
+    def bad_config(manifest_path, run_dir, options, log=print):
+        calls.append("bad")
+        raise ModelConfigError("model: unknown model 'vgg99'")
+
+    calls.clear()
+    monkeypatch.setattr(tasks.training, "train_from_manifest", bad_config)
+    with pytest.raises(ModelConfigError):
+        one_task((str(tmp_path / "m.json"), str(tmp_path / "run"), TrainOptions()))
+    assert calls == ["bad"]  # a logic error is not retried
