@@ -183,7 +183,8 @@ def preprocess_flow(
 
     config = config or ImgflowConfig()
     options = config.preprocess
-    workdir = Path(workdir)
+    # absolute: the plan and shard paths must mean the same on a Dask worker with another cwd
+    workdir = Path(workdir).absolute()
     validation = validate_flow(data_dir, val_dir, workdir, options=config.validation)
     if not validation["usable"]:
         raise DatasetUnusable(
