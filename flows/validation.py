@@ -5,14 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.config import DEFAULT_WORKDIR, ValidationOptions
 from tasks import atomic
 from flows.retrying import retry_unless
-from tasks.dataset import DatasetError, report_markdown, validate_dataset
+from tasks.dataset import DatasetError, report_markdown, tree_fingerprint, validate_dataset
 
 REPORT_NAME = "validation.json"
 
@@ -28,6 +28,13 @@ def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
     }
 
 
+def _read_report(path: Path) -> dict[str, Any] | None:
+    try:
+        return atomic.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
 @task(
     name="validate-dataset",
     cache_policy=NO_CACHE,
@@ -38,7 +45,16 @@ def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
 def validate_task(
     data_dir: Path, val_dir: Path | None, options: ValidationOptions, report_path: Path
 ) -> dict[str, Any]:
-    """Scan and decode every file, write the JSON and Markdown reports, return the summary."""
+    """Scan and decode every file, write the JSON and Markdown reports, return the summary.
+
+    When ``report_path`` already holds the report of the same files (same paths, sizes
+    and modification times), options and code, it is reused and nothing is decoded.
+    """
+    roots = [data_dir] + ([val_dir] if val_dir else [])
+    previous = _read_report(report_path)
+    if previous is not None and previous.get("fingerprint") == tree_fingerprint(roots, options):
+        get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)
+        return summarize(previous, report_path)
     report = validate_dataset(data_dir, val_dir, options)
     atomic.write_json(report_path, report)
     atomic.write_text(report_path.with_suffix(".md"), report_markdown(report))

@@ -85,3 +85,26 @@ def test_help_lists_every_command():
     assert proc.returncode == 0
     for command in ("validate", "preprocess", "train", "evaluate", "predict", "demo"):
         assert f" {command} " in proc.stdout
+
+
+def test_unchanged_data_reuses_the_report_and_a_change_rescans(prefect_server, shapes_dir, tmp_path, monkeypatch):
+    import os
+
+    import tasks.dataset
+
+    workdir = tmp_path / "work"
+    first = validate_flow(data_dir=shapes_dir, workdir=workdir)
+    report_path = workdir / "validation.json"
+    stamp = report_path.stat().st_mtime_ns
+    calls = []
+    real = tasks.dataset.validate_dataset
+    monkeypatch.setattr("flows.validation.validate_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert validate_flow(data_dir=shapes_dir, workdir=workdir) == first
+    assert calls == [] and report_path.stat().st_mtime_ns == stamp  # nothing decoded, nothing rewritten
+
+    victim = shapes_dir / "cats" / "cats_003.png"
+    victim.write_bytes(victim.read_bytes()[:40])  # now truncated: must be noticed
+    os.utime(victim, ns=(stamp + 10**9, stamp + 10**9))
+    changed = validate_flow(data_dir=shapes_dir, workdir=workdir)
+    assert calls == [1]
+    assert changed["classes"]["cats"] == 11 and changed["errors"] == 1
