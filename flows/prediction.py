@@ -67,7 +67,7 @@ def _resolve_model(model: str | Path, workdir: Path) -> Path:
     try:
         return resolve_model_dir(str(model), workdir)
     except RegistryError as exc:  # the CLI maps FileNotFoundError to exit code 2 (bad input)
-        raise FileNotFoundError(f"MODEL {model}: {exc}") from exc
+        raise FileNotFoundError(f"MODEL: {exc}") from exc
 
 
 def _task_runner(dask_address: str | None) -> Any:

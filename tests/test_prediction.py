@@ -402,3 +402,27 @@ def test_a_new_model_predicts_everything_again_and_drops_the_old_parts(prefect_s
     assert Path(second["run_dir"]).exists()  # another output file: not superseded
     _, rows = _read_csv(Path(elsewhere["csv"]))
     assert _check_rows(rows, truth, broken) >= 0.9
+
+
+def test_cli_predict_prints_the_summary_and_exits_2_on_a_missing_model(prefect_server, model_dir, inbox, tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    from flows.prediction import batch_predict
+
+    root, truth, broken = inbox
+    # Prefect's log handlers bind the streams of the first flow run in the process; let that
+    # be pytest's, not the CliRunner's (closed after invoke), when this test runs alone
+    (tmp_path / "empty").mkdir()
+    batch_predict(model=str(model_dir), input_dir=tmp_path / "empty", workdir=tmp_path / "warm")
+    out = tmp_path / "cli.csv"
+    runner = CliRunner()
+    result = runner.invoke(app, ["predict", str(model_dir), str(root), "--workdir", str(tmp_path / "w"),
+                                 "--out", str(out), "--top-k", "2", "--batch-size", "32"])
+    assert result.exit_code == 0, result.output
+    assert "48 rows, 3 unreadable files" in result.output and str(out) in result.output
+    header, rows = _read_csv(out)
+    assert "top2_label" in header and len(rows) == 48
+    missing = runner.invoke(app, ["predict", str(tmp_path / "no-model"), str(root), "--workdir", str(tmp_path / "w")])
+    assert missing.exit_code == 2
