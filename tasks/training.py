@@ -436,7 +436,7 @@ def save_model(model: keras.Model, target: Path) -> Path:
     return Path(target)
 
 
-def _probe_batch(dataset: Any, limit: int = 128, seed: int = 42, scan: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
+def _probe_batch(dataset: Any, limit: int = 64, seed: int = 42, scan: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
     """A fixed probe batch drawn across the (class-ordered) validation split, not just its head."""
     xs, ys, seen = [], [], 0
     for images, labels in dataset:
