@@ -231,8 +231,6 @@ def training_pipeline(
     result["reason"] = decision["reason"]
     result["promoted"] = decision["promoted"]
     _publish(result, evaluation)
-    print(
-        f"val accuracy {result['val_accuracy']:.4f} | model {result['model_dir']} | "
-        f"{result['reason']}"
-    )
+    accuracy = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.4f}"
+    print(f"val accuracy {accuracy} | model {result['model_dir']} | {result['reason']}")
     return result
