@@ -7,8 +7,10 @@ Flows are imported inside each command so ``imgflow --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
@@ -48,6 +50,19 @@ def require_dir(path: Path, what: str) -> Path:
     if not os.access(path, os.R_OK | os.X_OK):
         fail(f"{what} {path} is not readable", EXIT_USAGE)
     return path
+
+
+@contextlib.contextmanager
+def exit_codes(
+    usage: tuple[type[BaseException], ...] = (), failed: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Turn the errors a user can act on into one line and an exit code (2 usage, 1 failed check)."""
+    try:
+        yield
+    except failed as exc:
+        fail(str(exc), EXIT_FAILED_CHECK)
+    except usage as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
@@ -117,12 +132,11 @@ def preprocess(
         require_dir(val_dir, "VAL_DIR")
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     from flows.preprocessing import preprocess_flow
-    from tasks.dataset import DatasetUnusable
+    from tasks.dataset import DatasetError, DatasetUnusable
+    from tasks.tfrecords import ShardSourceError
 
-    try:
+    with exit_codes(usage=(DatasetError, ShardSourceError), failed=(DatasetUnusable,)):
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
-    except DatasetUnusable as exc:
-        fail(str(exc), EXIT_FAILED_CHECK)
     counts = result["counts"]
     typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
                f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
@@ -151,12 +165,13 @@ def train(
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     from flows.training import training_pipeline
-    from tasks.dataset import DatasetUnusable
+    from tasks.dataset import DatasetError, DatasetUnusable
+    from tasks.models import ModelConfigError
+    from tasks.registry import RegistryError
+    from tasks.tfrecords import ShardSourceError
 
-    try:
+    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, ShardSourceError), failed=(DatasetUnusable,)):
         result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
-    except DatasetUnusable as exc:
-        fail(str(exc), EXIT_FAILED_CHECK)
     typer.echo("")
     if result.get("val_accuracy") is not None:
         typer.echo(f"Validation accuracy: {result['val_accuracy']:.4f}")
@@ -166,8 +181,10 @@ def train(
         typer.echo("Doctor's findings:")
         print_findings(result["findings"])
     typer.echo(result.get("reason", ""))
-    if not result.get("promoted") and not result.get("skipped"):
-        fail(result.get("reason") or "the model was not promoted", EXIT_FAILED_CHECK)
+    if not result.get("promoted"):
+        critical = [f for f in result.get("findings") or [] if f["severity"] == "critical"]
+        cause = f"{critical[0]['code']}: {critical[0]['advice']}" if critical else result.get("reason")
+        fail(f"not promoted — {cause or 'the model was rejected'}", EXIT_FAILED_CHECK)
 
 
 @app.command()
@@ -180,11 +197,11 @@ def evaluate(
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
     from flows.evaluation import evaluate_flow
+    from tasks.evaluation import EvaluationError
+    from tasks.registry import RegistryError
 
-    try:
+    with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
         result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out)
-    except FileNotFoundError as exc:
-        fail(str(exc), EXIT_USAGE)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     typer.echo(f"Report: {result['report_html']}")
     typer.echo(f"Metrics: {result['metrics_json']}")
@@ -199,16 +216,17 @@ def predict(
     batch_size: int = typer.Option(256, "--batch-size"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="also write the k best labels per file"),
     dask_address: Optional[str] = DaskOption,
+    config: Optional[Path] = ConfigOption,
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
+    dask_address = build_config(config, dask_address=dask_address).preprocess.dask_address
     from flows.prediction import batch_predict
 
-    try:
+    # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
+    with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
                                dask_address=dask_address, top_k=top_k)
-    except FileNotFoundError as exc:
-        fail(str(exc), EXIT_USAGE)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
@@ -230,14 +248,42 @@ def doctor(
     require_dir(data_dir, "DATA_DIR")
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
     from flows.doctor import doctor_flow
+    from tasks.dataset import DatasetError, DatasetUnusable
+    from tasks.models import ModelConfigError
+    from tasks.registry import RegistryError
 
-    diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
+    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError), failed=(DatasetUnusable,)):
+        diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
     print_findings(diagnosis["findings"], limit=10)
     if not diagnosis["healthy"]:
         critical = [f for f in diagnosis["findings"] if f["severity"] == "critical"]
         cause = critical[0] if critical else diagnosis["findings"][0]
         fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
+
+
+@app.command()
+def serve(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg to retrain on"),
+    inbox: Path = typer.Option(..., "--inbox", help="folder whose new images are classified every hour"),
+    workdir: Path = WorkdirOption,
+    config: Optional[Path] = ConfigOption,
+    val_dir: Optional[Path] = ValDirOption,
+    train_cron: str = typer.Option("0 2 * * *", "--train-cron", help="when to retrain (cron)"),
+    predict_cron: str = typer.Option("0 * * * *", "--predict-cron", help="when to classify the inbox (cron)"),
+    timezone: str = typer.Option("UTC", "--timezone"),
+    limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
+) -> None:
+    """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
+    from flows.serve import NoServerError, check_api_url, serve_deployments
+
+    with exit_codes(usage=(NoServerError, FileNotFoundError, ValueError)):
+        url = check_api_url()
+        typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+                   f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+                   "Ctrl-C stops and pauses the schedules")
+        serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
+                          train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
 
 
 @app.command()
