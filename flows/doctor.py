@@ -27,7 +27,7 @@ def _slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(model).name if Path(model).is_dir() else model).strip("_") or "model"
 
 
-@task(name="doctor-check-model", cache_policy=NO_CACHE)
+@task(name="doctor-check-model", tags={"gpu"}, cache_policy=NO_CACHE)
 def check_model_task(
     model: str, manifest_path: str, out_dir: str, config: ImgflowConfig, workdir: str, epochs: int, overfit_steps: int
 ) -> dict[str, Any]:

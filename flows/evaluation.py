@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.config import DEFAULT_WORKDIR
 
@@ -31,7 +32,7 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-@task(name="evaluate-split")
+@task(name="evaluate-split", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600)
 def evaluate_split_task(
     model_dir: str,
     manifest_path: str,
@@ -48,7 +49,7 @@ def evaluate_split_task(
     return _summary(result)
 
 
-@task(name="evaluate-folder")
+@task(name="evaluate-folder", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600)
 def evaluate_folder_task(
     model_dir: str,
     data_dir: str,

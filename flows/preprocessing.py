@@ -74,7 +74,7 @@ def task_runner(options: PreprocessOptions, workers: int):
     return ThreadPoolTaskRunner(max_workers=workers)
 
 
-@task(name="plan-shards", cache_policy=NO_CACHE)
+@task(name="plan-shards", cache_policy=NO_CACHE, timeout_seconds=1800)
 def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, workers: int) -> dict[str, Any]:
     """Split, fingerprint and plan the shards; report whether a complete manifest already exists."""
     from tasks import atomic, tfrecords
@@ -102,6 +102,7 @@ def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, wor
 @task(
     name="write-shard",
     cache_policy=SHARD_CACHE_POLICY,
+    timeout_seconds=3600,
     retries=1,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless(ValueError, KeyError),
@@ -136,7 +137,7 @@ def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) 
     return _write_shards(plan_path, fingerprint, shard_files)
 
 
-@task(name="write-manifest", cache_policy=NO_CACHE)
+@task(name="write-manifest", cache_policy=NO_CACHE, timeout_seconds=600)
 def manifest_task(plan_path: str, results: list[dict[str, Any]]) -> str:
     """Check the shards and write manifest.json last."""
     from tasks import atomic, tfrecords

@@ -32,13 +32,23 @@ def _permanent_errors() -> tuple[type[BaseException], ...]:
     return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
 
 
-def _retry_train(task_obj: Any, task_run: Any, state: Any) -> bool:
+def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     # a logic error fails the same way every time; anything else (OOM, a killed worker,
     # a flaky filesystem) is retried and resumes from the backup
     return retry_unless(*_permanent_errors())(task_obj, task_run, state)
 
 
-@task(name="train-model", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=_retry_train)
+# No timeout_seconds on training: a Prefect timeout cannot interrupt a thread inside
+# model.fit. The `gpu` tag lets `prefect concurrency-limit create gpu 1` keep two
+# trainings off one GPU.
+@task(
+    name="train-model",
+    tags={"gpu"},
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_transient,
+)
 def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[str, Any]:
     """Fit the configured model into ``run_dir`` (resuming a killed attempt); return its summary."""
     from tasks.training import train_from_manifest
@@ -47,7 +57,8 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
     return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
 
 
-@task(name="evaluate-model", cache_policy=NO_CACHE)
+@task(name="evaluate-model", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
 def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float) -> dict[str, Any]:
     """Score the model on the validation split (and the champion on the same images)."""
     from tasks.evaluation import evaluate_split
@@ -60,7 +71,8 @@ def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, 
     return {k: result[k] for k in keep if k in result}
 
 
-@task(name="promote-model", cache_policy=NO_CACHE)
+@task(name="promote-model", cache_policy=NO_CACHE, timeout_seconds=120, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=_retry_transient)
 def promote_task(workdir: str, model_dir: str, champion_accuracy: float | None, tolerance: float) -> dict[str, Any]:
     """Make the run champion when it is healthy and not worse than the champion; record why."""
     workdir_path, model_path = Path(workdir), Path(model_dir)

@@ -38,6 +38,7 @@ def _read_report(path: Path) -> dict[str, Any] | None:
 @task(
     name="validate-dataset",
     cache_policy=NO_CACHE,
+    timeout_seconds=4 * 3600,
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=retry_unless(DatasetError),
