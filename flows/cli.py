@@ -170,7 +170,8 @@ def train(
     from tasks.registry import RegistryError
     from tasks.tfrecords import ShardSourceError
 
-    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, ShardSourceError), failed=(DatasetUnusable,)):
+    usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError)
+    with exit_codes(usage=usage, failed=(DatasetUnusable,)):
         result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
     typer.echo("")
     if result.get("val_accuracy") is not None:
@@ -295,6 +296,8 @@ def demo(workdir: Path = WorkdirOption) -> None:
     typer.echo("")
     for key, value in result.items():
         typer.echo(f"{key:<22} {value}")
+    if not result["promoted"]:
+        fail(f"the demo model was not promoted: {result['reason']}", EXIT_FAILED_CHECK)
 
 
 def main() -> None:

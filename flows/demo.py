@@ -110,6 +110,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR) -> dict[str, Any]:
         ``promoted``, ``model_dir``, ``champion``, ``evaluation_report``, ``validation_report``,
         ``predictions_csv``, ``data_dir``, ``inbox_dir``, ``seconds``.
     """
+    from flows.prediction import batch_predict
     from flows.training import training_pipeline
 
     started = time.perf_counter()
@@ -136,12 +137,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR) -> dict[str, Any]:
         "data_dir": data["data_dir"],
         "inbox_dir": data["inbox_dir"],
     }
-    try:
-        from flows.prediction import batch_predict
-    except ImportError:
-        logger.warning("flows.prediction is not available: skipping batch prediction of the inbox")
-        batch_predict = None
-    if batch_predict is not None and result["champion_dir"]:
+    if result["champion_dir"]:
         predicted = batch_predict(model="champion", input_dir=Path(data["inbox_dir"]), workdir=workdir)
         out["predictions_csv"] = str(predicted["csv"])
         accuracy = inbox_accuracy(Path(predicted["csv"]), Path(data["inbox_labels"]))

@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR, ImgflowConfig, TrainOptions
+from flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
 from flows.retrying import retry_unless
 from tasks import registry
 from tasks.atomic import read_json
@@ -193,6 +193,11 @@ def training_pipeline(
     workdir = Path(workdir)
     logger = get_run_logger()
     prep = preprocess_flow(data_dir, val_dir, workdir, config)
+    if not prep["counts"].get("val"):
+        raise ConfigError(
+            "training needs validation images to stop early, evaluate and promote, and found none: "
+            "give --val-dir, or a --val-fraction above 0 (the default is 0.1)"
+        )
     manifest_path = Path(prep["manifest"])
     manifest = read_json(manifest_path)
 
