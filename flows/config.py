@@ -30,7 +30,7 @@ class ValidationOptions(BaseModel):
     size_outlier_factor: float = Field(4.0, gt=1, description="side this many times off the median is an outlier")
     aspect_outlier_factor: float = Field(2.0, gt=1, description="aspect ratio this many times off the median is an outlier")
     near_duplicates: bool = Field(True, description="report near-duplicates found by a perceptual hash")
-    workers: int | None = Field(None, ge=1, description="decoding threads (default: all cores)")
+    workers: int | None = Field(None, ge=1, description="parallel decoders (default: all cores)")
 
 
 class PreprocessOptions(BaseModel):

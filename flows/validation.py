@@ -53,7 +53,7 @@ def validate_task(
     """
     roots = [data_dir] + ([val_dir] if val_dir else [])
     previous = _read_report(report_path)
-    if previous is not None and previous.get("fingerprint") == tree_fingerprint(roots, options):
+    if previous is not None and previous.get("fingerprint") == tree_fingerprint(roots, options).digest:
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)
         return summarize(previous, report_path)
     report = validate_dataset(data_dir, val_dir, options)

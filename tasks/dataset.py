@@ -16,15 +16,16 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import multiprocessing
 import os
 import statistics
 import warnings
 import zlib
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -59,6 +60,8 @@ NEAR_DUPLICATE_BITS = 6
 # the decode. Two files are the same image when their mode, size and reduced pixels
 # are identical (a JPEG saved again as PNG, a copy with other metadata).
 THUMBNAIL_SIDE = 64
+# From this many files on, decoding runs in worker processes (batches of PROCESS_BATCH).
+PROCESS_THRESHOLD, PROCESS_BATCH = 2000, 32
 ERROR, WARNING = "error", "warning"
 
 
@@ -75,13 +78,9 @@ class Candidate:
     """A file found by the scan, to be decoded."""
 
     split: str  # "train" (DATA_DIR) or "val" (VAL_DIR)
-    root: Path
-    relpath: str  # POSIX, relative to root
+    path: str  # as found: the root as given, then the path below it
+    relpath: str  # POSIX, relative to the root
     class_name: str
-
-    @property
-    def path(self) -> Path:
-        return self.root / self.relpath
 
 
 @dataclass
@@ -153,6 +152,11 @@ def inspect_image(path: Path) -> ImageInfo:
                         f"Pillow reads it as {info.format}, which imgflow does not train on; convert it to PNG or JPEG"
                     )
                     return info
+                if info.format in ("JPEG", "MPO"):
+                    # DCT-domain downscaling: every byte of the compressed stream is still
+                    # entropy-decoded, so truncated and corrupt files fail exactly as in a
+                    # full decode, but the inverse DCT makes the small copy directly.
+                    image.draft(None, (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
                 image.load()  # the real decode: truncated and corrupt data fail here
                 small = thumbnail(image)
                 gray = small.convert("L")
@@ -212,7 +216,8 @@ def _scan_class(
 ) -> Iterator[Candidate]:
     """Yield the files of one class folder (nested folders included, as Keras does), sorted."""
     real_root = root.resolve()
-    stack = [root / class_name]
+    prefix = os.path.join(str(root), "")  # entry.path starts with it; the rest is the relative path
+    stack: list[Path | str] = [root / class_name]
     while stack:
         folder = stack.pop()
         try:
@@ -222,19 +227,19 @@ def _scan_class(
             continue
         subfolders = []
         for entry in entries:
-            path = Path(entry.path)
-            rel = path.relative_to(root).as_posix()
+            path = entry.path
+            rel = path[len(prefix):].replace(os.sep, "/")
             if _is_hidden(entry.name):
                 problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder; skipped", True))
                 continue
             if entry.is_symlink():
-                target = path.resolve()
+                target = Path(path).resolve()
                 if not target.is_relative_to(real_root):
                     problems.append(_problem(path, "symlink_outside_root", ERROR,
                                              f"symlink to {target}, outside {root}; not followed — copy the file in", True))
                 elif target.is_file():
                     problems.append(_problem(path, "symlink", WARNING, f"symlink to {target}; used as that file", False))
-                    yield Candidate(split, root, rel, class_name)
+                    yield Candidate(split, path, rel, class_name)
                 else:
                     problems.append(_problem(path, "symlink", WARNING, "symlink to a folder or to nothing; not followed", True))
                 continue
@@ -243,7 +248,7 @@ def _scan_class(
                 problems.append(_problem(path, "nested_folder", WARNING,
                                          f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
             elif entry.is_file(follow_symlinks=False):
-                yield Candidate(split, root, rel, class_name)
+                yield Candidate(split, path, rel, class_name)
             else:
                 problems.append(_problem(path, "special_file", WARNING, "not a regular file (device, pipe or socket); skipped", True))
         stack.extend(reversed(subfolders))
@@ -266,19 +271,49 @@ def _class_folders(root: Path, problems: list[dict[str, Any]]) -> list[str]:
     return names
 
 
-def _decode_all(candidates: Iterator[Candidate], workers: int) -> Iterator[tuple[Candidate, ImageInfo]]:
-    """Decode files on a thread pool, at most a few per worker in flight, in scan order."""
-    window = max(8, workers * 8)
-    pending: collections.deque[tuple[Candidate, Future[ImageInfo]]] = collections.deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-validate") as pool:
-        for candidate in candidates:
-            pending.append((candidate, pool.submit(inspect_image, candidate.path)))
+def _inspect_paths(paths: list[str]) -> list[ImageInfo]:
+    return [inspect_image(Path(path)) for path in paths]
+
+
+def _batches(items: Iterator[Candidate], size: int) -> Iterator[list[Candidate]]:
+    batch: list[Candidate] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _decode_all(
+    candidates: Iterator[Candidate], workers: int, processes: bool
+) -> Iterator[tuple[Candidate, ImageInfo]]:
+    """Decode files in parallel, a bounded window of batches in flight, results in scan order.
+
+    Processes scale with the cores (decoding is only part of the per-file work, the rest
+    holds the GIL) but cost a start-up; threads start at once, for small datasets.
+    Worker processes come from a fork server, never forked from this (threaded) process.
+    """
+    if processes:
+        methods = multiprocessing.get_all_start_methods()
+        context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+        pool: Executor = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+        batch_size = PROCESS_BATCH
+    else:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-validate")
+        batch_size = 1
+    window = workers * 4
+    pending: collections.deque[tuple[list[Candidate], Future[list[ImageInfo]]]] = collections.deque()
+    with pool:
+        for batch in _batches(candidates, batch_size):
+            pending.append((batch, pool.submit(_inspect_paths, [c.path for c in batch])))
             if len(pending) >= window:
                 done, future = pending.popleft()
-                yield done, future.result()
+                yield from zip(done, future.result())
         while pending:
             done, future = pending.popleft()
-            yield done, future.result()
+            yield from zip(done, future.result())
 
 
 @dataclass
@@ -319,7 +354,7 @@ def _find_duplicates(usable: list[_Usable], problems: list[dict[str, Any]], near
         train_classes = sorted({m.candidate.class_name for m in train})
         if len(train_classes) > 1:
             for m in train:
-                others = ", ".join(str(o.candidate.path) for o in train if o is not m)
+                others = ", ".join(o.candidate.path for o in train if o is not m)
                 report(m, "label_conflict", ERROR,
                        f"the same image ({how}) is labelled {' and '.join(train_classes)}: {others}; "
                        "keep it in one class folder only", True)
@@ -386,7 +421,14 @@ def _outliers(usable: list[_Usable], problems: list[dict[str, Any]], options: Va
     }
 
 
-def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> str:
+class TreeFingerprint(NamedTuple):
+    """Digest of a folder tree (see :func:`tree_fingerprint`) and how many entries it has."""
+
+    digest: str
+    entries: int
+
+
+def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> TreeFingerprint:
     """A digest of every entry under ``roots`` (relative path, size, mtime), the options and this code.
 
     Walking and stat-ing a tree costs a tiny fraction of decoding it, so a report whose
@@ -394,6 +436,7 @@ def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> str:
     give the same findings.
     """
     digest = hashlib.sha256()
+    count = 0
     digest.update(Path(__file__).read_bytes())
     digest.update(options.model_dump_json().encode())
     for root in roots:
@@ -411,10 +454,11 @@ def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> str:
                     info = entry.stat(follow_symlinks=False)
                 except OSError:
                     continue
+                count += 1
                 digest.update(f"\0{entry.path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_mode}".encode())
                 if entry.is_dir(follow_symlinks=False):
                     stack.append(Path(entry.path))
-    return digest.hexdigest()
+    return TreeFingerprint(digest.hexdigest(), count)
 
 
 def validate_dataset(
@@ -463,7 +507,8 @@ def validate_dataset(
     modes: collections.Counter[str] = collections.Counter()
     formats: collections.Counter[str] = collections.Counter()
     scanned = 0
-    for candidate, info in _decode_all(candidates(), workers):
+    processes = workers > 1 and fingerprint.entries >= PROCESS_THRESHOLD
+    for candidate, info in _decode_all(candidates(), workers, processes):
         scanned += 1
         if info.error_code:
             problems.append(_problem(candidate.path, info.error_code, ERROR, info.error_message or info.error_code, True))
@@ -508,7 +553,7 @@ def validate_dataset(
     problems.sort(key=lambda p: (p["severity"] != ERROR, p["path"], p["code"]))
     return {
         "usable": usable_flag,
-        "fingerprint": fingerprint,
+        "fingerprint": fingerprint.digest,
         "data_dir": str(data_root.resolve()),
         "val_dir": str(val_root.resolve()) if val_root else None,
         "class_names": class_names,
