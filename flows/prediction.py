@@ -44,7 +44,6 @@ LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
     name="predict-chunk",
     task_run_name="predict-chunk-{key}",
     cache_policy=NO_CACHE,
-    timeout_seconds=1800,
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless(ValueError),

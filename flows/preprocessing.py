@@ -102,7 +102,6 @@ def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, wor
 @task(
     name="write-shard",
     cache_policy=SHARD_CACHE_POLICY,
-    timeout_seconds=3600,
     retries=1,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless(ValueError, KeyError),

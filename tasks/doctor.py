@@ -119,7 +119,9 @@ def _batched_call(model: Any, images: np.ndarray, batch_size: int = 64) -> list[
     """Run ``model`` in inference mode over ``images`` in chunks; a list per model output."""
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(images), batch_size):
-        out = model(images[start : start + batch_size], training=False)
+        # predict_on_batch traces the inference function once and reuses it: a monitor
+        # that probes every epoch costs milliseconds, not an eager pass through the model
+        out = model.predict_on_batch(images[start : start + batch_size])
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         chunks.append([_to_numpy(o).astype("float32") for o in outs])
     return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
