@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from tasks.atomic import write_json
+from tasks.inference import predict_outputs
 
 SEVERITIES = ("critical", "warning", "info")
 
@@ -115,18 +116,6 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(ops.convert_to_numpy(x))
 
 
-def _batched_call(model: Any, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
-    """Run ``model`` in inference mode over ``images`` in chunks; a list per model output."""
-    chunks: list[list[np.ndarray]] = []
-    for start in range(0, len(images), batch_size):
-        # predict_on_batch traces the inference function once and reuses it: a monitor
-        # that probes every epoch costs milliseconds, not an eager pass through the model
-        out = model.predict_on_batch(images[start : start + batch_size])
-        outs = list(out) if isinstance(out, (list, tuple)) else [out]
-        chunks.append([_to_numpy(o).astype("float32") for o in outs])
-    return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
-
-
 def _as_images(images: Any) -> np.ndarray:
     return _to_numpy(images).astype("float32")
 
@@ -209,7 +198,7 @@ def _first_weighted_input(model: Any, images: np.ndarray) -> tuple[str, np.ndarr
                 values = images
             else:
                 probe = keras.Model(_model_inputs(model), layer.input)
-                values = _batched_call(probe, images)[0]
+                values = predict_outputs(probe, images)[0]
         except Exception:
             return None
         if getattr(layer, "layers", None) and not normalizing:  # a nested model: look inside it
@@ -518,7 +507,7 @@ def preflight(model: Any, images: Any, labels: Any, num_classes: int, overfit_st
     y = _as_labels(labels)
     findings = check_labels(y, num_classes)
     findings += check_input_range(model, x)
-    outputs = _batched_call(model, x)[0]
+    outputs = predict_outputs(model, x)[0]
     outputs = outputs.reshape(len(outputs), -1) if outputs.ndim != 2 else outputs
     findings += check_output_layer(model, outputs, num_classes)
     if not any(f["code"] == "labels_out_of_range" for f in findings):
@@ -640,7 +629,7 @@ class DoctorMonitor(keras.callbacks.Callback):
             try:
                 for finding in check_input_range(self.model, self.probe_images):
                     self._report(finding)
-                outputs = _batched_call(self.model, self.probe_images)[0]
+                outputs = predict_outputs(self.model, self.probe_images)[0]
                 outputs = outputs.reshape(len(outputs), -1)
                 for finding in check_output_layer(self.model, outputs, self.num_classes):
                     self._report(finding)
@@ -696,9 +685,9 @@ class DoctorMonitor(keras.callbacks.Callback):
 
     def _probe(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if self._probe_model is not None:
-            outs = _batched_call(self._probe_model, self.probe_images)
+            outs = predict_outputs(self._probe_model, self.probe_images)
             return outs[0], dict(zip(self._relu_layers, outs[1:]))
-        return _batched_call(self.model, self.probe_images)[0], {}
+        return predict_outputs(self.model, self.probe_images)[0], {}
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = dict(logs or {})

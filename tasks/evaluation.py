@@ -694,6 +694,8 @@ def occlusion_saliency(
     Returns:
         float32 [N, H, W] maps in [0, 1] (1 = occluding here hurts the class most).
     """
+    from tasks.inference import predict
+
     images = np.asarray(images, dtype=np.float32)
     n, height, width = images.shape[:3]
     patch = patch or max(2, height // 6)
@@ -710,7 +712,7 @@ def occlusion_saliency(
                 occluded = image.copy()
                 occluded[y:y + patch, x:x + patch] = fill
                 variants.append(occluded)
-        outputs, _ = _as_probabilities(model.predict(np.stack(variants), batch_size=batch_size, verbose=0))
+        outputs, _ = _as_probabilities(predict(model, np.stack(variants), batch_size=batch_size))
         scores = outputs[:, int(class_indices[i])]
         drop = scores[0] - scores[1:]
         total = np.zeros((height, width), dtype=np.float64)
@@ -1170,7 +1172,9 @@ def _split_batches(manifest_path: Path, split: str, batch_size: int) -> Iterator
 
 
 def _predict(model: Any, images: np.ndarray) -> np.ndarray:
-    return np.asarray(model.predict(np.asarray(images, dtype=np.float32), batch_size=len(images), verbose=0))
+    from tasks.inference import predict
+
+    return predict(model, images)
 
 
 def _select_examples(labels: np.ndarray, probs: np.ndarray, k_names: Sequence[str]) -> dict[str, Any]:

@@ -1,0 +1,33 @@
+"""Inference over in-memory image arrays, traced once per model and batch shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from keras import ops
+
+
+def predict_outputs(model: Any, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    """Run ``model`` in inference mode over ``images`` in batches; one float32 array per model output.
+
+    ``predict_on_batch`` traces the inference function once and reuses it, so a callback
+    that probes every epoch costs milliseconds, not an eager pass through the model. Every
+    short batch is padded to ``batch_size`` so every call has the same shape and
+    nothing is traced again (TensorFlow warns about repeated retracing otherwise).
+    """
+    chunks: list[list[np.ndarray]] = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        count = len(chunk)
+        if count < batch_size:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - count, axis=0)])
+        out = model.predict_on_batch(chunk)
+        outs = list(out) if isinstance(out, (list, tuple)) else [out]
+        chunks.append([np.asarray(ops.convert_to_numpy(o))[:count].astype("float32") for o in outs])
+    return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
+
+
+def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """The first (usually only) output of :func:`predict_outputs`."""
+    return predict_outputs(model, np.asarray(images, dtype=np.float32), batch_size)[0]
