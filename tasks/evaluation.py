@@ -18,7 +18,6 @@ import base64
 import csv
 import datetime as _dt
 import html
-import io
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence

@@ -4,25 +4,23 @@ from __future__ import annotations
 
 import csv
 import inspect
-import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
 from flows.config import ConfigError
 from tests.imagefactory import DIGIT_CLASSES, digit_images, make_digit_folder
+from tests.modelfactory import make_champion, make_digit_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
 PREFECT = str(Path(sys.executable).with_name("prefect"))
-CLASS_NAMES = sorted(DIGIT_CLASSES)  # ["one", "seven", "zero"]
 
 
 def _yaml_deployments() -> dict[str, dict]:
@@ -139,37 +137,8 @@ def test_scheduled_retraining_names_a_bad_config_file_before_any_work(tmp_path, 
 
 def _tiny_model_dir(workdir: Path) -> Path:
     """A small digits classifier (Rescaling inside) saved per interface 4 and named champion."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    samples = digit_images(DIGIT_CLASSES.values(), per_class=40)
-    label_of = {digit: CLASS_NAMES.index(name) for name, digit in DIGIT_CLASSES.items()}
-    x = np.stack([pixels for _, pixels in samples]).astype("float32")
-    y = np.array([label_of[digit] for digit, _ in samples])
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Rescaling(1 / 255.0),
-            keras.layers.Flatten(),
-            keras.layers.Dense(len(CLASS_NAMES), activation="softmax"),
-        ]
-    )
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(x, y, epochs=10, batch_size=16, verbose=0)
-    accuracy = float(history.history["accuracy"][-1])
-    assert accuracy > 0.9
-    model_dir = workdir / "models" / "tiny-digits"
-    model_dir.mkdir(parents=True)
-    model.save(model_dir / "model.keras")
-    (model_dir / "metadata.json").write_text(json.dumps({
-        "run_id": "tiny-digits", "class_names": CLASS_NAMES, "image_size": 32, "aspect": "squash",
-        "metrics": {"val_accuracy": accuracy}, "fingerprint": "test", "config": {}, "versions": {},
-        "created": "2026-01-01T00:00:00+00:00", "healthy": True,
-    }))
-    (workdir / "champion.json").write_text(json.dumps({
-        "run_id": "tiny-digits", "model_dir": str(model_dir), "promoted": "2026-01-01T00:00:00+00:00",
-        "val_accuracy": accuracy,
-    }))
+    model_dir = make_digit_model_dir(workdir / "models" / "tiny-digits", per_class=40, epochs=10, conv=False)
+    make_champion(workdir, model_dir)
     return model_dir
 
 

@@ -17,8 +17,7 @@ from PIL import Image
 
 from tasks import prediction as P
 from tests.imagefactory import DIGIT_CLASSES, digit_images
-
-CLASS_NAMES = sorted(DIGIT_CLASSES)  # ["one", "seven", "zero"]: the model's class order
+from tests.modelfactory import CLASS_NAMES, make_digit_model_dir
 ODD_NAMES = ["a,b.png", 'say "hi".png', "=SUM(A1).png", "ünïcödé 数字.png", "semi;colon's.png"]
 BROKEN = {
     "broken/garbage.png": b"this is not an image at all",
@@ -33,46 +32,7 @@ BROKEN = {
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny digits classifier (Rescaling inside) saved as a model directory (interface 4)."""
-    import keras
-
-    keras.utils.set_random_seed(0)
-    samples = digit_images(DIGIT_CLASSES.values(), per_class=60)
-    label_of = {digit: CLASS_NAMES.index(name) for name, digit in DIGIT_CLASSES.items()}
-    x = np.stack([pixels for _, pixels in samples]).astype("float32")
-    y = np.array([label_of[digit] for digit, _ in samples])
-    model = keras.Sequential(
-        [
-            keras.Input((32, 32, 3)),
-            keras.layers.Rescaling(1 / 255.0),
-            keras.layers.Conv2D(8, 3, activation="relu"),
-            keras.layers.MaxPooling2D(2),
-            keras.layers.Flatten(),
-            keras.layers.Dense(len(CLASS_NAMES), activation="softmax"),
-        ]
-    )
-    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
-    history = model.fit(x, y, epochs=8, batch_size=16, verbose=0, shuffle=True)
-    assert history.history["accuracy"][-1] > 0.9
-    out = tmp_path_factory.mktemp("models") / "digits-test"
-    out.mkdir()
-    model.save(out / "model.keras")
-    (out / "metadata.json").write_text(
-        json.dumps(
-            {
-                "run_id": "digits-test",
-                "class_names": CLASS_NAMES,
-                "image_size": 32,
-                "aspect": "squash",
-                "metrics": {"val_accuracy": float(history.history["accuracy"][-1])},
-                "fingerprint": "test",
-                "config": {},
-                "versions": {},
-                "created": "2024-01-01T00:00:00+00:00",
-                "healthy": True,
-            }
-        )
-    )
-    return out
+    return make_digit_model_dir(tmp_path_factory.mktemp("models") / "digits-test")
 
 
 def _save_digits(root: Path, start: int, count: int, prefix: str = "") -> dict[str, str]:
