@@ -246,3 +246,13 @@ def test_serve_names_a_missing_data_dir(tmp_path):
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(FileNotFoundError, match=r"DATA_DIR .*missing: expected a folder of class folders"):
             serve_deployments(tmp_path / "missing", tmp_path / "inbox")
+
+
+def test_imgflow_serve_without_a_server_exits_2(tmp_path):
+    (tmp_path / "data" / "a").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with a server URL
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", str(tmp_path / "data"), "--inbox",
+                           str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("imgflow: PREFECT_API_URL: expected the URL of a running Prefect server")
