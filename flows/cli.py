@@ -94,8 +94,10 @@ def validate(
     options = build_config(config).validation
     from flows.validation import validate_flow
     from tasks.atomic import read_json
+    from tasks.dataset import DatasetError
 
-    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    with exit_codes(usage=(DatasetError, OSError)):
+        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -130,12 +132,14 @@ def preprocess(
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
+        if val_fraction is not None:
+            fail("give --val-dir or --val-fraction, not both", EXIT_USAGE)
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     from flows.preprocessing import preprocess_flow
     from tasks.dataset import DatasetError, DatasetUnusable
     from tasks.tfrecords import ShardSourceError
 
-    with exit_codes(usage=(DatasetError, ShardSourceError), failed=(DatasetUnusable,)):
+    with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
@@ -170,7 +174,7 @@ def train(
     from tasks.registry import RegistryError
     from tasks.tfrecords import ShardSourceError
 
-    usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError)
+    usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
     with exit_codes(usage=usage, failed=(DatasetUnusable,)):
         result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
     typer.echo("")
@@ -253,7 +257,7 @@ def doctor(
     from tasks.models import ModelConfigError
     from tasks.registry import RegistryError
 
-    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError), failed=(DatasetUnusable,)):
+    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
         diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
     print_findings(diagnosis["findings"], limit=10)

@@ -32,23 +32,6 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-@task(name="evaluate-split", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600)
-def evaluate_split_task(
-    model_dir: str,
-    manifest_path: str,
-    split: str = "val",
-    out_dir: str | None = None,
-    champion_dir: str | None = None,
-    tolerance: float = 0.0,
-) -> dict[str, Any]:
-    """Evaluate a model directory on a split of the shards; returns the report summary."""
-    from tasks.evaluation import evaluate_split
-
-    result = evaluate_split(Path(model_dir), Path(manifest_path), split, Path(out_dir) if out_dir else None,
-                            Path(champion_dir) if champion_dir else None, tolerance=tolerance)
-    return _summary(result)
-
-
 @task(name="evaluate-folder", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600)
 def evaluate_folder_task(
     model_dir: str,

@@ -219,6 +219,7 @@ def training_pipeline(
         "aspect": summary.get("aspect", "squash"),
         "metrics": _metrics(summary, {}),
         "fingerprint": manifest["fingerprint"],
+        "data_fingerprint": manifest.get("data_fingerprint"),
         "config": config.flat(),
         "versions": registry.library_versions(),
         "created": registry.now_iso(),

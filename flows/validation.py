@@ -41,7 +41,8 @@ def _read_report(path: Path) -> dict[str, Any] | None:
     timeout_seconds=4 * 3600,
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=retry_unless(DatasetError),
+    # a missing folder or a report path that cannot be written fails the same way every time
+    retry_condition_fn=retry_unless(DatasetError, NotADirectoryError, IsADirectoryError, PermissionError),
 )
 def validate_task(
     data_dir: Path, val_dir: Path | None, options: ValidationOptions, report_path: Path

@@ -197,7 +197,8 @@ def inspect_image(path: Path) -> ImageInfo:
     return info
 
 
-def _is_hidden(name: str) -> bool:
+def is_hidden(name: str) -> bool:
+    """Dot files and the folders and files desktop systems drop (``__MACOSX``, ``Thumbs.db``)."""
     return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
 
 
@@ -229,7 +230,7 @@ def _scan_class(
         for entry in entries:
             path = entry.path
             rel = path[len(prefix):].replace(os.sep, "/")
-            if _is_hidden(entry.name):
+            if is_hidden(entry.name):
                 problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder; skipped", True))
                 continue
             if entry.is_symlink():
@@ -259,7 +260,7 @@ def _class_folders(root: Path, problems: list[dict[str, Any]]) -> list[str]:
     names = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         path = Path(entry.path)
-        if _is_hidden(entry.name):
+        if is_hidden(entry.name):
             problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder at the dataset root; skipped", True))
         elif entry.is_symlink():
             problems.append(_problem(path, "symlink", WARNING, "symlink at the dataset root; not followed", True))

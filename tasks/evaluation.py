@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from tasks.atomic import atomic_open, read_json, write_json, write_text
+from tasks.dataset import is_hidden
 
 log = logging.getLogger(__name__)
 
@@ -1140,7 +1141,7 @@ def scan_class_folders(data_dir: Path, class_names: Sequence[str]) -> tuple[list
     index = {name: i for i, name in enumerate(class_names)}
     files: list[tuple[str, int]] = []
     skipped: list[dict[str, str]] = []
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
     if not any(folder.name in index for folder in folders):
         raise EvaluationError(
             f"DATA_DIR {data_dir}: expected folders named after the model's classes {list(class_names)}, "
@@ -1148,7 +1149,7 @@ def scan_class_folders(data_dir: Path, class_names: Sequence[str]) -> tuple[list
         )
     for folder in folders:
         for path in sorted(folder.rglob("*")):
-            if not path.is_file() or any(part.startswith(".") for part in path.relative_to(data_dir).parts):
+            if not path.is_file() or any(is_hidden(part) for part in path.relative_to(data_dir).parts):
                 continue
             rel = path.relative_to(data_dir).as_posix()
             if folder.name in index:

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from tasks.atomic import atomic_open, read_json
+from tasks.dataset import is_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def scan_files(input_dir: Path | str, exclude: Iterable[Path | str] = ()) -> Ite
             return
         for entry in entries:
             name = entry.name
-            if name.startswith("."):
+            if is_hidden(name):
                 continue
             rel = prefix + name
             try:

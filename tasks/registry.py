@@ -110,7 +110,7 @@ def write_metadata(model_dir: Path, metadata: dict[str, Any]) -> Path:
     Raises:
         RegistryError: a required key is missing.
     """
-    required = ("run_id", "class_names", "image_size", "metrics", "fingerprint", "config", "created", "healthy")
+    required = ("run_id", "class_names", "image_size", "metrics", "fingerprint", "config", "versions", "created", "healthy")
     missing = [k for k in required if k not in metadata]
     if missing:
         raise RegistryError(f"{Path(model_dir) / METADATA_FILE}: missing key(s) {', '.join(missing)}")

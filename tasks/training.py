@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from flows.config import TrainOptions
-from tasks.atomic import atomic_path, read_json, write_json
+from tasks.atomic import atomic_path, read_json, write_json, write_text
 from tasks.models import build_model, compile_model
 
 Logger = Callable[[str], None]
@@ -200,32 +200,10 @@ def backup_epoch(run_dir: Path) -> int:
 
 
 def save_learning_curves(run_dir: Path) -> Path | None:
-    """Plot loss and accuracy per epoch (train and val) from ``history.csv`` to a PNG."""
-    rows = read_history(run_dir)
-    if not rows:
-        return None
-    import matplotlib
+    """Plot every metric per epoch (train and val) from ``history.csv`` to ``learning_curves.png``."""
+    from tasks.evaluation import plot_learning_curves
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [int(r["epoch"]) + 1 for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, metric in zip(axes, ("loss", "accuracy")):
-        for prefix, style in (("", "-o"), ("val_", "--s")):
-            key = prefix + metric
-            if key in rows[0]:
-                ax.plot(epochs, [r[key] for r in rows], style, label=key)
-        ax.set_xlabel("epoch")
-        ax.set_title(metric)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    target = Path(run_dir) / CURVES_FILE
-    with atomic_path(target) as tmp:
-        fig.savefig(tmp, format="png", dpi=90)
-    plt.close(fig)
-    return target
+    return plot_learning_curves(Path(run_dir) / HISTORY_FILE, Path(run_dir) / CURVES_FILE)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -348,6 +326,8 @@ def fit_model(
             log(f"preflight found {len(critical)} critical problem(s): {', '.join(f['code'] for f in critical)}; not training")
             diagnosis = doctor.diagnose(findings)
             write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
+            if not (run_dir / HISTORY_FILE).exists():
+                write_text(run_dir / HISTORY_FILE, "epoch,loss,accuracy,val_loss,val_accuracy\n")  # no epoch ran
             return {
                 "epochs_run": 0,
                 "initial_epoch": 0,

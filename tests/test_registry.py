@@ -20,6 +20,7 @@ def _meta(run_id="r1", acc=0.9, healthy=True, fingerprint="fp", classes=("a", "b
         "metrics": {"val_accuracy": acc},
         "fingerprint": fingerprint,
         "config": {"epochs": 1},
+        "versions": {"keras": "3"},
         "created": registry.now_iso(),
         "healthy": healthy,
     }

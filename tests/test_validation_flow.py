@@ -108,3 +108,17 @@ def test_unchanged_data_reuses_the_report_and_a_change_rescans(prefect_server, s
     changed = validate_flow(data_dir=shapes_dir, workdir=workdir)
     assert calls == [1]
     assert changed["classes"]["cats"] == 11 and changed["errors"] == 1
+
+
+def test_cli_preprocess_refuses_val_dir_with_val_fraction(shapes_dir, tmp_path):
+    result = runner.invoke(app, ["preprocess", str(shapes_dir), "--val-dir", str(shapes_dir), "--val-fraction", "0.2"])
+    assert result.exit_code == 2
+    assert "give --val-dir or --val-fraction, not both" in result.output
+
+
+def test_cli_validate_unwritable_report_exits_2(prefect_server, shapes_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    result = runner.invoke(app, ["validate", str(shapes_dir), "--report", str(blocker / "r.json")])
+    assert result.exit_code == 2, result.output
+    assert "Not a directory" in result.output or "File exists" in result.output
