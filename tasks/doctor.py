@@ -1115,7 +1115,7 @@ def check_model(
         ``{"healthy", "findings", "epochs_run", "history", "model", "diagnosis_path",
         "markdown_path"}``.
     """
-    from flows.config import TrainOptions
+    from tasks.options import TrainOptions
     from tasks import models, tfrecords
     from tasks.atomic import read_json, write_text
 

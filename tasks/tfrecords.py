@@ -46,7 +46,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from flows.config import PreprocessOptions
+from tasks.options import PreprocessOptions
 from tasks import atomic
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.

@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from flows.config import TrainOptions
+from tasks.options import TrainOptions
 from tasks.atomic import atomic_path, read_json, write_json, write_text
 from tasks.models import build_model, compile_model
 

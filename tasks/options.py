@@ -1,0 +1,62 @@
+"""The options of each pipeline stage: validation, preprocessing, training.
+
+Plain pydantic models, so the work in ``tasks/`` can take them without depending on the
+Prefect wiring in ``flows/``. ``flows.config`` groups them into one ``ImgflowConfig`` and
+reads them from YAML.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ValidationOptions(BaseModel):
+    """Thresholds of the dataset checks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_image_side: int = Field(16, ge=1, description="images smaller than this (pixels) are reported as tiny")
+    imbalance_ratio: float = Field(3.0, gt=1, description="max/min class count above this is reported")
+    size_outlier_factor: float = Field(4.0, gt=1, description="side this many times off the median is an outlier")
+    aspect_outlier_factor: float = Field(2.0, gt=1, description="aspect ratio this many times off the median is an outlier")
+    near_duplicates: bool = Field(True, description="report near-duplicates found by a perceptual hash")
+    workers: int | None = Field(None, ge=1, description="parallel decoders (default: all cores)")
+
+
+class PreprocessOptions(BaseModel):
+    """How images become TFRecord shards."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_size: int = Field(128, ge=8, le=2048)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int = 42
+    aspect: Literal["squash", "crop", "pad"] = "squash"
+    encoding: Literal["jpeg", "png", "raw"] = "jpeg"
+    jpeg_quality: int = Field(95, ge=1, le=100)
+    shard_size_mb: float = Field(128.0, gt=0)
+    dask_address: str | None = None
+
+
+class TrainOptions(BaseModel):
+    """Model, optimiser and fit settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("default", description="built-in name or package.module:function")
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(32, ge=1)
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    schedule: Literal["none", "cosine", "plateau"] = "none"
+    class_weights: Literal["auto", "on", "off"] = "auto"
+    early_stopping_patience: int = Field(5, ge=1)
+    augment: bool = True
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    architecture: dict[str, Any] = Field(default_factory=dict, description="options for the chosen model builder")
+    weights: str | None = Field(None, description="local weights file for keras.applications backbones")
+    seed: int = 42
+    promotion_tolerance: float = Field(0.01, ge=0)
