@@ -173,4 +173,4 @@ def test_critical_preflight_finding_skips_training(tmp_path, digits_data):
     assert "bad_output_activation" in codes
     assert any("not training" in line for line in logs)
     assert training.read_json(tmp_path / "diagnosis.json")["healthy"] is False
-    assert not (tmp_path / "history.csv").exists()
+    assert training.read_history(tmp_path) == []  # the model folder still has its history.csv: no epochs
