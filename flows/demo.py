@@ -139,7 +139,7 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR) -> dict[str, Any]:
     }
     if result["champion_dir"]:
         predicted = batch_predict(model="champion", input_dir=Path(data["inbox_dir"]), workdir=workdir)
-        out["predictions_csv"] = str(predicted["csv"])
+        out["predictions_csv"] = str(Path(predicted["csv"]).resolve())
         accuracy = inbox_accuracy(Path(predicted["csv"]), Path(data["inbox_labels"]))
         out["inbox_accuracy"] = round(accuracy, 4) if accuracy is not None else None
     out["seconds"] = round(time.perf_counter() - started, 1)
