@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -329,6 +331,11 @@ def load_builder(reference: str) -> Callable[..., Any]:
     module_name, _, func_name = reference.partition(":")
     if not module_name or not func_name:
         raise ModelConfigError(f"model: expected package.module:function, found {reference!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        # the `imgflow` console script does not put the current folder on sys.path the way
+        # `python -m` does; a user's `mymodels.py` beside their data should still import
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -239,3 +239,16 @@ def test_default_model_trains_compiled_under_jax_backend():
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip().splitlines()[-1] == "jax True True"
+
+
+def test_user_builder_in_the_current_folder_imports_without_python_m(tmp_path, monkeypatch):
+    """The `imgflow` console script does not put the current folder on sys.path; builders there still load."""
+    import sys
+
+    from tasks.models import load_builder
+
+    (tmp_path / "my_cwd_builders.py").write_text("def build(input_shape, num_classes):\n    return ('built', input_shape, num_classes)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    builder = load_builder("my_cwd_builders:build")
+    assert builder(input_shape=(8, 8, 3), num_classes=2) == ("built", (8, 8, 3), 2)
