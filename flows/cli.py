@@ -8,6 +8,7 @@ Flows are imported inside each command so ``imgflow --help`` stays instant.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -309,6 +310,11 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # this machine may be offline: no usage telemetry from a temporary Prefect server
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server logs its shutdown after our last line; keep the cause of a
+    # failure the last thing the user reads
+    logging.getLogger("prefect").addFilter(
+        lambda record: not record.getMessage().startswith("Stopping temporary server")
+    )
     try:
         app()
     except KeyboardInterrupt:
