@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 class Result:
     def __init__(self, proc: subprocess.CompletedProcess):
         self.exit_code = proc.returncode
-        self.output = proc.stdout + proc.stderr
+        self.output = proc.stdout  # stdout and stderr interleaved, as a terminal shows them
 
 
 def imgflow(*args: str) -> Result:
@@ -32,8 +32,8 @@ def imgflow(*args: str) -> Result:
 
     env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()), TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=600, env=env, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600, env=env, cwd=REPO)
     return Result(proc)
 
 
