@@ -213,25 +213,19 @@ _PREDICT_LOCKS: dict[int, threading.Lock] = {}
 
 
 def read_metadata(model_dir: Path | str) -> dict[str, Any]:
-    """Read and check ``metadata.json`` of a model directory (no TensorFlow needed).
+    """The checked ``metadata.json`` of a model directory that holds a ``model.keras`` (no TensorFlow needed).
 
     Raises:
-        FileNotFoundError: no ``metadata.json`` or ``model.keras`` in ``model_dir``.
-        ValueError: metadata without a non-empty ``class_names`` list or a positive ``image_size``.
+        FileNotFoundError: no ``model.keras`` or ``metadata.json`` in ``model_dir``.
+        tasks.registry.RegistryError: metadata without usable ``class_names`` or ``image_size``.
     """
+    from tasks.registry import METADATA_FILE, read_metadata as read_registry_metadata
+
     model_dir = Path(model_dir)
-    meta_path = model_dir / "metadata.json"
-    if not (model_dir / "model.keras").is_file():
-        raise FileNotFoundError(f"model directory {model_dir}: expected model.keras in it, found none")
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"model directory {model_dir}: expected metadata.json in it, found none")
-    meta = read_json(meta_path)
-    names = meta.get("class_names")
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise ValueError(f"{meta_path}: expected 'class_names' as a non-empty list of strings, found {names!r}")
-    size = meta.get("image_size")
-    if not isinstance(size, int) or size < 1:
-        raise ValueError(f"{meta_path}: expected 'image_size' as a positive integer, found {size!r}")
+    for name in ("model.keras", METADATA_FILE):
+        if not (model_dir / name).is_file():
+            raise FileNotFoundError(f"model directory {model_dir}: expected {name} in it, found none")
+    meta = read_registry_metadata(model_dir)
     meta.setdefault("aspect", "squash")
     return meta
 

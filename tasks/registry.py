@@ -132,6 +132,11 @@ def read_metadata(model_dir: Path) -> dict[str, Any]:
         raise RegistryError(f"{path}: cannot read JSON metadata: {exc}") from None
     if not isinstance(data, dict) or "class_names" not in data or "image_size" not in data:
         raise RegistryError(f"{path}: expected a JSON object with class_names and image_size")
+    names, size = data["class_names"], data["image_size"]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise RegistryError(f"{path}: expected 'class_names' as a non-empty list of strings, found {names!r}")
+    if not isinstance(size, int) or size < 1:
+        raise RegistryError(f"{path}: expected 'image_size' as a positive integer, found {size!r}")
     return data
 
 
