@@ -74,14 +74,12 @@ def _as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, bool]:
     A model whose last layer has no softmax returns logits; sklearn's log loss and the
     calibration error need probabilities, and the report says the softmax was missing.
     """
-    out = np.asarray(outputs, dtype=np.float64)
+    from tasks.inference import as_probabilities
+
+    out = np.asarray(outputs)
     if out.ndim != 2:
         raise EvaluationError(f"model outputs: expected a 2-D array [images, classes], found shape {out.shape}")
-    if out.shape[0] and (out.min() < -1e-6 or np.abs(out.sum(axis=1) - 1.0).max() > 1e-3):
-        shifted = out - out.max(axis=1, keepdims=True)
-        exp = np.exp(shifted)
-        return exp / exp.sum(axis=1, keepdims=True), True
-    return out, False
+    return as_probabilities(out)
 
 
 def _bin_index(confidence: np.ndarray, bins: int) -> np.ndarray:

@@ -1,11 +1,10 @@
-"""Inference over in-memory image arrays, traced once per model and batch shape."""
+"""Inference over in-memory image arrays (traced once per model and batch shape), and its outputs as probabilities."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from keras import ops
 
 
 def predict_outputs(model: Any, images: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
@@ -16,6 +15,8 @@ def predict_outputs(model: Any, images: np.ndarray, batch_size: int = 64) -> lis
     short batch is padded to ``batch_size`` so every call has the same shape and
     nothing is traced again (TensorFlow warns about repeated retracing otherwise).
     """
+    from keras import ops
+
     chunks: list[list[np.ndarray]] = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -26,6 +27,22 @@ def predict_outputs(model: Any, images: np.ndarray, batch_size: int = 64) -> lis
         outs = list(out) if isinstance(out, (list, tuple)) else [out]
         chunks.append([np.asarray(ops.convert_to_numpy(o))[:count].astype("float32") for o in outs])
     return [np.concatenate([c[i] for c in chunks], axis=0) for i in range(len(chunks[0]))]
+
+
+def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, bool]:
+    """2-D model outputs as float64 class probabilities whose rows sum to 1; True when softmax was applied.
+
+    Outputs that already look like probabilities (non-negative, rows summing to 1 within
+    1e-3) are only renormalised; anything else (logits: a model without a softmax head)
+    goes through a numerically stable softmax.
+    """
+    out = np.asarray(outputs, dtype=np.float64)
+    if out.shape[0] == 0:
+        return out, False
+    if out.min() < 0 or np.abs(out.sum(axis=1) - 1.0).max() > 1e-3:
+        exp = np.exp(out - out.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True), True
+    return out / out.sum(axis=1, keepdims=True), False
 
 
 def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:

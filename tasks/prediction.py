@@ -283,13 +283,10 @@ def to_probabilities(outputs: np.ndarray) -> np.ndarray:
     Outputs that already look like probabilities (non-negative, rows summing to 1
     within 1e-3) are only renormalised; anything else (logits) goes through softmax.
     """
-    out = np.asarray(outputs, dtype=np.float64)
-    if out.ndim != 2:
-        out = out.reshape(out.shape[0], -1)
-    sums = out.sum(axis=1)
-    if not (np.all(out >= 0) and np.all(np.abs(sums - 1.0) < 1e-3)):
-        out = np.exp(out - out.max(axis=1, keepdims=True))
-    return out / out.sum(axis=1, keepdims=True)
+    from tasks.inference import as_probabilities
+
+    out = np.asarray(outputs)
+    return as_probabilities(out.reshape(out.shape[0], -1))[0]
 
 
 def csv_header(class_names: Sequence[str], top_k: int | None = None) -> list[str]:
