@@ -1021,19 +1021,28 @@ def write_diagnosis(path: Path | str, diagnosis: Mapping[str, Any]) -> Path:
 # --------------------------------------------------------------------------- probe run
 
 
-def probe_batch(dataset: Iterable[Any], max_images: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Collect up to ``max_images`` (images, labels) from a batched ``(x, y)`` dataset."""
+def probe_batch(
+    dataset: Iterable[Any], max_images: int = 256, scan: int = 4096, seed: int = 42
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed probe of up to ``max_images`` (images, labels) from a batched ``(x, y)`` dataset.
+
+    The images are a seeded sample spread over the first ``scan`` images, not just the
+    head: an evaluation-order split is often sorted by class, and a probe of one class
+    would look like a collapse onto it.
+    """
     xs, ys, n = [], [], 0
     for x, y in dataset:
         x, y = _to_numpy(x), _as_labels(y)
         xs.append(x)
         ys.append(y)
         n += len(y)
-        if n >= max_images:
+        if n >= max(scan, max_images):
             break
     if not xs:
         raise ValueError("probe_batch: the dataset yielded no batches (expected (images, labels) batches)")
-    return np.concatenate(xs)[:max_images], np.concatenate(ys)[:max_images]
+    images, labels = np.concatenate(xs), np.concatenate(ys)
+    pick = np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_images])
+    return images[pick], labels[pick]
 
 
 def run_doctor(

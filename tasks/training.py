@@ -26,6 +26,7 @@ import keras
 import numpy as np
 
 from tasks.options import TrainOptions
+from tasks import doctor
 from tasks.atomic import atomic_path, read_json, write_json, write_text
 from tasks.models import build_model, compile_model
 
@@ -248,16 +249,8 @@ def _tensorboard_available() -> bool:
     return keras.backend.backend() != "tensorflow" or importlib.util.find_spec("tensorboard") is not None
 
 
-def _doctor() -> Any:
-    """The doctor module, or None while it is not installed (training then runs unmonitored)."""
-    try:
-        from tasks import doctor
-    except ImportError:
-        return None
-    return doctor
-
-
 def _fallback_diagnosis(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Without a probe batch there is no monitor: only a non-finite loss in the history is judged."""
     findings = []
     if any(not math.isfinite(float(r.get("loss", 0.0))) for r in history):
         findings.append(
@@ -315,11 +308,10 @@ def fit_model(
         log("XLA requested but off for this model: one of its layers (TensorFlow image augmentation) "
             "has no XLA kernel; training runs as a TensorFlow graph instead")
 
-    doctor = _doctor()
     findings: list[dict[str, Any]] = []
     resume_from = backup_epoch(run_dir)
     _trim_history(run_dir, resume_from)
-    if doctor is not None and probe is not None and resume_from == 0:
+    if probe is not None and resume_from == 0:
         findings.extend(doctor.preflight(model, probe[0], probe[1], num_classes, overfit_steps=0))
         critical = [f for f in findings if f.get("severity") == "critical"]
         if critical:
@@ -365,7 +357,7 @@ def fit_model(
         log("TensorBoard is not installed: no TensorBoard logs (pip install tensorboard)")
     if options.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6))
-    if doctor is not None and probe is not None:
+    if probe is not None:
         monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts)
         callbacks.append(monitor)
     callbacks.extend(extra_callbacks or [])
@@ -414,22 +406,6 @@ def save_model(model: keras.Model, target: Path) -> Path:
     with atomic_path(target) as tmp:
         model.save(tmp)
     return Path(target)
-
-
-def _probe_batch(dataset: Any, limit: int = 64, seed: int = 42, scan: int = 4096) -> tuple[np.ndarray, np.ndarray] | None:
-    """A fixed probe batch drawn across the (class-ordered) validation split, not just its head."""
-    xs, ys, seen = [], [], 0
-    for images, labels in dataset:
-        xs.append(np.asarray(images))
-        ys.append(np.asarray(labels))
-        seen += len(xs[-1])
-        if seen >= scan:
-            break
-    if not xs:
-        return None
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    pick = np.sort(np.random.default_rng(seed).permutation(len(y))[:limit])
-    return x[pick], y[pick]
 
 
 def train_from_manifest(
@@ -494,7 +470,7 @@ def train_from_manifest(
                 options.weights, options.seed, steps_per_epoch=steps,
             )
             fit = fit_model(
-                model, train_ds, val_ds, run_dir, options, counts, probe=_probe_batch(val_ds), log=log,
+                model, train_ds, val_ds, run_dir, options, counts, probe=doctor.probe_batch(val_ds, max_images=64), log=log,
                 steps_per_epoch=steps, jit_compile=plan["jit_compile"],
             )
         save_model(model, run_dir / MODEL_FILE)
