@@ -2,7 +2,7 @@
 
 Self-contained: Keras 3 only, data from in-memory arrays, so it also runs where only JAX
 is installed (``KERAS_BACKEND=jax``); TensorFlow is not needed. Each configuration builds
-the built-in default CNN (``tasks.models.build_model``) in a fresh process-wide dtype
+the built-in default CNN (``imgflow.tasks.models.build_model``) in a fresh process-wide dtype
 policy and times ``train_on_batch`` after warm-up steps (compilation excluded):
 
 - host: every step gets a new NumPy batch from host memory (transfer each step), the
@@ -55,7 +55,7 @@ def images_per_second(precision: str, feed: str, image_size: int, batch_size: in
     import keras
     import numpy as np
 
-    from tasks.models import build_model, compile_model
+    from imgflow.tasks.models import build_model, compile_model
 
     keras.config.set_dtype_policy(precision)
     try:

@@ -4,7 +4,7 @@ Run:  TF_CPP_MIN_LOG_LEVEL=2 python bench/input_pipeline.py [--scale 1.0] [--ima
 
 Uses the seed-scale folder of ``bench/preprocess.py`` (13,000 training JPEGs of 256x256,
 3 classes; built once under bench/_data/), writes its shards once (plain-Python
-``tasks.tfrecords.preprocess``, cached under bench/_data/), then reads the training split
+``imgflow.tasks.tfrecords.preprocess``, cached under bench/_data/), then reads the training split
 with no model, at the same image size and batch size, alternating for a few rounds
 (best time of each kept, as the machine may be shared):
 
@@ -51,9 +51,9 @@ def main() -> None:
     train_dir, _ = ensure_seed_data(args.scale)
     import keras
 
-    from flows.config import PreprocessOptions
-    from tasks import tfrecords
-    from tasks.dataset import validate_dataset
+    from imgflow.flows.config import PreprocessOptions
+    from imgflow.tasks import tfrecords
+    from imgflow.tasks.dataset import validate_dataset
 
     options = PreprocessOptions(image_size=args.image_size, val_fraction=0.0, encoding=args.encoding)
     start = time.perf_counter()

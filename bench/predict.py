@@ -1,7 +1,7 @@
 """Benchmark: `imgflow predict` (batch_predict) against the loops people write, and its memory.
 
 From one run, on the same model, files and cores, prints images/s of
-  - imgflow: ``flows.prediction.batch_predict`` over N JPEGs (default 5,000), fresh
+  - imgflow: ``imgflow.flows.prediction.batch_predict`` over N JPEGs (default 5,000), fresh
     workdir, everything included (Prefect flow run, model loading, scan, tasks, decode,
     model, CSV assembly);
   - naive: the loop users write, ``load_image`` + ``model.predict(x[None])`` per file
@@ -17,7 +17,7 @@ Then peak RSS of a process running batch_predict over 5,000 and over 50,000 tiny
 (16 px PNGs, a tiny model, so the files' count is what varies), each in its own
 subprocess (target: within 20% of each other).
 
-The model is the built-in ``default`` CNN of tasks.models (untrained weights: speed does
+The model is the built-in ``default`` CNN of imgflow.tasks.models (untrained weights: speed does
 not depend on them) at --image-size (default 64). A temporary Prefect server serves all runs.
 TensorFlow's process-wide start-up is paid once before any timing; each method pays
 for its own model (imgflow: loading model.keras and tracing are inside its time; the
@@ -75,7 +75,7 @@ def build_model_dir(path: Path, image_size: int, tiny: bool = False) -> Path:
     """A model directory (interface 4) holding the built-in default CNN, or a tiny CNN."""
     import keras
 
-    from tasks.models import build_model
+    from imgflow.tasks.models import build_model
 
     if tiny:
         model = keras.Sequential(
@@ -115,8 +115,8 @@ def warm_up_runtime() -> None:
 
 def naive_rate(model_dir: Path, files: list[Path]) -> float:
     """The loop users write: one file, one ``model.predict`` call."""
-    from tasks.prediction import load_model_cached
-    from tasks.tfrecords import load_image
+    from imgflow.tasks.prediction import load_model_cached
+    from imgflow.tasks.tfrecords import load_image
 
     model, meta = load_model_cached(model_dir)
     model.predict(np.zeros((1, meta["image_size"], meta["image_size"], 3), np.float32), verbose=0)  # warm-up
@@ -129,8 +129,8 @@ def naive_rate(model_dir: Path, files: list[Path]) -> float:
 
 def decoded(model_dir: Path, files: list[Path]) -> np.ndarray:
     """The files decoded exactly as imgflow does, stacked into one float32 array."""
-    from tasks.prediction import read_metadata
-    from tasks.tfrecords import load_image
+    from imgflow.tasks.prediction import read_metadata
+    from imgflow.tasks.tfrecords import load_image
 
     meta = read_metadata(model_dir)
     return np.stack([load_image(p, meta["image_size"], meta["aspect"]) for p in files]).astype(np.float32)
@@ -138,7 +138,7 @@ def decoded(model_dir: Path, files: list[Path]) -> np.ndarray:
 
 def floor_rate(model_dir: Path, images: np.ndarray, batch_size: int) -> float:
     """``model.predict`` on the images already decoded into one array (decode not timed)."""
-    from tasks.prediction import load_model_cached
+    from imgflow.tasks.prediction import load_model_cached
 
     model, _ = load_model_cached(model_dir)
     model.predict(images[:batch_size], batch_size=batch_size, verbose=0)  # warm-up: trace once
@@ -166,7 +166,7 @@ def peak_rss_mb() -> float:
 
 def rss_child(model_dir: str, input_dir: str, workdir: str) -> None:
     """Run batch_predict in this process and print its peak RSS (MiB) as JSON."""
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     start = time.perf_counter()
     result = batch_predict(model=model_dir, input_dir=Path(input_dir), workdir=Path(workdir))
@@ -205,7 +205,7 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     print(f"cores: {os.cpu_count()}, images: {args.images} JPEGs of {args.source_size}px, "
           f"model: built-in default CNN at {args.image_size}px, batch {args.batch_size}")

@@ -7,7 +7,7 @@ Builds (once, cached under bench/_data/) the seed-scale folder: 3 classes, 13,00
 
 1. floor A: a bare Pillow loop (open, convert RGB, resize) over every file, one process per core
    (best of 2 runs, as the machine may be shared: this favours the baseline);
-2. floor B: the same loop calling ``tasks.tfrecords.load_image`` (the exact decode preprocessing
+2. floor B: the same loop calling ``imgflow.tasks.tfrecords.load_image`` (the exact decode preprocessing
    does, with JPEG DCT-scaled decoding), one process per core;
 3. ``preprocess_flow`` cold (validation + shards + manifest), timing the validation
    subflow it runs first separately, so the preprocessing stage itself is measured too;
@@ -96,7 +96,7 @@ def _bare_pillow(args: tuple[list[str], int]) -> float:
 
 
 def _imgflow_decode(args: tuple[list[str], int]) -> float:
-    from tasks.tfrecords import load_image
+    from imgflow.tasks.tfrecords import load_image
 
     paths, size = args
     start = time.process_time()
@@ -138,7 +138,7 @@ def main() -> None:
     print(f"floor A  bare Pillow open/convert/resize, {cores} processes: {floor_a:7.1f}s  {n / floor_a:7.0f} img/s"
           f"  CPU {1000 * cpu_a / n:.2f} ms/img")
     floor_b, cpu_b = _floor(_imgflow_decode, files, args.image_size)
-    print(f"floor B  tasks.tfrecords.load_image,     {cores} processes: {floor_b:7.1f}s  {n / floor_b:7.0f} img/s"
+    print(f"floor B  imgflow.tasks.tfrecords.load_image,     {cores} processes: {floor_b:7.1f}s  {n / floor_b:7.0f} img/s"
           f"  CPU {1000 * cpu_b / n:.2f} ms/img")
 
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -146,11 +146,11 @@ def main() -> None:
     os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="imgflow-bench-prefect-")
     from prefect.testing.utilities import prefect_test_harness
 
-    import flows.validation
-    from flows.config import ImgflowConfig
-    from flows.preprocessing import preprocess_flow
+    import imgflow.flows.validation
+    from imgflow.flows.config import ImgflowConfig
+    from imgflow.flows.preprocessing import preprocess_flow
 
-    validate_flow = flows.validation.validate_flow
+    validate_flow = imgflow.flows.validation.validate_flow
     spent: list[float] = []
 
     def timed_validation(*a, **k):
@@ -161,13 +161,13 @@ def main() -> None:
         finally:
             spent.append(time.perf_counter() - start)
 
-    flows.validation.validate_flow = timed_validation
+    imgflow.flows.validation.validate_flow = timed_validation
 
     config = ImgflowConfig.from_flat({"image_size": args.image_size})
     work = Path(tempfile.mkdtemp(prefix="imgflow-bench-work-"))
     try:
         with prefect_test_harness(server_startup_timeout=180):
-            import tasks.tfrecords  # noqa: F401  (TensorFlow import outside the timings)
+            import imgflow.tasks.tfrecords  # noqa: F401  (TensorFlow import outside the timings)
 
             start, cpu_start = time.perf_counter(), time.process_time()
             first = preprocess_flow(train_dir, val_dir, work, config)

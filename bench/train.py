@@ -35,8 +35,8 @@ def plain_keras(data_dir: Path, image_size: int, epochs: int, batch_size: int, s
     """The usual hand-written script: image_dataset_from_directory + fit; returns epoch seconds."""
     import keras
 
-    from tasks.models import build_model, compile_model
-    from tasks.training import EpochTimer
+    from imgflow.tasks.models import build_model, compile_model
+    from imgflow.tasks.training import EpochTimer
 
     keras.utils.set_random_seed(seed)
     train, val = keras.utils.image_dataset_from_directory(
@@ -51,10 +51,10 @@ def plain_keras(data_dir: Path, image_size: int, epochs: int, batch_size: int, s
 
 def imgflow_pipeline(data_dir: Path, workdir: Path, image_size: int, epochs: int, batch_size: int, seed: int) -> dict:
     """The whole training pipeline in-process; returns epoch seconds, fit and total wall time."""
-    from flows.config import ImgflowConfig
-    from flows.training import training_pipeline
-    from tasks.atomic import read_json
-    from tasks.training import read_history
+    from imgflow.flows.config import ImgflowConfig
+    from imgflow.flows.training import training_pipeline
+    from imgflow.tasks.atomic import read_json
+    from imgflow.tasks.training import read_history
 
     config = ImgflowConfig.from_flat({
         "image_size": image_size, "epochs": epochs, "batch_size": batch_size, "seed": seed,
@@ -103,7 +103,7 @@ def main() -> None:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="imgflow-bench-"))
     data_dir = args.data
     if data_dir is None:
-        from flows.demo import build_demo_data
+        from imgflow.flows.demo import build_demo_data
 
         data_dir = Path(build_demo_data(workdir / f"demo-{args.source_size}", size=args.source_size)["data_dir"])
 

@@ -71,7 +71,7 @@ def main() -> None:
     workers = os.cpu_count() or 1
     print(f"{len(files)} JPEGs 256x256, {workers} cores")
 
-    from tasks.dataset import validate_dataset
+    from imgflow.tasks.dataset import validate_dataset
 
     bare_rate(files[:500], workers)  # warm the page cache and the pool start-up
     bare = bare_rate(files, workers)
@@ -82,7 +82,7 @@ def main() -> None:
 
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PREFECT_HOME=tempfile.mkdtemp())
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(data), "--workdir", tempfile.mkdtemp()],
+    subprocess.run([sys.executable, "-m", "imgflow", "validate", str(data), "--workdir", tempfile.mkdtemp()],
                    check=True, env=env, capture_output=True, cwd=ROOT.parent)
     command_seconds = time.perf_counter() - start
     command = len(files) / command_seconds

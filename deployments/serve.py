@@ -25,7 +25,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if (_ROOT / "flows" / "serve.py").is_file() and str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from flows.serve import (  # noqa: E402
+from imgflow.flows.serve import (  # noqa: E402
     DEFAULT_PREDICT_CRON,
     DEFAULT_TIMEZONE,
     DEFAULT_TRAIN_CRON,

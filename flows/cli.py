@@ -17,7 +17,7 @@ from typing import Any, NoReturn, Optional
 
 import typer
 
-from flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
+from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
 
 app = typer.Typer(
     name="imgflow",
@@ -93,9 +93,9 @@ def validate(
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
     options = build_config(config).validation
-    from flows.validation import validate_flow
-    from tasks.atomic import read_json
-    from tasks.dataset import DatasetError
+    from imgflow.flows.validation import validate_flow
+    from imgflow.tasks.atomic import read_json
+    from imgflow.tasks.dataset import DatasetError
 
     with exit_codes(usage=(DatasetError, OSError)):
         summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
@@ -136,9 +136,9 @@ def preprocess(
         if val_fraction is not None:
             fail("give --val-dir or --val-fraction, not both", EXIT_USAGE)
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
-    from flows.preprocessing import preprocess_flow
-    from tasks.dataset import DatasetError, DatasetUnusable
-    from tasks.tfrecords import ShardSourceError
+    from imgflow.flows.preprocessing import preprocess_flow
+    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
+    from imgflow.tasks.tfrecords import ShardSourceError
 
     with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
@@ -169,11 +169,11 @@ def train(
         require_dir(val_dir, "VAL_DIR")
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
-    from flows.training import training_pipeline
-    from tasks.dataset import DatasetError, DatasetUnusable
-    from tasks.models import ModelConfigError
-    from tasks.registry import RegistryError
-    from tasks.tfrecords import ShardSourceError
+    from imgflow.flows.training import training_pipeline
+    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
+    from imgflow.tasks.models import ModelConfigError
+    from imgflow.tasks.registry import RegistryError
+    from imgflow.tasks.tfrecords import ShardSourceError
 
     usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
     with exit_codes(usage=usage, failed=(DatasetUnusable,)):
@@ -202,9 +202,9 @@ def evaluate(
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
-    from flows.evaluation import evaluate_flow
-    from tasks.evaluation import EvaluationError
-    from tasks.registry import RegistryError
+    from imgflow.flows.evaluation import evaluate_flow
+    from imgflow.tasks.evaluation import EvaluationError
+    from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
         result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out)
@@ -227,7 +227,7 @@ def predict(
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
     dask_address = build_config(config, dask_address=dask_address).preprocess.dask_address
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
@@ -253,10 +253,10 @@ def doctor(
     """Check a model before a long run: preflight checks and a short probe training."""
     require_dir(data_dir, "DATA_DIR")
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
-    from flows.doctor import doctor_flow
-    from tasks.dataset import DatasetError, DatasetUnusable
-    from tasks.models import ModelConfigError
-    from tasks.registry import RegistryError
+    from imgflow.flows.doctor import doctor_flow
+    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
+    from imgflow.tasks.models import ModelConfigError
+    from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
         diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
@@ -281,7 +281,7 @@ def serve(
     limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
 ) -> None:
     """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
-    from flows.serve import NoServerError, check_api_url, serve_deployments
+    from imgflow.flows.serve import NoServerError, check_api_url, serve_deployments
 
     with exit_codes(usage=(NoServerError, FileNotFoundError, ValueError)):
         url = check_api_url()
@@ -295,7 +295,7 @@ def serve(
 @app.command()
 def demo(workdir: Path = WorkdirOption) -> None:
     """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
-    from flows.demo import run_demo
+    from imgflow.flows.demo import run_demo
 
     result = run_demo(workdir=workdir)
     typer.echo("")

@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.options import PreprocessOptions, TrainOptions, ValidationOptions
+from imgflow.tasks.options import PreprocessOptions, TrainOptions, ValidationOptions
 
 DEFAULT_WORKDIR = Path("imgflow-work")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.config import DEFAULT_WORKDIR, ImgflowConfig
-from tasks.atomic import atomic_path, write_text
+from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig
+from imgflow.tasks.atomic import atomic_path, write_text
 
 DEMO_CLASSES = {"zero": 0, "one": 1, "seven": 7}
 DEMO_CONFIG = {
@@ -110,8 +110,8 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR) -> dict[str, Any]:
         ``promoted``, ``model_dir``, ``champion``, ``evaluation_report``, ``validation_report``,
         ``predictions_csv``, ``data_dir``, ``inbox_dir``, ``seconds``.
     """
-    from flows.prediction import batch_predict
-    from flows.training import training_pipeline
+    from imgflow.flows.prediction import batch_predict
+    from imgflow.flows.training import training_pipeline
 
     started = time.perf_counter()
     workdir = Path(workdir)

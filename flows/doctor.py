@@ -2,9 +2,9 @@
 
 MODEL_OR_BUILDER is a built-in model name, ``package.module:function`` or a model
 directory (or ``champion``). The data is validated and preprocessed exactly as for
-training (cached shards are reused), then :func:`tasks.doctor.check_model` runs the
+training (cached shards are reused), then :func:`imgflow.tasks.doctor.check_model` runs the
 preflight checks and, unless they find a critical problem, a few probe epochs watched by
-the :class:`tasks.doctor.DoctorMonitor`. TensorFlow/Keras are imported inside the task.
+the :class:`imgflow.tasks.doctor.DoctorMonitor`. TensorFlow/Keras are imported inside the task.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR, ImgflowConfig
+from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig
 
 DOCTOR_DIR = "doctor"
 
@@ -32,14 +32,14 @@ def check_model_task(
     model: str, manifest_path: str, out_dir: str, config: ImgflowConfig, workdir: str, epochs: int, overfit_steps: int
 ) -> dict[str, Any]:
     """Preflight and probe-train one model on the preprocessed data."""
-    from tasks.doctor import check_model
+    from imgflow.tasks.doctor import check_model
 
     return check_model(model, manifest_path, out_dir, config.train, workdir, epochs=epochs, overfit_steps=overfit_steps)
 
 
 def publish_diagnosis(diagnosis: dict[str, Any], key: str = "training-diagnosis", title: str = "") -> None:
     """Publish a diagnosis as a Prefect markdown artifact (inside a flow or task run)."""
-    from tasks.doctor import findings_markdown
+    from imgflow.tasks.doctor import findings_markdown
 
     create_markdown_artifact(
         key=key,
@@ -74,15 +74,15 @@ def doctor_flow(
         "markdown_path", "manifest"}``.
 
     Raises:
-        tasks.dataset.DatasetUnusable: the data failed validation.
+        imgflow.tasks.dataset.DatasetUnusable: the data failed validation.
     """
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     config = config or ImgflowConfig()
     workdir = Path(workdir)
     if model == "champion" or Path(model).is_dir():
         # a saved model fixes the image size and resize mode; preprocess to match it
-        from tasks.registry import read_metadata, resolve_model_dir
+        from imgflow.tasks.registry import read_metadata, resolve_model_dir
 
         metadata = read_metadata(resolve_model_dir(model, workdir))
         updates = {k: metadata[k] for k in ("image_size", "aspect") if metadata.get(k) is not None}

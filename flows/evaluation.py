@@ -1,6 +1,6 @@
 """The evaluate step: ``imgflow evaluate MODEL DATA_DIR --out DIR`` and the pipeline's evaluation.
 
-Thin Prefect wrappers around :mod:`tasks.evaluation`; nothing heavy is imported
+Thin Prefect wrappers around :mod:`imgflow.tasks.evaluation`; nothing heavy is imported
 until a flow or task runs.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR
+from imgflow.flows.config import DEFAULT_WORKDIR
 
 # keys of the small summary a task hands back (the full metrics live in metrics.json)
 _SUMMARY_KEYS = (
@@ -41,7 +41,7 @@ def evaluate_folder_task(
     tolerance: float = 0.0,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
-    from tasks.evaluation import evaluate_folder
+    from imgflow.tasks.evaluation import evaluate_folder
 
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
                              Path(champion_dir) if champion_dir else None, tolerance=tolerance)
@@ -56,7 +56,7 @@ def publish_artifacts(summary: dict[str, Any], key_prefix: str = "evaluation") -
     """
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    from tasks.evaluation import summary_markdown
+    from imgflow.tasks.evaluation import summary_markdown
 
     prefix = re.sub(r"[^a-z0-9-]+", "-", key_prefix.lower()).strip("-") or "evaluation"
     metrics_like = {
@@ -105,12 +105,12 @@ def evaluate_flow(
         ``report_md``, ``count`` and ``comparison`` (with a champion).
 
     Raises:
-        tasks.registry.RegistryError: no such model directory, or no champion in ``workdir``.
-        tasks.evaluation.EvaluationError: no class folder the model knows in ``data_dir``,
+        imgflow.tasks.registry.RegistryError: no such model directory, or no champion in ``workdir``.
+        imgflow.tasks.evaluation.EvaluationError: no class folder the model knows in ``data_dir``,
             or no readable image. Both are ValueErrors and usage errors (CLI exit 2).
     """
-    from tasks.evaluation import _champion_dir
-    from tasks.registry import read_metadata, resolve_model_dir
+    from imgflow.tasks.evaluation import _champion_dir
+    from imgflow.tasks.registry import read_metadata, resolve_model_dir
 
     logger = get_run_logger()
     workdir = Path(workdir)

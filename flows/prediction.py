@@ -3,7 +3,7 @@
 ``batch_predict`` is a Prefect flow and a plain Python call (a notebook can call it
 with the same arguments as ``imgflow predict``)::
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
     summary = batch_predict("champion", "inbox/", workdir="imgflow-work")
 
 Where things go:
@@ -31,10 +31,10 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR
-from flows.retrying import retry_unless
-from tasks import prediction as P
-from tasks.atomic import write_json
+from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.flows.retrying import retry_unless
+from imgflow.tasks import prediction as P
+from imgflow.tasks.atomic import write_json
 
 DEFAULT_CHUNK_SIZE = 1024
 LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
@@ -62,7 +62,7 @@ def default_output(input_dir: Path | str, workdir: Path | str = DEFAULT_WORKDIR)
 
 
 def _resolve_model(model: str | Path, workdir: Path) -> Path:
-    from tasks.registry import RegistryError, resolve_model_dir
+    from imgflow.tasks.registry import RegistryError, resolve_model_dir
 
     try:
         return resolve_model_dir(str(model), workdir)

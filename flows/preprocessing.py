@@ -13,7 +13,7 @@ mtime of every usable file + the options that shape the shards + the code versio
 * each shard task has a Prefect cache key (fingerprint + shard name + the task's source),
   and a shard already renamed into place is kept, so a crashed run resumes where it died.
 
-Nothing heavy is imported at module import time: TensorFlow comes in with ``tasks.tfrecords``
+Nothing heavy is imported at module import time: TensorFlow comes in with ``imgflow.tasks.tfrecords``
 inside the tasks.
 """
 
@@ -29,8 +29,8 @@ from prefect.cache_policies import NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.config import DEFAULT_WORKDIR, ImgflowConfig, PreprocessOptions
-from flows.retrying import retry_unless
+from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig, PreprocessOptions
+from imgflow.flows.retrying import retry_unless
 
 TFRECORDS_DIR = "tfrecords"
 
@@ -77,7 +77,7 @@ def task_runner(options: PreprocessOptions, workers: int):
 @task(name="plan-shards", cache_policy=NO_CACHE, timeout_seconds=1800)
 def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, workers: int) -> dict[str, Any]:
     """Split, fingerprint and plan the shards; report whether a complete manifest already exists."""
-    from tasks import atomic, tfrecords
+    from imgflow.tasks import atomic, tfrecords
 
     plan = tfrecords.plan_shards(atomic.read_json(report_path), options, out_root, workers)
     done = tfrecords.complete_manifest(plan)
@@ -108,7 +108,7 @@ def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, wor
 )
 def write_shard_task(plan_path: str, fingerprint: str, shard_file: str) -> dict[str, Any]:
     """Decode, resize and encode one shard's images into a TFRecord file."""
-    from tasks import atomic, tfrecords
+    from imgflow.tasks import atomic, tfrecords
 
     plan = atomic.read_json(plan_path)
     if plan["fingerprint"] != fingerprint:
@@ -139,7 +139,7 @@ def write_shards_flow(plan_path: str, fingerprint: str, shard_files: list[str]) 
 @task(name="write-manifest", cache_policy=NO_CACHE, timeout_seconds=600)
 def manifest_task(plan_path: str, results: list[dict[str, Any]]) -> str:
     """Check the shards and write manifest.json last."""
-    from tasks import atomic, tfrecords
+    from imgflow.tasks import atomic, tfrecords
 
     return str(tfrecords.write_manifest(atomic.read_json(plan_path), results))
 
@@ -176,10 +176,10 @@ def preprocess_flow(
         "validation": <validate_flow summary>}``.
 
     Raises:
-        tasks.dataset.DatasetUnusable: validation found the data unusable (the report says why).
+        imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable (the report says why).
     """
-    from flows.validation import validate_flow
-    from tasks.dataset import DatasetUnusable
+    from imgflow.flows.validation import validate_flow
+    from imgflow.tasks.dataset import DatasetUnusable
 
     config = config or ImgflowConfig()
     options = config.preprocess

@@ -25,7 +25,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.config import DEFAULT_WORKDIR, load_config
+from imgflow.flows.config import DEFAULT_WORKDIR, load_config
 
 TRAINING_DEPLOYMENT = "nightly-retraining"
 PREDICTION_DEPLOYMENT = "hourly-inbox-predictions"
@@ -51,7 +51,7 @@ def scheduled_retraining(
     """Retrain on whatever is in DATA_DIR now; do nothing when data and config are unchanged.
 
     Reads the flat YAML ``config_file`` at run time (edits apply to the next night
-    without redeploying), then runs ``flows.training.training_pipeline``. That
+    without redeploying), then runs ``imgflow.flows.training.training_pipeline``. That
     pipeline derives the run id from the dataset fingerprint and the configuration:
     a finished run for the same pair is reused instead of trained again, and an
     interrupted one (a killed worker, a timeout) resumes from its last epoch on the
@@ -69,10 +69,10 @@ def scheduled_retraining(
         run was reused) and ``"config_file"``.
 
     Raises:
-        flows.config.ConfigError: ``config_file`` unreadable or holding an unknown key or bad value.
-        tasks.dataset.DatasetUnusable: validation found the data unusable.
+        imgflow.flows.config.ConfigError: ``config_file`` unreadable or holding an unknown key or bad value.
+        imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable.
     """
-    from flows.training import training_pipeline
+    from imgflow.flows.training import training_pipeline
 
     logger = get_run_logger()
     config = load_config(Path(config_file) if config_file else None)
@@ -108,8 +108,8 @@ def build_deployments(
     """The two imgflow deployments as ``RunnerDeployment`` objects (no server needed).
 
     Paths are made absolute so a run finds its folders whatever the worker's
-    working directory is. Entrypoints are module paths (``flows.serve.scheduled_retraining``,
-    ``flows.prediction.batch_predict``), as in ``deployments/prefect.yaml``: they load from
+    working directory is. Entrypoints are module paths (``imgflow.flows.serve.scheduled_retraining``,
+    ``imgflow.flows.prediction.batch_predict``), as in ``deployments/prefect.yaml``: they load from
     the installed package whatever the current folder is.
 
     Args:
@@ -133,7 +133,7 @@ def build_deployments(
     from prefect.client.schemas.schedules import CronSchedule
     from prefect.types.entrypoint import EntrypointType
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     def cron(expression: str, option: str) -> Any:
         try:

@@ -17,17 +17,17 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
-from flows.retrying import retry_unless
-from tasks import registry
-from tasks.atomic import read_json
+from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
+from imgflow.flows.retrying import retry_unless
+from imgflow.tasks import registry
+from imgflow.tasks.atomic import read_json
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
 
 
 def _permanent_errors() -> tuple[type[BaseException], ...]:
-    from tasks.models import ModelConfigError
+    from imgflow.tasks.models import ModelConfigError
 
     return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
 
@@ -51,7 +51,7 @@ def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
 )
 def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[str, Any]:
     """Fit the configured model into ``run_dir`` (resuming a killed attempt); return its summary."""
-    from tasks.training import train_from_manifest
+    from imgflow.tasks.training import train_from_manifest
 
     logger = get_run_logger()
     return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
@@ -61,7 +61,7 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
       retry_condition_fn=_retry_transient)
 def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float) -> dict[str, Any]:
     """Score the model on the validation split (and the champion on the same images)."""
-    from tasks.evaluation import evaluate_split
+    from imgflow.tasks.evaluation import evaluate_split
 
     result = evaluate_split(
         Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
@@ -185,9 +185,9 @@ def training_pipeline(
         run was reused instead of training).
 
     Raises:
-        tasks.dataset.DatasetUnusable: validation found the data unusable.
+        imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable.
     """
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     config = config or ImgflowConfig()
     workdir = Path(workdir)

@@ -9,10 +9,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.config import DEFAULT_WORKDIR, ValidationOptions
-from tasks import atomic
-from flows.retrying import retry_unless
-from tasks.dataset import DatasetError, report_markdown, tree_fingerprint, validate_dataset
+from imgflow.flows.config import DEFAULT_WORKDIR, ValidationOptions
+from imgflow.tasks import atomic
+from imgflow.flows.retrying import retry_unless
+from imgflow.tasks.dataset import DatasetError, report_markdown, tree_fingerprint, validate_dataset
 
 REPORT_NAME = "validation.json"
 

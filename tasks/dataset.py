@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.options import ValidationOptions
+from imgflow.tasks.options import ValidationOptions
 
 # Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
 # rarely real photos and some need external programs: they are reported instead.

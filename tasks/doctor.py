@@ -27,8 +27,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from tasks.atomic import write_json
-from tasks.inference import predict_outputs
+from imgflow.tasks.atomic import write_json
+from imgflow.tasks.inference import predict_outputs
 
 SEVERITIES = ("critical", "warning", "info")
 
@@ -1113,7 +1113,7 @@ def check_model(
             or ``champion``.
         manifest_path: ``manifest.json`` of the preprocessed data.
         out_dir: where ``diagnosis.json`` and ``diagnosis.md`` are written.
-        options: ``flows.config.TrainOptions`` (defaults when None): optimizer, learning
+        options: ``imgflow.flows.config.TrainOptions`` (defaults when None): optimizer, learning
             rate, batch size, architecture, seed.
         workdir: workdir holding the champion (for ``champion``).
         epochs: probe training epochs.
@@ -1124,9 +1124,9 @@ def check_model(
         ``{"healthy", "findings", "epochs_run", "history", "model", "diagnosis_path",
         "markdown_path"}``.
     """
-    from tasks.options import TrainOptions
-    from tasks import models, tfrecords
-    from tasks.atomic import read_json, write_text
+    from imgflow.tasks.options import TrainOptions
+    from imgflow.tasks import models, tfrecords
+    from imgflow.tasks.atomic import read_json, write_text
 
     options = options or TrainOptions()
     manifest = read_json(manifest_path)
@@ -1159,7 +1159,7 @@ def check_model(
 def _load_or_build(model_ref: str, image_size: int, num_classes: int, options: Any, workdir: Path) -> Any:
     """A model directory (or ``champion``) is loaded; anything else goes to the model builders."""
     if model_ref == "champion" or Path(model_ref).is_dir():
-        from tasks.registry import load_model_dir, resolve_model_dir
+        from imgflow.tasks.registry import load_model_dir, resolve_model_dir
 
         model, metadata = load_model_dir(resolve_model_dir(model_ref, workdir))
         size = metadata.get("image_size")
@@ -1169,7 +1169,7 @@ def _load_or_build(model_ref: str, image_size: int, num_classes: int, options: A
                 f"run the doctor with --image-size {size}"
             )
         return model
-    from tasks.models import build_model
+    from imgflow.tasks.models import build_model
 
     return build_model(model_ref, image_size, num_classes, options.architecture, options.augment,
                        options.weights, options.seed)

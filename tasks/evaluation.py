@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.atomic import atomic_open, read_json, write_json, write_text
-from tasks.dataset import is_hidden
+from imgflow.tasks.atomic import atomic_open, read_json, write_json, write_text
+from imgflow.tasks.dataset import is_hidden
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, bool]:
     A model whose last layer has no softmax returns logits; sklearn's log loss and the
     calibration error need probabilities, and the report says the softmax was missing.
     """
-    from tasks.inference import as_probabilities
+    from imgflow.tasks.inference import as_probabilities
 
     out = np.asarray(outputs)
     if out.ndim != 2:
@@ -692,7 +692,7 @@ def occlusion_saliency(
     Returns:
         float32 [N, H, W] maps in [0, 1] (1 = occluding here hurts the class most).
     """
-    from tasks.inference import predict
+    from imgflow.tasks.inference import predict
 
     images = np.asarray(images, dtype=np.float32)
     n, height, width = images.shape[:3]
@@ -1081,19 +1081,19 @@ def compare_models(
 
 
 def load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Load ``model.keras`` and ``metadata.json`` through ``tasks.registry``.
+    """Load ``model.keras`` and ``metadata.json`` through ``imgflow.tasks.registry``.
 
     Raises:
-        tasks.registry.RegistryError: no metadata, or no class names / image size in it.
+        imgflow.tasks.registry.RegistryError: no metadata, or no class names / image size in it.
     """
-    from tasks.registry import load_model_dir as registry_load
+    from imgflow.tasks.registry import load_model_dir as registry_load
 
     return registry_load(Path(model_dir))
 
 
 def _champion_dir(workdir: Path) -> Path | None:
     """The champion's model directory in ``workdir``; None when none is promoted or it is gone."""
-    from tasks.registry import read_champion
+    from imgflow.tasks.registry import read_champion
 
     pointer = read_champion(Path(workdir))
     if not pointer or "model_dir" not in pointer:
@@ -1159,7 +1159,7 @@ def scan_class_folders(data_dir: Path, class_names: Sequence[str]) -> tuple[list
 
 def _split_batches(manifest_path: Path, split: str, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """(uint8 images, labels, filenames) batches of a split, in make_dataset's deterministic order."""
-    from tasks.tfrecords import make_dataset
+    from imgflow.tasks.tfrecords import make_dataset
 
     dataset = make_dataset(manifest_path, split, batch_size, training=False, include_filenames=True)
     for images, labels, names in dataset.as_numpy_iterator():
@@ -1170,7 +1170,7 @@ def _split_batches(manifest_path: Path, split: str, batch_size: int) -> Iterator
 
 
 def _predict(model: Any, images: np.ndarray) -> np.ndarray:
-    from tasks.inference import predict
+    from imgflow.tasks.inference import predict
 
     return predict(model, images)
 
@@ -1350,7 +1350,7 @@ def _evaluate(
         comparison = compare_models(metrics, champion_metrics, str(metadata.get("run_id", model_dir.name)),
                                     str(champion[1].get("run_id", Path(champion_dir).name)), tolerance)
         # the pipeline's own promotion rule (health, tolerance), fed the accuracies measured here
-        from tasks.registry import promotion_decision
+        from imgflow.tasks.registry import promotion_decision
 
         candidate_meta = {**metadata, "metrics": {**(metadata.get("metrics") or {}), "val_accuracy": metrics["accuracy"]}}
         champion_meta = {**champion[1], "fingerprint": "<scored on the same images>"}
@@ -1421,7 +1421,7 @@ def evaluate_split(
     if split not in manifest.get("splits", {}) or not manifest["splits"][split].get("count"):
         raise EvaluationError(f"{manifest_path}: expected a non-empty split {split!r}, found splits "
                               f"{ {k: v.get('count') for k, v in manifest.get('splits', {}).items()} }")
-    from tasks.registry import read_metadata
+    from imgflow.tasks.registry import read_metadata
 
     metadata = read_metadata(Path(model_dir))
     if list(metadata.get("class_names", [])) != list(manifest["class_names"]):
@@ -1469,7 +1469,7 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
-    Images are read with ``tasks.tfrecords.load_image`` at the model's recorded
+    Images are read with ``imgflow.tasks.tfrecords.load_image`` at the model's recorded
     ``image_size`` and ``aspect`` (the training resize). Unreadable files, and files in
     folders that are not model classes, are skipped and listed in the report.
 
@@ -1487,8 +1487,8 @@ def evaluate_folder(
     Raises:
         EvaluationError: no class folder the model knows, or no readable image.
     """
-    from tasks.registry import read_metadata
-    from tasks.tfrecords import load_image
+    from imgflow.tasks.registry import read_metadata
+    from imgflow.tasks.tfrecords import load_image
 
     data_dir = Path(data_dir)
     metadata = read_metadata(Path(model_dir))

@@ -1,7 +1,7 @@
 """The options of each pipeline stage: validation, preprocessing, training.
 
 Plain pydantic models, so the work in ``tasks/`` can take them without depending on the
-Prefect wiring in ``flows/``. ``flows.config`` groups them into one ``ImgflowConfig`` and
+Prefect wiring in ``flows/``. ``imgflow.flows.config`` groups them into one ``ImgflowConfig`` and
 reads them from YAML.
 """
 

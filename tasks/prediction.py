@@ -10,7 +10,7 @@ The pieces, each a plain function:
   falls into, every other chunk keeps its identity (:func:`chunk_key`), and a
   re-run over a growing inbox predicts only what is new.
 * :func:`predict_chunk` decodes a chunk's files exactly as training did
-  (``tasks.tfrecords.load_image`` with the model's ``image_size`` and ``aspect``)
+  (``imgflow.tasks.tfrecords.load_image`` with the model's ``image_size`` and ``aspect``)
   on a thread pool, one batch ahead of the model, runs the model on whole batches,
   and writes one part file atomically.
 * :func:`assemble_csv` streams the part files of the current scan, in scan order,
@@ -37,8 +37,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from tasks.atomic import atomic_open, read_json
-from tasks.dataset import is_hidden
+from imgflow.tasks.atomic import atomic_open, read_json
+from imgflow.tasks.dataset import is_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -217,9 +217,9 @@ def read_metadata(model_dir: Path | str) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no ``model.keras`` or ``metadata.json`` in ``model_dir``.
-        tasks.registry.RegistryError: metadata without usable ``class_names`` or ``image_size``.
+        imgflow.tasks.registry.RegistryError: metadata without usable ``class_names`` or ``image_size``.
     """
-    from tasks.registry import METADATA_FILE, read_metadata as read_registry_metadata
+    from imgflow.tasks.registry import METADATA_FILE, read_metadata as read_registry_metadata
 
     model_dir = Path(model_dir)
     for name in ("model.keras", METADATA_FILE):
@@ -231,7 +231,7 @@ def read_metadata(model_dir: Path | str) -> dict[str, Any]:
 
 
 def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    from tasks.registry import load_model_dir
+    from imgflow.tasks.registry import load_model_dir
 
     model, meta = load_model_dir(model_dir)
     meta = dict(meta)
@@ -269,7 +269,7 @@ def _short(message: str) -> str:
 
 
 def _decode(path: Path, image_size: int, aspect: str) -> tuple[np.ndarray | None, str]:
-    from tasks.tfrecords import load_image
+    from imgflow.tasks.tfrecords import load_image
 
     try:
         return load_image(path, image_size, aspect), ""
@@ -283,7 +283,7 @@ def to_probabilities(outputs: np.ndarray) -> np.ndarray:
     Outputs that already look like probabilities (non-negative, rows summing to 1
     within 1e-3) are only renormalised; anything else (logits) goes through softmax.
     """
-    from tasks.inference import as_probabilities
+    from imgflow.tasks.inference import as_probabilities
 
     out = np.asarray(outputs)
     return as_probabilities(out.reshape(out.shape[0], -1))[0]

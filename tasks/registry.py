@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tasks.atomic import read_json, write_json
+from imgflow.tasks.atomic import read_json, write_json
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"

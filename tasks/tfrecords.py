@@ -46,8 +46,8 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageOps
 
-from tasks.options import PreprocessOptions
-from tasks import atomic
+from imgflow.tasks.options import PreprocessOptions
+from imgflow.tasks import atomic
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
 FORMAT_VERSION = 1

@@ -25,10 +25,10 @@ from typing import Any
 import keras
 import numpy as np
 
-from tasks.options import TrainOptions
-from tasks import doctor
-from tasks.atomic import atomic_path, read_json, write_json, write_text
-from tasks.models import build_model, compile_model
+from imgflow.tasks.options import TrainOptions
+from imgflow.tasks import doctor
+from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
+from imgflow.tasks.models import build_model, compile_model
 
 Logger = Callable[[str], None]
 
@@ -202,7 +202,7 @@ def backup_epoch(run_dir: Path) -> int:
 
 def save_learning_curves(run_dir: Path) -> Path | None:
     """Plot every metric per epoch (train and val) from ``history.csv`` to ``learning_curves.png``."""
-    from tasks.evaluation import plot_learning_curves
+    from imgflow.tasks.evaluation import plot_learning_curves
 
     return plot_learning_curves(Path(run_dir) / HISTORY_FILE, Path(run_dir) / CURVES_FILE)
 
@@ -433,7 +433,7 @@ def train_from_manifest(
     Raises:
         ValueError: the manifest has no validation images or fewer than 2 classes.
     """
-    from tasks.tfrecords import make_dataset
+    from imgflow.tasks.tfrecords import make_dataset
 
     run_dir = Path(run_dir)
     summary_path = run_dir / SUMMARY_FILE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.config import ConfigError, ImgflowConfig, load_config
+from imgflow.flows.config import ConfigError, ImgflowConfig, load_config
 
 
 def test_defaults():

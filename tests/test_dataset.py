@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.config import ValidationOptions
-from tasks.dataset import DatasetError, inspect_image, report_markdown, validate_dataset
+from imgflow.flows.config import ValidationOptions
+from imgflow.tasks.dataset import DatasetError, inspect_image, report_markdown, validate_dataset
 from tests.imagefactory import make_class_folder
 
 

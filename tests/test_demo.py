@@ -6,7 +6,7 @@ import csv
 
 from PIL import Image
 
-from flows.demo import build_demo_data, inbox_accuracy
+from imgflow.flows.demo import build_demo_data, inbox_accuracy
 
 
 def test_demo_data_holds_out_an_unlabelled_inbox(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.config import ConfigError
+from imgflow.flows.config import ConfigError
 from tests.imagefactory import DIGIT_CLASSES, digit_images, make_digit_folder
 from tests.modelfactory import make_champion, make_digit_model_dir
 
@@ -81,7 +81,7 @@ def test_build_deployments_mirror_the_yaml(tmp_path):
     from prefect.client.schemas.objects import ConcurrencyLimitStrategy
     from prefect.flows import load_flow_from_entrypoint
 
-    from flows.serve import build_deployments
+    from imgflow.flows.serve import build_deployments
 
     config = tmp_path / "imgflow.yaml"
     config.write_text("image_size: 32\n")
@@ -102,7 +102,7 @@ def test_build_deployments_mirror_the_yaml(tmp_path):
 
 
 def test_build_deployments_names_a_bad_cron(tmp_path):
-    from flows.serve import build_deployments
+    from imgflow.flows.serve import build_deployments
 
     with pytest.raises(ValueError, match=r"train_cron: expected a cron expression .* found 'every night'"):
         build_deployments(tmp_path, tmp_path, train_cron="every night")
@@ -123,7 +123,7 @@ def test_serve_script_check_prints_both_deployments(tmp_path, capsys):
 
 
 def test_scheduled_retraining_names_a_bad_config_file_before_any_work(tmp_path, prefect_server):
-    from flows.serve import scheduled_retraining
+    from imgflow.flows.serve import scheduled_retraining
 
     config = tmp_path / "imgflow.yaml"
     config.write_text("image_size: 32\nepochz: 3\n")
@@ -195,8 +195,8 @@ def test_yaml_prediction_deployment_runs_once_on_a_process_worker(tmp_path, pref
 
 @pytest.mark.slow
 def test_scheduled_retraining_has_nothing_to_do_when_unchanged(tmp_path, prefect_server):
-    from flows.serve import scheduled_retraining
-    from tasks.registry import read_champion
+    from imgflow.flows.serve import scheduled_retraining
+    from imgflow.tasks.registry import read_champion
 
     data = make_digit_folder(tmp_path / "data", per_class=20)
     config = tmp_path / "imgflow.yaml"
@@ -222,7 +222,7 @@ def test_scheduled_retraining_has_nothing_to_do_when_unchanged(tmp_path, prefect
 
 def test_training_task_carries_the_gpu_tag():
     """`prefect concurrency-limit create gpu 1` only keeps two trainings off one GPU if the task is tagged."""
-    from flows.training import train_task
+    from imgflow.flows.training import train_task
 
     assert "gpu" in train_task.tags
 
@@ -230,7 +230,7 @@ def test_training_task_carries_the_gpu_tag():
 def test_serve_refuses_without_a_server_url(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import NoServerError, serve_deployments
+    from imgflow.flows.serve import NoServerError, serve_deployments
 
     with temporary_settings(updates={PREFECT_API_URL: None}):
         with pytest.raises(NoServerError, match=r"PREFECT_API_URL: expected the URL of a running Prefect server"):
@@ -241,7 +241,7 @@ def test_serve_refuses_without_a_server_url(tmp_path, monkeypatch):
 def test_serve_names_a_missing_data_dir(tmp_path):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.serve import serve_deployments
+    from imgflow.flows.serve import serve_deployments
 
     with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
         with pytest.raises(FileNotFoundError, match=r"DATA_DIR .*missing: expected a folder of class folders"):
@@ -252,7 +252,7 @@ def test_imgflow_serve_without_a_server_exits_2(tmp_path):
     (tmp_path / "data" / "a").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile with a server URL
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "serve", str(tmp_path / "data"), "--inbox",
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "serve", str(tmp_path / "data"), "--inbox",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("imgflow: PREFECT_API_URL: expected the URL of a running Prefect server")

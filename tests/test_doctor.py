@@ -21,7 +21,7 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
-from tasks import doctor  # noqa: E402
+from imgflow.tasks import doctor  # noqa: E402
 from tests.imagefactory import digit_images  # noqa: E402
 
 K = 3
@@ -342,7 +342,7 @@ def test_checks_run_on_the_jax_backend(tmp_path):
         """
         import json, numpy as np, keras
         assert keras.backend.backend() == "jax"
-        from tasks import doctor
+        from imgflow.tasks import doctor
         from tests.imagefactory import digit_images
         pairs = digit_images([0, 1, 7], per_class=20)
         x = np.stack([p for _, p in pairs]); y = np.array([{0: 0, 1: 1, 7: 2}[d] for d, _ in pairs])
@@ -386,8 +386,8 @@ def healthy_builder(input_shape, num_classes):
 
 
 def test_doctor_flow_on_a_healthy_user_model(prefect_server, digits_dir, tmp_path):
-    from flows.config import ImgflowConfig
-    from flows.doctor import doctor_flow
+    from imgflow.flows.config import ImgflowConfig
+    from imgflow.flows.doctor import doctor_flow
 
     config = ImgflowConfig.from_flat({"image_size": 32, "batch_size": 16, "seed": 1})
     result = doctor_flow("tests.test_doctor:healthy_builder", digits_dir, workdir=tmp_path / "w", config=config,
@@ -405,7 +405,7 @@ def test_doctor_flow_on_a_healthy_user_model(prefect_server, digits_dir, tmp_pat
 def test_doctor_command_exits_1_and_names_the_relu_head(prefect_server, digits_dir, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from imgflow.flows.cli import app
 
     result = CliRunner().invoke(app, ["doctor", "tests.test_doctor:relu_head_builder", str(digits_dir),
                                       "--workdir", str(tmp_path / "w"), "--image-size", "32"])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.atomic import read_json
+from imgflow.tasks.atomic import read_json
 from tests.imagefactory import make_digit_folder
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def imgflow(*args: str) -> Result:
 
     env = dict(os.environ, PREFECT_API_URL=str(PREFECT_API_URL.value()), TF_CPP_MIN_LOG_LEVEL="2",
                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], stdout=subprocess.PIPE,
+    proc = subprocess.run([sys.executable, "-m", "imgflow", *map(str, args)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600, env=env, cwd=REPO)
     return Result(proc)
 

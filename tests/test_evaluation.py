@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.atomic import read_json, write_json
-from tasks.evaluation import (
+from imgflow.tasks.atomic import read_json, write_json
+from imgflow.tasks.evaluation import (
     EvaluationError,
     compute_metrics,
     expected_calibration_error,
@@ -146,7 +146,7 @@ def test_report_mentions_every_class_findings_and_champion(tmp_path):
     cm_png = plot_confusion_matrix(m["confusion_matrix"], HAND_NAMES, tmp_path / "confusion_matrix.png")
     diagnosis = {"healthy": False, "findings": [{"code": "loss_at_chance", "severity": "critical",
                                                   "evidence": {"loss": 1.0986}, "advice": "Check the labels."}]}
-    from tasks.evaluation import compare_models
+    from imgflow.tasks.evaluation import compare_models
 
     champion_metrics = compute_metrics(HAND_LABELS, np.tile([0.5, 0.3, 0.2], (6, 1)), HAND_NAMES)
     comparison = compare_models(m, champion_metrics, "run-new", "run-old", tolerance=0.01)
@@ -250,7 +250,7 @@ def _recount(predictions_csv: Path) -> tuple[int, list[list[int]]]:
 
 
 def test_evaluate_flow_on_a_folder_with_champion_and_broken_file(model_dirs, digits_dir, tmp_path, prefect_server):
-    from flows.evaluation import evaluate_flow
+    from imgflow.flows.evaluation import evaluate_flow
 
     trained, untrained = model_dirs
     data = tmp_path / "data"
@@ -272,7 +272,7 @@ def test_evaluate_flow_on_a_folder_with_champion_and_broken_file(model_dirs, dig
     assert doc["skipped"]["files"][0]["path"] == "seven/broken.png"
     assert doc["comparison"]["champion_run_id"] == "run-untrained"
     assert result["comparison"]["decision"] == "promote"
-    assert result["comparison"]["reason"].startswith("promoted: val accuracy")  # tasks.registry's rule
+    assert result["comparison"]["reason"].startswith("promoted: val accuracy")  # imgflow.tasks.registry's rule
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert {"confusion_matrix.png", "reliability.png", "learning_curves.png", "gallery.png", "saliency.png"} <= set(pngs)
     for png in out.glob("*.png"):
@@ -285,13 +285,13 @@ def test_evaluate_flow_on_a_folder_with_champion_and_broken_file(model_dirs, dig
 
 
 def test_evaluate_flow_rejects_unknown_classes_and_missing_champion(model_dirs, tmp_path, prefect_server):
-    from flows.evaluation import evaluate_flow
+    from imgflow.flows.evaluation import evaluate_flow
 
     trained, _ = model_dirs
     (tmp_path / "data" / "cats").mkdir(parents=True)
     with pytest.raises(EvaluationError, match=r"expected folders named after the model's classes"):
         evaluate_flow(str(trained), tmp_path / "data", workdir=tmp_path / "work")
-    with pytest.raises(ValueError, match="champion: no model was promoted"):  # tasks.registry.RegistryError
+    with pytest.raises(ValueError, match="champion: no model was promoted"):  # imgflow.tasks.registry.RegistryError
         evaluate_flow("champion", tmp_path / "data", workdir=tmp_path / "work")
 
 
@@ -339,7 +339,7 @@ def _write_shards(root: Path, per_class: int = 10) -> Path:
 
 
 def test_evaluate_split_writes_into_model_dir(model_dirs, tmp_path):
-    from tasks.evaluation import evaluate_split
+    from imgflow.tasks.evaluation import evaluate_split
 
     trained, untrained = model_dirs
     manifest = _write_shards(tmp_path / "shards")

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.models import (
+from imgflow.tasks.models import (
     BUILTIN_MODELS,
     ModelConfigError,
     build_model,
@@ -207,7 +207,7 @@ def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):
 
 
 def test_batchnorm_momentum_follows_epoch_length():
-    from tasks.models import bn_momentum_for
+    from imgflow.tasks.models import bn_momentum_for
 
     assert bn_momentum_for(None) == 0.5 and bn_momentum_for(6) == 0.5
     assert bn_momentum_for(40) == pytest.approx(0.9)
@@ -229,7 +229,7 @@ def test_default_model_trains_compiled_under_jax_backend():
     pytest.importorskip("jax")
     script = (
         "import numpy as np, keras\n"
-        "from tasks.models import build_model, compile_model\n"
+        "from imgflow.tasks.models import build_model, compile_model\n"
         "m = compile_model(build_model('default', 32, 3), jit_compile=True)\n"
         "x = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3)).astype('float32')\n"
         "loss = m.train_on_batch(x, np.array([0, 1, 2, 0, 1, 2, 0, 1]))\n"
@@ -245,7 +245,7 @@ def test_user_builder_in_the_current_folder_imports_without_python_m(tmp_path, m
     """The `imgflow` console script does not put the current folder on sys.path; builders there still load."""
     import sys
 
-    from tasks.models import load_builder
+    from imgflow.tasks.models import load_builder
 
     (tmp_path / "my_cwd_builders.py").write_text("def build(input_shape, num_classes):\n    return ('built', input_shape, num_classes)\n")
     monkeypatch.chdir(tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import prediction as P
+from imgflow.tasks import prediction as P
 from tests.imagefactory import DIGIT_CLASSES, digit_images
 from tests.modelfactory import CLASS_NAMES, make_digit_model_dir
 ODD_NAMES = ["a,b.png", 'say "hi".png', "=SUM(A1).png", "ünïcödé 数字.png", "semi;colon's.png"]
@@ -198,7 +198,7 @@ def test_predict_files_rows_in_order_with_errors(model_dir, tmp_path):
 
 
 def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, model_dir, inbox, tmp_path):
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     workdir = tmp_path / "work"
@@ -237,7 +237,7 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
 
 
 def test_new_files_are_predicted_on_the_next_run(prefect_server, model_dir, inbox, tmp_path):
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     out = tmp_path / "results" / "preds.csv"
@@ -255,14 +255,14 @@ def test_new_files_are_predicted_on_the_next_run(prefect_server, model_dir, inbo
 
 
 def test_resume_after_sigkill_between_chunks(prefect_server, model_dir, inbox, tmp_path):
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     workdir = tmp_path / "work"
     script = textwrap.dedent(
         f"""
         import os, signal
-        import tasks.prediction as P
+        import imgflow.tasks.prediction as P
         written = 0
         original = P.write_part
         def write_then_die(*args, **kwargs):
@@ -273,7 +273,7 @@ def test_resume_after_sigkill_between_chunks(prefect_server, model_dir, inbox, t
                 os.kill(os.getpid(), signal.SIGKILL)
             return path
         P.write_part = write_then_die
-        from flows.prediction import batch_predict
+        from imgflow.flows.prediction import batch_predict
         batch_predict(model={str(model_dir)!r}, input_dir={str(root)!r}, workdir={str(workdir)!r}, chunk_size=6)
         """
     )
@@ -297,7 +297,7 @@ def test_resume_after_sigkill_between_chunks(prefect_server, model_dir, inbox, t
 def test_dask_fan_out_matches_local_run(prefect_server, model_dir, inbox, tmp_path):
     from distributed import LocalCluster
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     local = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "local", chunk_size=8)
@@ -318,7 +318,7 @@ def test_dask_fan_out_matches_local_run(prefect_server, model_dir, inbox, tmp_pa
 
 
 def test_bad_inputs_name_what_is_wrong(prefect_server, model_dir, tmp_path):
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     with pytest.raises(FileNotFoundError, match="INPUT_DIR .*expected a folder of images, found nothing there"):
         batch_predict(model=str(model_dir), input_dir=tmp_path / "missing", workdir=tmp_path)
@@ -330,7 +330,7 @@ def test_bad_inputs_name_what_is_wrong(prefect_server, model_dir, tmp_path):
 
 
 def test_champion_and_a_folder_holding_only_the_workdir(prefect_server, model_dir, tmp_path):
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     inbox = tmp_path / "inbox"
     workdir = inbox / "work"  # the workdir (and so the CSV and part files) inside INPUT_DIR: never listed
@@ -349,7 +349,7 @@ def test_champion_and_a_folder_holding_only_the_workdir(prefect_server, model_di
 def test_a_new_model_predicts_everything_again_and_drops_the_old_parts(prefect_server, model_dir, inbox, tmp_path):
     import shutil
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     out = tmp_path / "preds.csv"
@@ -367,9 +367,9 @@ def test_a_new_model_predicts_everything_again_and_drops_the_old_parts(prefect_s
 def test_cli_predict_prints_the_summary_and_exits_2_on_a_missing_model(prefect_server, model_dir, inbox, tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from imgflow.flows.cli import app
 
-    from flows.prediction import batch_predict
+    from imgflow.flows.prediction import batch_predict
 
     root, truth, broken = inbox
     # Prefect's log handlers bind the streams of the first flow run in the process; let that

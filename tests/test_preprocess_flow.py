@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.config import ImgflowConfig
-from tasks import tfrecords
-from tasks.dataset import DatasetUnusable
+from imgflow.flows.config import ImgflowConfig
+from imgflow.tasks import tfrecords
+from imgflow.tasks.dataset import DatasetUnusable
 from tests.imagefactory import make_class_folder
 
 CONFIG = ImgflowConfig.from_flat({"image_size": 32, "val_fraction": 0.2})
@@ -40,7 +40,7 @@ def _mtimes(folder: Path) -> dict[str, int]:
 
 
 def test_flow_writes_shards_then_reuses_them(prefect_server, digits_dir, tmp_path):
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     work = tmp_path / "work"
     first = preprocess_flow(digits_dir, workdir=work, config=CONFIG)
@@ -83,7 +83,7 @@ def test_flow_writes_shards_then_reuses_them(prefect_server, digits_dir, tmp_pat
 
 
 def test_flow_refuses_unusable_data(prefect_server, tmp_path):
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     data = make_class_folder(tmp_path / "data", {"only": 5}, size=16)
     with pytest.raises(DatasetUnusable, match="validation found the data unusable.*validation.json"):
@@ -92,7 +92,7 @@ def test_flow_refuses_unusable_data(prefect_server, tmp_path):
 
 
 def test_flow_with_val_dir(prefect_server, tmp_path):
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     data = make_class_folder(tmp_path / "data", {"a": 6, "b": 6}, size=16)
     val = make_class_folder(tmp_path / "val", {"a": 3, "b": 2}, size=16, seed=3)
@@ -107,7 +107,7 @@ def test_flow_with_val_dir(prefect_server, tmp_path):
 def test_flow_fans_out_on_a_dask_cluster(prefect_server, tmp_path):
     from distributed import LocalCluster
 
-    from flows.preprocessing import preprocess_flow
+    from imgflow.flows.preprocessing import preprocess_flow
 
     data = make_class_folder(tmp_path / "data", {"a": 10, "b": 10, "c": 10}, size=16)
     local = preprocess_flow(data, workdir=tmp_path / "local", config=CONFIG)

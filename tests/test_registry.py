@@ -8,8 +8,8 @@ import keras
 import numpy as np
 import pytest
 
-from tasks import registry
-from tasks.atomic import write_json
+from imgflow.tasks import registry
+from imgflow.tasks.atomic import write_json
 
 
 def _meta(run_id="r1", acc=0.9, healthy=True, fingerprint="fp", classes=("a", "b")) -> dict:

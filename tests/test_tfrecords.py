@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.config import PreprocessOptions
-from tasks import tfrecords
-from tasks.dataset import validate_dataset
+from imgflow.flows.config import PreprocessOptions
+from imgflow.tasks import tfrecords
+from imgflow.tasks.dataset import validate_dataset
 from tests.imagefactory import make_class_folder
 
 OPTS = PreprocessOptions(image_size=32, val_fraction=0.2)
@@ -322,8 +322,8 @@ def test_killed_writer_leaves_no_manifest(tmp_path):
         f"""
         import json, os, signal
         from pathlib import Path
-        from flows.config import PreprocessOptions
-        from tasks import tfrecords
+        from imgflow.flows.config import PreprocessOptions
+        from imgflow.tasks import tfrecords
         report = json.loads(Path({str(report_path)!r}).read_text())
         real, seen = tfrecords.load_image, []
         def dying(path, size, aspect="squash"):

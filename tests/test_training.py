@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from flows.config import TrainOptions
-from tasks import training
-from tasks.models import build_model
+from imgflow.flows.config import TrainOptions
+from imgflow.tasks import training
+from imgflow.tasks.models import build_model
 from tests.imagefactory import digit_images
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.config import ImgflowConfig
-from tasks import registry
-from tasks.atomic import read_json
-from tasks.training import read_history
+from imgflow.flows.config import ImgflowConfig
+from imgflow.tasks import registry
+from imgflow.tasks.atomic import read_json
+from imgflow.tasks.training import read_history
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def _raw_accuracy(model_dir: Path, data_dir: Path, metadata: dict) -> float:
 
 
 def test_pipeline_trains_promotes_reuses_and_rejects(prefect_server, digits_dir, tmp_path):
-    from flows.training import training_pipeline
+    from imgflow.flows.training import training_pipeline
 
     workdir = tmp_path / "work"
     result = training_pipeline(digits_dir, workdir=workdir, config=_config())
@@ -98,7 +98,7 @@ def _api_env() -> dict[str, str]:
 def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, digits_dir, tmp_path):
     workdir = tmp_path / "work"
     command = [
-        sys.executable, "-c", "from flows.cli import main; main()",
+        sys.executable, "-c", "from imgflow.flows.cli import main; main()",
         "train", str(digits_dir), "--workdir", str(workdir), "--epochs", "5", "--image-size", "32",
     ]
     log_path = tmp_path / "first.log"
@@ -144,10 +144,10 @@ def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, d
 def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_server, monkeypatch, tmp_path):
     from prefect import flow
 
-    import tasks.training
-    from flows.config import TrainOptions
-    from flows.training import train_task
-    from tasks.models import ModelConfigError
+    import imgflow.tasks.training
+    from imgflow.flows.config import TrainOptions
+    from imgflow.flows.training import train_task
+    from imgflow.tasks.models import ModelConfigError
 
     calls: list[str] = []
 
@@ -157,7 +157,7 @@ def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_serv
             raise RuntimeError("worker lost")  # transient: retried, the retry resumes run_dir
         return {"run_dir": str(run_dir), "attempt": len(calls)}
 
-    monkeypatch.setattr(tasks.training, "train_from_manifest", flaky)
+    monkeypatch.setattr(imgflow.tasks.training, "train_from_manifest", flaky)
     monkeypatch.setattr(train_task, "retry_delay_seconds", 0)
 
     @flow
@@ -173,7 +173,7 @@ def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_serv
         raise ModelConfigError("model: unknown model 'vgg99'")
 
     calls.clear()
-    monkeypatch.setattr(tasks.training, "train_from_manifest", bad_config)
+    monkeypatch.setattr(imgflow.tasks.training, "train_from_manifest", bad_config)
     with pytest.raises(ModelConfigError):
         one_task((str(tmp_path / "m.json"), str(tmp_path / "run"), TrainOptions()))
     assert calls == ["bad"]  # a logic error is not retried

@@ -10,8 +10,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from flows.validation import validate_flow
+from imgflow.flows.cli import app
+from imgflow.flows.validation import validate_flow
 from tests.imagefactory import make_class_folder
 
 runner = CliRunner()
@@ -64,7 +64,7 @@ def test_cli_validate_unusable_data_exits_1(prefect_server, tmp_path):
 
 
 def test_cli_missing_dir_exits_2_with_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "validate", str(tmp_path / "missing")],
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "validate", str(tmp_path / "missing")],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"imgflow: DATA_DIR {tmp_path / 'missing'} does not exist"
@@ -81,7 +81,7 @@ def test_cli_bad_config_exits_2(tmp_path, shapes_dir, args):
 
 
 def test_help_lists_every_command():
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0
     for command in ("validate", "preprocess", "train", "evaluate", "predict", "demo"):
         assert f" {command} " in proc.stdout
@@ -90,15 +90,15 @@ def test_help_lists_every_command():
 def test_unchanged_data_reuses_the_report_and_a_change_rescans(prefect_server, shapes_dir, tmp_path, monkeypatch):
     import os
 
-    import tasks.dataset
+    import imgflow.tasks.dataset
 
     workdir = tmp_path / "work"
     first = validate_flow(data_dir=shapes_dir, workdir=workdir)
     report_path = workdir / "validation.json"
     stamp = report_path.stat().st_mtime_ns
     calls = []
-    real = tasks.dataset.validate_dataset
-    monkeypatch.setattr("flows.validation.validate_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = imgflow.tasks.dataset.validate_dataset
+    monkeypatch.setattr("imgflow.flows.validation.validate_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert validate_flow(data_dir=shapes_dir, workdir=workdir) == first
     assert calls == [] and report_path.stat().st_mtime_ns == stamp  # nothing decoded, nothing rewritten
 
