@@ -13,19 +13,11 @@ import pytest
 from PIL import Image
 
 from imgflow.tasks.atomic import read_json, write_json
-from imgflow.tasks.evaluation import (
-    EvaluationError,
-    compute_metrics,
-    expected_calibration_error,
-    find_gradcam_layer,
-    grad_cam,
-    occlusion_saliency,
-    plot_confusion_matrix,
-    plot_learning_curves,
-    plot_reliability,
-    saliency_maps,
-    write_report,
-)
+from imgflow.tasks.metrics import EvaluationError, compute_metrics, expected_calibration_error
+from imgflow.tasks.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability
+from imgflow.tasks.registry import compare_models, decide
+from imgflow.tasks.report import write_report
+from imgflow.tasks.saliency import find_gradcam_layer, grad_cam, occlusion_saliency, saliency_maps
 from tests.imagefactory import digit_images
 
 CLASSES = ["one", "seven", "zero"]  # sorted folder names = model class order
@@ -146,11 +138,13 @@ def test_report_mentions_every_class_findings_and_champion(tmp_path):
     cm_png = plot_confusion_matrix(m["confusion_matrix"], HAND_NAMES, tmp_path / "confusion_matrix.png")
     diagnosis = {"healthy": False, "findings": [{"code": "loss_at_chance", "severity": "critical",
                                                   "evidence": {"loss": 1.0986}, "advice": "Check the labels."}]}
-    from imgflow.tasks.evaluation import compare_models
-
     champion_metrics = compute_metrics(HAND_LABELS, np.tile([0.5, 0.3, 0.2], (6, 1)), HAND_NAMES)
-    comparison = compare_models(m, champion_metrics, "run-new", "run-old", tolerance=0.01)
-    assert comparison["decision"] == "promote"  # 4/6 beats 3/6
+    comparison = compare_models(m, champion_metrics, "run-new", "run-old")
+    decision = decide({"run_id": "run-new", "healthy": True, "class_names": HAND_NAMES, "fingerprint": "f"}, m,
+                      {"run_id": "run-old", "class_names": HAND_NAMES, "fingerprint": "f"}, champion_metrics, 0.01,
+                      min_class_images_for_recall_gate=1)
+    assert decision["decision"] == "promote" and decision["promote"] is True  # 4/6 beats 3/6
+    comparison.update(decision=decision["decision"], reason=decision["reason"])
     paths = write_report(tmp_path, m, {"confusion_matrix": cm_png}, diagnosis=diagnosis, champion=comparison,
                          info={"run_id": "run-new", "data": "somewhere"},
                          skipped=[{"path": "cat/broken.jpg", "reason": "cannot identify image file"}])
