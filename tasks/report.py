@@ -293,7 +293,7 @@ def summary_markdown(metrics: dict[str, Any], info: dict[str, Any] | None = None
     """A short markdown summary (headline numbers, per-class notes) for a Prefect artifact; names escaped."""
     info = info or {}
     lines = [
-        f"## Evaluation of `{md_text(info.get('run_id', 'model'))}` on `{md_text(info.get('data', 'data'))}`",
+        f"## Evaluation of {md_text(info.get('run_id', 'model'))} on {md_text(info.get('data', 'data'))}",
         "",
         f"- images: **{metrics['count']}** ({info.get('skipped_count', 0)} unreadable skipped)",
         f"- accuracy: **{metrics['accuracy']:.4f}** (chance {metrics['chance_accuracy']:.4f}, "
