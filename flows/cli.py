@@ -223,16 +223,20 @@ def predict(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="also write the k best labels per file"),
     dask_address: Optional[str] = DaskOption,
     config: Optional[Path] = ConfigOption,
+    csv_neutralise: Optional[bool] = typer.Option(
+        None, "--csv-neutralise/--no-csv-neutralise",
+        help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
-    dask_address = build_config(config, dask_address=dask_address).preprocess.dask_address
+    settings = build_config(config, dask_address=dask_address, csv_neutralise=csv_neutralise)
+    dask_address = settings.preprocess.dask_address
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
-                               dask_address=dask_address, top_k=top_k)
+                               dask_address=dask_address, top_k=top_k, csv_neutralise=settings.train.csv_neutralise)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
