@@ -33,6 +33,8 @@ from imgflow.tasks.saliency import saliency_maps
 
 log = logging.getLogger(__name__)
 
+# EvaluationError (the CLI maps it) and plot_learning_curves (imgflow.tasks.training draws the
+# run's curves with it) are re-exported for their callers; they live in metrics and plots.
 __all__ = ["EvaluationError", "evaluate_folder", "evaluate_split", "plot_learning_curves", "scan_class_folders"]
 
 #: how many highest-loss images the gallery shows

@@ -182,6 +182,8 @@ def compute_metrics(
     Raises:
         EvaluationError: shapes that do not match the class list, or labels out of range.
     """
+    # Long on purpose: every figure comes from the one confusion matrix and prediction vector
+    # built here, so no two numbers in the report can disagree; half of it is the docstring.
     class_names = [str(name) for name in class_names]
     k_classes = len(class_names)
     y = np.asarray(labels, dtype=np.int64).reshape(-1)

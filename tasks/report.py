@@ -158,6 +158,8 @@ def report_records(
     skipped: Sequence[dict[str, str]],
 ) -> dict[str, Any]:
     """Everything the report shows, as text: the one input of both the HTML and the Markdown."""
+    # One flat pass over the report's sections in page order (~90 lines): split up, the page
+    # layout would be scattered over helpers that each build one table.
     names = metrics["class_names"]
     acc = metrics["accuracy"]
     no_better = acc <= metrics["majority_accuracy"] + 1e-9
