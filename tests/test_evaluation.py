@@ -422,7 +422,8 @@ def test_predictions_csv_neutralises_formulas_and_reports_escape_names(model_dir
     model_dir = tmp_path / "run-names"
     shutil.copytree(trained, model_dir)
     meta = read_json(model_dir / "metadata.json")
-    write_json(model_dir / "metadata.json", {**meta, "class_names": [evil, tagged, "zero"]})
+    write_json(model_dir / "metadata.json", {**meta, "class_names": [evil, tagged, "zero"], "best_epoch": 2,
+                                             "epochs_run": 3, "monitor": "val_loss", "stopped_early": False})
     data = make_digit_folder(tmp_path / "data", {evil: 1, tagged: 7, "zero": 0}, per_class=3)
     shutil.copy(data / "zero" / "zero_0000.png", data / "zero" / "=1+1.png")
     (data / "-2+3.png").write_bytes(b"")  # not in a class folder: never read
@@ -448,6 +449,8 @@ def test_predictions_csv_neutralises_formulas_and_reports_escape_names(model_dir
     page = Path(result["report_html"]).read_text()
     for text in (md, page):
         assert tagged not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "Weights from epoch 2 of 3, chosen on val_loss; training ran all 3 epochs." in page  # metadata keys
+    assert "learning_curves" in result["plots"]
     assert '=HYPERLINK(&#34;evil.example&#34;)' in page  # markupsafe's escape of "
 
 
