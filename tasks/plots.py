@@ -126,7 +126,8 @@ def plot_learning_curves(history_csv: Path, path: Path, best_epoch: int | None =
         if f"val_{key}" in history:
             ax.plot(epochs, history[f"val_{key}"], marker="o", markersize=3, label=f"val {key}")
         if best_epoch is not None and best_epoch in epochs:
-            _mark_epoch(ax, epochs, history.get(f"val_{key}", history[key]), best_epoch)
+            values = history.get(f"val_{key}", history[key]) if key not in extra else [float("nan")] * len(epochs)
+            _mark_epoch(ax, epochs, values, best_epoch)
         ax.set_title(key)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
