@@ -199,6 +199,9 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="labelled class folders to evaluate on"),
     workdir: Path = WorkdirOption,
     out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: WORKDIR/evaluations/<run>)"),
+    csv_neutralise: bool = typer.Option(
+        True, "--csv-neutralise/--no-csv-neutralise",
+        help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them"),
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
@@ -207,8 +210,11 @@ def evaluate(
     from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out)
+        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, csv_neutralise=csv_neutralise)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
+    if result.get("non_finite_outputs"):
+        typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
+                   "(counted wrong; the model cannot be promoted)")
     typer.echo(f"Report: {result['report_html']}")
     typer.echo(f"Metrics: {result['metrics_json']}")
 
