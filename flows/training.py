@@ -93,7 +93,7 @@ def promote_task(workdir: str, model_dir: str, decision: dict[str, Any]) -> dict
     promoted, reason = bool(decision.get("promote")), str(decision.get("reason", ""))
     pointer = registry.read_champion(workdir_path)
     current = pointer.get("run_id") if pointer and registry.champion_dir(workdir_path) else None
-    if promoted and current not in (decision.get("champion_run_id"), metadata["run_id"]):
+    if promoted and current is not None and current not in (decision.get("champion_run_id"), metadata["run_id"]):
         promoted, reason = False, (
             f"rejected: the champion changed to {current} after this run was compared with "
             f"{decision.get('champion_run_id')}; evaluate again to compare with the new champion"
