@@ -350,6 +350,10 @@ def test_evaluate_split_writes_into_model_dir(model_dirs, tmp_path):
     assert len({row["path"] for row in rows}) == 30
     assert (model_dir / "report.html").stat().st_size > 20_000 and (model_dir / "metrics.json").is_file()
     assert result["comparison"]["champion_run_id"] == "run-untrained"
+    # the one decision: the comparison shows what the result carries to promote_task
+    assert result["promotion"]["champion_run_id"] == "run-untrained"
+    assert result["promotion"]["reason"] == result["comparison"]["reason"]
+    assert result["promotion"]["decision"] == result["comparison"]["decision"]
     with pytest.raises(EvaluationError, match="split 'train'"):
         evaluate_split(model_dir, manifest, "train")
 
