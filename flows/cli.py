@@ -199,6 +199,9 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="labelled class folders to evaluate on"),
     workdir: Path = WorkdirOption,
     out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: WORKDIR/evaluations/<run>)"),
+    csv_neutralise: bool = typer.Option(
+        True, "--csv-neutralise/--no-csv-neutralise",
+        help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them"),
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
@@ -207,8 +210,11 @@ def evaluate(
     from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out)
+        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, csv_neutralise=csv_neutralise)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
+    if result.get("non_finite_outputs"):
+        typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
+                   "(counted wrong; the model cannot be promoted)")
     typer.echo(f"Report: {result['report_html']}")
     typer.echo(f"Metrics: {result['metrics_json']}")
 
@@ -223,16 +229,20 @@ def predict(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="also write the k best labels per file"),
     dask_address: Optional[str] = DaskOption,
     config: Optional[Path] = ConfigOption,
+    csv_neutralise: Optional[bool] = typer.Option(
+        None, "--csv-neutralise/--no-csv-neutralise",
+        help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
-    dask_address = build_config(config, dask_address=dask_address).preprocess.dask_address
+    settings = build_config(config, dask_address=dask_address, csv_neutralise=csv_neutralise)
+    dask_address = settings.preprocess.dask_address
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
-                               dask_address=dask_address, top_k=top_k)
+                               dask_address=dask_address, top_k=top_k, csv_neutralise=settings.train.csv_neutralise)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():

@@ -19,7 +19,8 @@ from imgflow.flows.config import DEFAULT_WORKDIR
 _SUMMARY_KEYS = (
     "out_dir", "accuracy", "loss", "count", "skipped", "report_html", "report_md", "metrics_json",
     "macro", "per_class", "prediction_distribution", "class_names", "class_notes", "saliency_method",
-    "expected_calibration_error", "top_k", "top_k_accuracy", "plots",
+    "expected_calibration_error", "top_k", "top_k_accuracy", "plots", "non_finite_outputs", "promotion",
+    "predictions_csv",
 )
 
 
@@ -39,12 +40,16 @@ def evaluate_folder_task(
     out_dir: str,
     champion_dir: str | None = None,
     tolerance: float = 0.0,
+    min_class_images_for_recall_gate: int = 10,
+    csv_neutralise: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
 
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
-                             Path(champion_dir) if champion_dir else None, tolerance=tolerance)
+                             Path(champion_dir) if champion_dir else None, tolerance=tolerance,
+                             min_class_images_for_recall_gate=min_class_images_for_recall_gate,
+                             csv_neutralise=csv_neutralise)
     return _summary(result)
 
 
@@ -56,7 +61,7 @@ def publish_artifacts(summary: dict[str, Any], key_prefix: str = "evaluation") -
     """
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-    from imgflow.tasks.evaluation import summary_markdown
+    from imgflow.tasks.report import summary_markdown
 
     prefix = re.sub(r"[^a-z0-9-]+", "-", key_prefix.lower()).strip("-") or "evaluation"
     metrics_like = {
@@ -64,6 +69,7 @@ def publish_artifacts(summary: dict[str, Any], key_prefix: str = "evaluation") -
         "macro": summary["macro"], "expected_calibration_error": summary["expected_calibration_error"],
         "class_notes": summary["class_notes"], "chance_accuracy": 1.0 / len(summary["class_names"]),
         "majority_accuracy": max(v["support"] for v in summary["per_class"].values()) / max(summary["count"], 1),
+        "non_finite_outputs": summary.get("non_finite_outputs", 0),
     }
     if "top_k_accuracy" in summary:
         metrics_like.update(top_k=summary["top_k"], top_k_accuracy=summary["top_k_accuracy"])
@@ -92,24 +98,27 @@ def evaluate_flow(
     data_dir: Path,
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
+    csv_neutralise: bool = True,
 ) -> dict[str, Any]:
     """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
 
     Writes metrics.json, report.html, report.md, predictions.csv and PNG plots into
     ``out`` (default ``<workdir>/evaluations/<run_id>-<data_dir name>``). When a
     champion other than MODEL is promoted in ``workdir``, it is evaluated on the same
-    images and shown side by side.
+    images and shown side by side. ``csv_neutralise=False`` writes ``predictions.csv``
+    cells raw (no ``'`` before a leading ``=``, ``+``, ``-``, ``@``, tab or CR).
 
     Returns:
         {"out_dir", "accuracy", "report_html", "metrics_json", "skipped"} plus
-        ``report_md``, ``count`` and ``comparison`` (with a champion).
+        ``report_md``, ``count``, ``non_finite_outputs``, ``promotion`` (what the
+        pipeline's rule decides for MODEL) and ``comparison`` (with a champion).
 
     Raises:
         imgflow.tasks.registry.RegistryError: no such model directory, or no champion in ``workdir``.
         imgflow.tasks.evaluation.EvaluationError: no class folder the model knows in ``data_dir``,
             or no readable image. Both are ValueErrors and usage errors (CLI exit 2).
     """
-    from imgflow.tasks.evaluation import _champion_dir
+    from imgflow.tasks.registry import champion_dir as find_champion
     from imgflow.tasks.registry import read_metadata, resolve_model_dir
 
     logger = get_run_logger()
@@ -119,18 +128,20 @@ def evaluate_flow(
     metadata = read_metadata(model_dir)
     run_id = str(metadata.get("run_id", model_dir.name))
     out_dir = Path(out) if out is not None else workdir / "evaluations" / f"{run_id}-{data_dir.resolve().name}"
-    champion_dir = _champion_dir(workdir)
+    champion_dir = find_champion(workdir)
     if champion_dir is not None and champion_dir.resolve() == model_dir.resolve():
         champion_dir = None
-    tolerance = float((metadata.get("config") or {}).get("promotion_tolerance", 0.0))
+    config = metadata.get("config") or {}
+    tolerance = float(config.get("promotion_tolerance", 0.0))
+    min_images = int(config.get("min_class_images_for_recall_gate", 10))
     summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir),
-                                   str(champion_dir) if champion_dir else None, tolerance)
+                                   str(champion_dir) if champion_dir else None, tolerance, min_images, csv_neutralise)
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",
                 summary["accuracy"], summary["count"], summary["skipped"], summary["report_html"])
     result = {key: summary[key] for key in ("out_dir", "accuracy", "report_html", "metrics_json", "skipped",
-                                            "report_md", "count")}
+                                            "report_md", "count", "non_finite_outputs", "promotion")}
     if "comparison" in summary:
         result["comparison"] = {k: summary["comparison"][k] for k in ("decision", "reason", "champion_run_id")}
     return result

@@ -134,6 +134,7 @@ def batch_predict(
     dask_address: str | None = None,
     top_k: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    csv_neutralise: bool = True,
 ) -> dict[str, Any]:
     """Classify every file under INPUT_DIR into one CSV row each; resumable.
 
@@ -146,6 +147,8 @@ def batch_predict(
         dask_address: scheduler address of an existing Dask cluster to run chunks on.
         top_k: also write ``top<i>_label``/``top<i>_prob`` for the k best classes.
         chunk_size: target files per chunk task (chunks hold between half and twice this).
+        csv_neutralise: prefix cells starting with ``=``, ``+``, ``-``, ``@``, tab or CR
+            with ``'`` so spreadsheets show them as text (False: raw paths and names).
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
@@ -226,7 +229,7 @@ def batch_predict(
         raise failure
     seconds = time.perf_counter() - started
 
-    summary = P.assemble_csv(out, (P.part_path(run_dir, k) for k in keys), class_names, top_k)
+    summary = P.assemble_csv(out, (P.part_path(run_dir, k) for k in keys), class_names, top_k, csv_neutralise)
     stale = P.remove_stale_parts(run_dir, keys)
     P.remove_stale_temporaries(run_dir)
     superseded = P.remove_superseded_runs(run_dir)

@@ -59,32 +59,45 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
 
 @task(name="evaluate-model", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
-def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float) -> dict[str, Any]:
-    """Score the model on the validation split (and the champion on the same images)."""
+def evaluate_task(
+    model_dir: str,
+    manifest_path: str,
+    champion_dir: str | None,
+    tolerance: float,
+    min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
+    csv_neutralise: bool = True,
+) -> dict[str, Any]:
+    """Score the model on the validation split (and the champion on the same images); carries the promotion decision."""
     from imgflow.tasks.evaluation import evaluate_split
 
     result = evaluate_split(
         Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
-        tolerance=tolerance,
+        tolerance=tolerance, min_class_images_for_recall_gate=min_class_images_for_recall_gate,
+        csv_neutralise=csv_neutralise,
     )
-    keep = ("accuracy", "loss", "per_class", "count", "report_html", "report_md", "metrics_json", "comparison")
+    keep = ("accuracy", "loss", "per_class", "count", "report_html", "report_md", "metrics_json", "comparison",
+            "non_finite_outputs", "promotion")
     return {k: result[k] for k in keep if k in result}
 
 
 @task(name="promote-model", cache_policy=NO_CACHE, timeout_seconds=120, retries=2, retry_delay_seconds=5,
       retry_condition_fn=_retry_transient)
-def promote_task(workdir: str, model_dir: str, champion_accuracy: float | None, tolerance: float) -> dict[str, Any]:
-    """Make the run champion when it is healthy and not worse than the champion; record why."""
+def promote_task(workdir: str, model_dir: str, decision: dict[str, Any]) -> dict[str, Any]:
+    """Act on the evaluation's promotion decision (``registry.decide``): point champion.json at the run; record why.
+
+    The decision was taken against one champion; when another run became champion since,
+    the candidate is not promoted over a model it was never compared with.
+    """
     workdir_path, model_path = Path(workdir), Path(model_dir)
     metadata = registry.read_metadata(model_path)
+    promoted, reason = bool(decision.get("promote")), str(decision.get("reason", ""))
     pointer = registry.read_champion(workdir_path)
-    champion_meta = None
-    if pointer is not None:
-        try:
-            champion_meta = registry.read_metadata(Path(pointer["model_dir"]))
-        except registry.RegistryError:
-            champion_meta = None  # a champion whose directory is gone does not compete
-    promoted, reason = registry.promotion_decision(metadata, champion_meta, tolerance, champion_accuracy)
+    current = pointer.get("run_id") if pointer and registry.champion_dir(workdir_path) else None
+    if promoted and current is not None and current not in (decision.get("champion_run_id"), metadata["run_id"]):
+        promoted, reason = False, (
+            f"rejected: the champion changed to {current} after this run was compared with "
+            f"{decision.get('champion_run_id')}; evaluate again to compare with the new champion"
+        )
     if promoted:
         registry.promote(workdir_path, model_path, metadata)
     metadata["promotion"] = {"promoted": promoted, "reason": reason, "decided": registry.now_iso()}
@@ -235,16 +248,15 @@ def training_pipeline(
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
 
-    pointer = registry.read_champion(workdir)
-    champion_dir = pointer["model_dir"] if pointer and Path(pointer["model_dir"], "model.keras").is_file() else None
-    evaluation = evaluate_task(str(model_dir), str(manifest_path), champion_dir, config.train.promotion_tolerance)
+    champion_dir = registry.champion_dir(workdir)
+    evaluation = evaluate_task(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
+                               config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
+                               config.train.csv_neutralise)
     metadata["metrics"] = _metrics(summary, evaluation)
     metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
     registry.write_metadata(model_dir, metadata)
 
-    comparison = evaluation.get("comparison") or {}
-    champion_accuracy = (comparison.get("champion_metrics") or {}).get("accuracy")
-    decision = promote_task(str(workdir), str(model_dir), champion_accuracy, config.train.promotion_tolerance)
+    decision = promote_task(str(workdir), str(model_dir), evaluation["promotion"])
     result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=False)
     result["reason"] = decision["reason"]
     result["promoted"] = decision["promoted"]

@@ -60,3 +60,9 @@ class TrainOptions(BaseModel):
     weights: str | None = Field(None, description="local weights file for keras.applications backbones")
     seed: int = 42
     promotion_tolerance: float = Field(0.01, ge=0)
+    min_class_images_for_recall_gate: int = Field(
+        10, ge=1, description="a candidate with recall 0 on a class with this many validation images is never "
+        "promoted over a champion that recognises the class")
+    csv_neutralise: bool = Field(
+        True, description="prefix CSV cells starting with =, +, -, @, tab or CR with ' so spreadsheets do not "
+        "run them as formulas; false keeps paths and class names raw")

@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from imgflow.tasks.atomic import atomic_open, read_json
+from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.dataset import is_hidden
 
 logger = logging.getLogger(__name__)
@@ -464,11 +465,16 @@ def assemble_csv(
     parts: Iterable[Path | str],
     class_names: Sequence[str],
     top_k: int | None = None,
+    neutralise: bool = True,
 ) -> dict[str, Any]:
     """Concatenate part files, in the given order, into the final CSV atomically.
 
     Rows are streamed (memory stays flat). ``top_k`` adds ``top<i>_label`` and
-    ``top<i>_prob`` columns computed from the stored probabilities.
+    ``top<i>_prob`` columns computed from the stored probabilities. Cells that a
+    spreadsheet would run as a formula (a ``path`` or class name starting with ``=``,
+    ``+``, ``-``, ``@``, tab or CR) get a leading ``'``
+    (:func:`imgflow.tasks.csvcells.safe_cell`) unless ``neutralise`` is False; part
+    files keep the raw text.
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts"}``.
@@ -478,7 +484,7 @@ def assemble_csv(
     labels: Counter[str] = Counter()
     with atomic_open(out, "w", encoding="utf-8", newline="", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
-        writer.writerow(csv_header(class_names, k))
+        writer.writerow(safe_row(csv_header(class_names, k), neutralise))
         for part in parts:
             for row in read_part(part, class_names):
                 rows += 1
@@ -486,7 +492,7 @@ def assemble_csv(
                     errors += 1
                 else:
                     labels[row[1]] += 1
-                writer.writerow([*row[:-1], *_top_k_cells(row, class_names, k), row[-1]])
+                writer.writerow(safe_row([*row[:-1], *_top_k_cells(row, class_names, k), row[-1]], neutralise))
     ordered = {name: labels[name] for name in class_names if labels[name]}
     return {"csv": str(out), "rows": rows, "errors": errors, "label_counts": ordered}
 

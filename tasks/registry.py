@@ -27,7 +27,11 @@ METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
 
 # Config keys that do not change what a run trains (so they do not change the run id).
-_RUN_ID_IGNORED_KEYS = frozenset({"dask_address", "workers", "promotion_tolerance"})
+_RUN_ID_IGNORED_KEYS = frozenset({
+    "dask_address", "workers", "promotion_tolerance", "min_class_images_for_recall_gate", "csv_neutralise",
+})
+#: a class needs this many validation images before a recall of 0 on it blocks promotion
+MIN_CLASS_IMAGES_FOR_RECALL_GATE = 10
 
 
 class RegistryError(ValueError):
@@ -190,16 +194,98 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
     return model, metadata
 
 
+def champion_dir(workdir: Path) -> Path | None:
+    """The champion's model directory in ``workdir``; None when none is promoted or its model is gone."""
+    pointer = read_champion(Path(workdir))
+    if not pointer or "model_dir" not in pointer:
+        return None
+    path = Path(pointer["model_dir"])
+    if not path.is_absolute():
+        path = Path(workdir) / path
+    return path if (path / MODEL_FILE).is_file() else None
+
+
+def compare_models(
+    candidate: dict[str, Any],
+    champion: dict[str, Any],
+    candidate_run_id: str,
+    champion_run_id: str,
+) -> dict[str, Any]:
+    """Side-by-side metrics of a candidate and the champion scored on the same images; pure.
+
+    Args:
+        candidate: ``compute_metrics`` output of the candidate.
+        champion: ``compute_metrics`` output of the champion on the same images.
+        candidate_run_id: shown in the table header.
+        champion_run_id: shown in the table header.
+
+    Returns:
+        {"candidate_run_id", "champion_run_id", "rows": [{"metric", "candidate",
+        "champion", "difference"}]}; :func:`promotion_decision` adds the decision.
+    """
+    def pick(m: dict[str, Any]) -> dict[str, float]:
+        values = {
+            "accuracy": m["accuracy"],
+            "loss": m["loss"],
+            "macro F1": m["macro"]["f1"],
+            "weighted F1": m["weighted"]["f1"],
+            "calibration error": m["expected_calibration_error"],
+        }
+        if "top_k_accuracy" in m:
+            values[f"top-{m['top_k']} accuracy"] = m["top_k_accuracy"]
+        for name in m["class_names"]:
+            values[f"recall {name}"] = m["per_class"][name]["recall"]
+        return values
+
+    a, b = pick(candidate), pick(champion)
+    rows = [
+        {"metric": key, "candidate": round(a[key], 4), "champion": round(b[key], 4), "difference": round(a[key] - b[key], 4)}
+        for key in a if key in b
+    ]
+    return {"candidate_run_id": candidate_run_id, "champion_run_id": champion_run_id, "rows": rows}
+
+
+def _recall_gate(
+    candidate_metrics: dict[str, Any] | None,
+    champion_metrics: dict[str, Any] | None,
+    champion: dict[str, Any],
+    min_class_images: int,
+) -> str | None:
+    """Why a lopsided candidate may not replace the champion (a class it never recognises), or None."""
+    per_class = (candidate_metrics or {}).get("per_class") or {}
+    if champion_metrics is not None:
+        champion_recall = {n: v.get("recall") for n, v in (champion_metrics.get("per_class") or {}).items()}
+    else:  # same validation set: the champion's stored recalls count
+        champion_recall = dict((champion.get("metrics") or {}).get("per_class_recall") or {})
+    for name, row in per_class.items():
+        support, recall, theirs = int(row.get("support", 0)), row.get("recall"), champion_recall.get(name)
+        if support >= min_class_images and recall == 0 and theirs:
+            return (
+                f"rejected: the candidate never recognises class {name!r} (recall 0 on {support} validation "
+                f"images) while champion {champion.get('run_id')} does (recall {theirs:.4f}); a model blind to a "
+                f"class is not promoted over one that sees it, whatever the tolerance "
+                f"(min_class_images_for_recall_gate {min_class_images})"
+            )
+    return None
+
+
 def promotion_decision(
     candidate: dict[str, Any],
     champion: dict[str, Any] | None,
     tolerance: float = 0.01,
     champion_accuracy_on_candidate_val: float | None = None,
+    *,
+    candidate_metrics: dict[str, Any] | None = None,
+    champion_metrics: dict[str, Any] | None = None,
+    min_class_images_for_recall_gate: int = MIN_CLASS_IMAGES_FOR_RECALL_GATE,
 ) -> tuple[bool, str]:
-    """Decide whether a finished run becomes champion; pure.
+    """Decide whether a finished run becomes champion; pure. The one promotion rule of imgflow.
 
-    A run is promoted only when it is healthy and its val accuracy is not worse than the
-    champion's, on the same validation set, by more than ``tolerance``.
+    A run is promoted only when it is healthy, every validation image got finite model
+    outputs, it does not miss a class (recall 0 on a class with at least
+    ``min_class_images_for_recall_gate`` validation images) that the champion
+    recognises, and its val accuracy is not worse than the champion's, on the same
+    validation set, by more than ``tolerance``.
 
     Args:
         candidate: the run's metadata (``healthy``, ``metrics.val_accuracy``, ``fingerprint``,
@@ -208,15 +294,30 @@ def promotion_decision(
         tolerance: how much lower (absolute accuracy) the candidate may score.
         champion_accuracy_on_candidate_val: the champion's accuracy measured on the
             candidate's validation set, when the stored figure was measured on another set.
+        candidate_metrics: the candidate's evaluation (``compute_metrics``: ``per_class``
+            recall and support, ``non_finite_outputs``, ``accuracy``), when available.
+        champion_metrics: the champion's evaluation on the same images; its accuracy
+            is the reference, and its recalls feed the recall gate.
+        min_class_images_for_recall_gate: classes with fewer validation images are not gated.
 
     Returns:
-        (promote, reason) where reason is a sentence.
+        (promote, reason) where reason is a sentence starting ``promoted`` or ``rejected``.
     """
     acc = candidate.get("metrics", {}).get("val_accuracy")
+    if candidate_metrics is not None and candidate_metrics.get("accuracy") is not None:
+        acc = candidate_metrics["accuracy"]
+    if champion_metrics is not None and champion_metrics.get("accuracy") is not None:
+        champion_accuracy_on_candidate_val = champion_metrics["accuracy"]
     if not candidate.get("healthy", False):
         return False, "rejected: the training diagnosis is not healthy (see diagnosis.json for the critical findings)"
     if acc is None:
         return False, "rejected: the run has no validation accuracy to compare"
+    broken = int((candidate_metrics or {}).get("non_finite_outputs") or 0)
+    if broken:
+        return False, (
+            f"rejected: the model gave NaN or infinite outputs for {broken} of {candidate_metrics.get('count')} "
+            "validation images (a diverged training: lower the learning rate, scale the inputs)"
+        )
     if champion is None:
         return True, f"promoted: first healthy model in this workdir (val accuracy {acc:.4f})"
     if champion.get("run_id") == candidate.get("run_id"):
@@ -226,7 +327,12 @@ def promotion_decision(
             f"promoted: the class list changed ({champion.get('class_names')} -> {candidate.get('class_names')}), "
             f"so the old champion does not compete (val accuracy {acc:.4f})"
         )
-    if champion.get("fingerprint") == candidate.get("fingerprint"):
+    same_set = champion.get("fingerprint") == candidate.get("fingerprint")
+    if champion_metrics is not None or same_set:
+        lopsided = _recall_gate(candidate_metrics, champion_metrics, champion, min_class_images_for_recall_gate)
+        if lopsided:
+            return False, lopsided
+    if same_set and champion_metrics is None:
         reference = champion.get("metrics", {}).get("val_accuracy")
     else:
         reference = champion_accuracy_on_candidate_val
@@ -241,6 +347,44 @@ def promotion_decision(
         f"promoted: val accuracy {acc:.4f} vs champion {champion.get('run_id')} {reference:.4f} "
         f"(tolerance {tolerance})"
     )
+
+
+def decide(
+    candidate: dict[str, Any],
+    candidate_metrics: dict[str, Any],
+    champion: dict[str, Any] | None = None,
+    champion_metrics: dict[str, Any] | None = None,
+    tolerance: float = 0.01,
+    min_class_images_for_recall_gate: int = MIN_CLASS_IMAGES_FOR_RECALL_GATE,
+) -> dict[str, Any]:
+    """The promotion decision as the record the evaluation summary carries and ``promote_task`` acts on.
+
+    Args:
+        candidate: the candidate's metadata.
+        candidate_metrics: its evaluation on the validation images.
+        champion: the champion's metadata, or None.
+        champion_metrics: the champion's evaluation on the same images, or None.
+        tolerance: see :func:`promotion_decision`.
+        min_class_images_for_recall_gate: see :func:`promotion_decision`.
+
+    Returns:
+        {"promote": bool, "decision": "promote"|"keep champion"|"reject", "reason",
+        "champion_run_id" (None without a champion), "tolerance"}.
+    """
+    promote_it, reason = promotion_decision(
+        candidate, champion, tolerance,
+        candidate_metrics=candidate_metrics, champion_metrics=champion_metrics,
+        min_class_images_for_recall_gate=min_class_images_for_recall_gate,
+    )
+    if champion_metrics is not None:
+        reason += f"; both scored on the same {candidate_metrics.get('count')} images"
+    return {
+        "promote": promote_it,
+        "decision": "promote" if promote_it else ("keep champion" if champion else "reject"),
+        "reason": reason,
+        "champion_run_id": champion.get("run_id") if champion else None,
+        "tolerance": tolerance,
+    }
 
 
 def promote(workdir: Path, model_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:

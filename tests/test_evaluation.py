@@ -13,19 +13,11 @@ import pytest
 from PIL import Image
 
 from imgflow.tasks.atomic import read_json, write_json
-from imgflow.tasks.evaluation import (
-    EvaluationError,
-    compute_metrics,
-    expected_calibration_error,
-    find_gradcam_layer,
-    grad_cam,
-    occlusion_saliency,
-    plot_confusion_matrix,
-    plot_learning_curves,
-    plot_reliability,
-    saliency_maps,
-    write_report,
-)
+from imgflow.tasks.metrics import EvaluationError, compute_metrics, expected_calibration_error
+from imgflow.tasks.plots import plot_confusion_matrix, plot_learning_curves, plot_reliability
+from imgflow.tasks.registry import compare_models, decide
+from imgflow.tasks.report import write_report
+from imgflow.tasks.saliency import find_gradcam_layer, grad_cam, occlusion_saliency, saliency_maps
 from tests.imagefactory import digit_images
 
 CLASSES = ["one", "seven", "zero"]  # sorted folder names = model class order
@@ -146,11 +138,13 @@ def test_report_mentions_every_class_findings_and_champion(tmp_path):
     cm_png = plot_confusion_matrix(m["confusion_matrix"], HAND_NAMES, tmp_path / "confusion_matrix.png")
     diagnosis = {"healthy": False, "findings": [{"code": "loss_at_chance", "severity": "critical",
                                                   "evidence": {"loss": 1.0986}, "advice": "Check the labels."}]}
-    from imgflow.tasks.evaluation import compare_models
-
     champion_metrics = compute_metrics(HAND_LABELS, np.tile([0.5, 0.3, 0.2], (6, 1)), HAND_NAMES)
-    comparison = compare_models(m, champion_metrics, "run-new", "run-old", tolerance=0.01)
-    assert comparison["decision"] == "promote"  # 4/6 beats 3/6
+    comparison = compare_models(m, champion_metrics, "run-new", "run-old")
+    decision = decide({"run_id": "run-new", "healthy": True, "class_names": HAND_NAMES, "fingerprint": "f"}, m,
+                      {"run_id": "run-old", "class_names": HAND_NAMES, "fingerprint": "f"}, champion_metrics, 0.01,
+                      min_class_images_for_recall_gate=1)
+    assert decision["decision"] == "promote" and decision["promote"] is True  # 4/6 beats 3/6
+    comparison.update(decision=decision["decision"], reason=decision["reason"])
     paths = write_report(tmp_path, m, {"confusion_matrix": cm_png}, diagnosis=diagnosis, champion=comparison,
                          info={"run_id": "run-new", "data": "somewhere"},
                          skipped=[{"path": "cat/broken.jpg", "reason": "cannot identify image file"}])
@@ -356,5 +350,173 @@ def test_evaluate_split_writes_into_model_dir(model_dirs, tmp_path):
     assert len({row["path"] for row in rows}) == 30
     assert (model_dir / "report.html").stat().st_size > 20_000 and (model_dir / "metrics.json").is_file()
     assert result["comparison"]["champion_run_id"] == "run-untrained"
+    # the one decision: the comparison shows what the result carries to promote_task
+    assert result["promotion"]["champion_run_id"] == "run-untrained"
+    assert result["promotion"]["reason"] == result["comparison"]["reason"]
+    assert result["promotion"]["decision"] == result["comparison"]["decision"]
     with pytest.raises(EvaluationError, match="split 'train'"):
         evaluate_split(model_dir, manifest, "train")
+
+
+# --------------------------------------------------------------------------- non-finite outputs
+
+
+def test_nan_and_inf_rows_count_wrong_and_never_crash():
+    probs = HAND_PROBS.copy()
+    probs[0] = [np.nan, 0.5, 0.5]  # a "cat" the model could not score
+    probs[4] = [np.inf, 0.0, 0.0]  # a "dog"
+    m = compute_metrics(HAND_LABELS, probs, HAND_NAMES)
+    assert m["non_finite_outputs"] == 2 and m["count"] == 6
+    assert m["accuracy"] == pytest.approx(3 / 6)  # rows 1, 3, 5 right; the two broken rows count wrong
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 1, 0], [0, 0, 1]]  # broken rows sit in no column
+    assert m["per_class"]["cat"]["support"] == 3 and m["per_class"]["cat"]["recall"] == pytest.approx(1 / 3)
+    assert m["per_class"]["dog"]["recall"] == pytest.approx(0.5) and m["per_class"]["bird"]["precision"] == 1.0
+    assert m["prediction_distribution"] == {"cat": 1, "dog": 2, "bird": 1}
+    assert m["top_k_accuracy"] == pytest.approx(3 / 6)  # rows 1, 3, 5 have the label in the top 2; 2 is third
+    assert math.isfinite(m["loss"]) and math.isfinite(m["expected_calibration_error"])
+    assert "1 of 2 got non-finite (NaN/inf) model outputs" in m["class_notes"]["dog"]
+    everything = compute_metrics([0, 1], np.full((2, 3), np.nan), HAND_NAMES)
+    assert everything["accuracy"] == 0.0 and everything["non_finite_outputs"] == 2
+    assert everything["prediction_distribution"] == {"cat": 0, "dog": 0, "bird": 0}
+    assert everything["loss"] == pytest.approx(math.log(3))  # a uniform guess
+
+
+def test_evaluate_folder_with_a_nan_model_marks_rows_and_blocks_promotion(model_dirs, tmp_path):
+    import keras
+
+    from imgflow.tasks.evaluation import NON_FINITE_ERROR, evaluate_folder
+    from tests.imagefactory import make_digit_folder
+
+    trained, _ = model_dirs
+    model = keras.saving.load_model(trained / "model.keras")
+    for layer in model.layers:
+        if layer.weights:
+            layer.set_weights([np.full(w.shape, np.nan, dtype="float32") for w in layer.get_weights()])
+    nan_dir = tmp_path / "run-nan"
+    shutil.copytree(trained, nan_dir)
+    model.save(nan_dir / "model.keras")
+    data = make_digit_folder(tmp_path / "data", {"one": 1, "seven": 7, "zero": 0}, per_class=4)
+
+    result = evaluate_folder(nan_dir, data, tmp_path / "out", champion_dir=trained)
+    assert result["count"] == 12 and result["non_finite_outputs"] == 12 and result["accuracy"] == 0.0
+    assert result["promotion"]["promote"] is False
+    assert result["promotion"]["reason"].startswith("rejected: the model gave NaN or infinite outputs for 12 of 12")
+    assert result["comparison"]["decision"] == "keep champion"
+    with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12 and all(r["error"] == NON_FINITE_ERROR and r["label"] == "" for r in rows)
+    page = Path(result["report_html"]).read_text()
+    assert "12 of 12 images got NaN or infinite model outputs" in page
+    assert "Broken outputs:" in page
+    doc = read_json(result["metrics_json"])
+    assert doc["non_finite_outputs"] == 12 and doc["confusion_matrix"] == [[0, 0, 0]] * 3
+    _png_ok(tmp_path / "out" / "confusion_matrix.png", min_bytes=1000)
+    _png_ok(tmp_path / "out" / "reliability.png", min_bytes=1000)
+
+
+# --------------------------------------------------------------------------- hostile names
+
+
+def test_predictions_csv_neutralises_formulas_and_reports_escape_names(model_dirs, tmp_path):
+    from imgflow.tasks.evaluation import evaluate_folder
+    from tests.imagefactory import make_digit_folder
+
+    trained, _ = model_dirs
+    evil, tagged = '=HYPERLINK("evil.example")', "<img src=x onerror=alert(1)>"
+    model_dir = tmp_path / "run-names"
+    shutil.copytree(trained, model_dir)
+    meta = read_json(model_dir / "metadata.json")
+    write_json(model_dir / "metadata.json", {**meta, "class_names": [evil, tagged, "zero"], "best_epoch": 2,
+                                             "epochs_run": 3, "monitor": "val_loss", "stopped_early": False})
+    data = make_digit_folder(tmp_path / "data", {evil: 1, tagged: 7, "zero": 0}, per_class=3)
+    shutil.copy(data / "zero" / "zero_0000.png", data / "zero" / "=1+1.png")
+    (data / "-2+3.png").write_bytes(b"")  # not in a class folder: never read
+
+    result = evaluate_folder(model_dir, data, tmp_path / "out")
+    with open(tmp_path / "out" / "predictions.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    assert header[:4] == ["path", "true", "label", "confidence"] and header[4] == f"prob_{evil}"
+    by_path = {row[0]: row for row in body}
+    assert f"'{evil}/{evil}_0000.png" in by_path and by_path[f"'{evil}/{evil}_0000.png"][1] == f"'{evil}"
+    assert "zero/=1+1.png" in by_path  # only a cell's first character matters
+    assert all(not row[i].startswith(("=", "+", "-", "@")) for row in body for i in range(len(row)))
+    labels = {row[2] for row in body}
+    assert labels <= {f"'{evil}", tagged, "zero"}
+
+    raw = evaluate_folder(model_dir, data, tmp_path / "raw", csv_neutralise=False)
+    with open(Path(raw["out_dir"]) / "predictions.csv", newline="") as handle:
+        raw_rows = list(csv.reader(handle))
+    assert f"{evil}/{evil}_0000.png" in {row[0] for row in raw_rows[1:]}
+
+    md = Path(result["report_md"]).read_text()
+    page = Path(result["report_html"]).read_text()
+    for text in (md, page):
+        assert tagged not in text and "&lt;img src=x onerror=alert(1)&gt;" in text
+    assert "Weights from epoch 2 of 3, chosen on val_loss; training ran all 3 epochs." in page  # metadata keys
+    assert "learning_curves" in result["plots"]
+    assert '=HYPERLINK(&#34;evil.example&#34;)' in page  # markupsafe's escape of "
+
+
+def test_safe_cell_and_the_prediction_csv(tmp_path):
+    from imgflow.tasks import prediction as P
+    from imgflow.tasks.csvcells import restore_cell, safe_cell
+
+    cases = {"=1+1.jpg": "'=1+1.jpg", "+x": "'+x", "-2": "'-2", "@SUM(A1)": "'@SUM(A1)", "\tcmd": "'\tcmd",
+             "\rcmd": "'\rcmd", "a=b.jpg": "a=b.jpg", "": "", "0.25": "0.25", "'quoted": "'quoted"}
+    for value, expected in cases.items():
+        assert safe_cell(value) == expected, value
+        assert safe_cell(value, neutralise=False) == value
+        assert restore_cell(safe_cell(value)) == value
+    assert safe_cell(None) == ""
+
+    names = ["=cmd|' /C calc'!A0", "b"]
+    rows = [["=1+1.jpg", names[0], "0.9", "0.9", "0.1", ""], ["@x.png", "", "", "", "", "-1 is not an image"]]
+    part = P.write_part(P.part_path(tmp_path, "k"), names, rows)
+    summary = P.assemble_csv(tmp_path / "out.csv", [part], names, top_k=1)
+    assert summary["label_counts"] == {names[0]: 1}
+    with open(tmp_path / "out.csv", newline="") as handle:
+        out = list(csv.reader(handle))
+    assert out[1] == ["'=1+1.jpg", "'" + names[0], "0.9", "0.9", "0.1", "'" + names[0], "0.9", ""]
+    assert out[2][0] == "'@x.png" and out[2][-1] == "'-1 is not an image"
+    assert list(P.read_part(part, names)) == rows  # part files keep the raw text for resuming
+    P.assemble_csv(tmp_path / "raw.csv", [part], names, neutralise=False)
+    with open(tmp_path / "raw.csv", newline="") as handle:
+        assert list(csv.reader(handle))[1][0] == "=1+1.jpg"
+
+
+# --------------------------------------------------------------------------- what happened in training, in words
+
+
+def test_report_states_kept_epoch_and_first_screen(tmp_path):
+    from imgflow.tasks.report import training_sentence
+
+    assert training_sentence({"best_epoch": 7, "epochs_run": 10, "monitor": "val_accuracy", "stopped_early": True,
+                              "stop_reason": "val_accuracy did not improve for 3 epochs"}) == (
+        "Weights from epoch 7 of 10, chosen on val_accuracy; training stopped early: "
+        "val_accuracy did not improve for 3 epochs.")
+    assert training_sentence({"best_epoch": 3, "epochs_run": 3, "epochs": 3, "stopped_early": False}) == (
+        "Weights from epoch 3 of 3; training ran all 3 epochs.")
+    assert training_sentence({}) is None
+
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,accuracy,loss,val_accuracy,val_loss\n0,0.4,1.1,0.5,1.0\n1,0.7,0.8,0.8,0.7\n2,0.9,0.4,0.7,0.8\n")
+    plain = plot_learning_curves(history, tmp_path / "plain.png").read_bytes()
+    marked = plot_learning_curves(history, tmp_path / "marked.png", best_epoch=2).read_bytes()
+    assert plain != marked  # the kept epoch is drawn
+
+    m = compute_metrics(HAND_LABELS, HAND_PROBS, HAND_NAMES)
+    diagnosis = {"healthy": False, "findings": [
+        {"code": "learning_rate_too_high", "severity": "critical", "evidence": {}, "advice": "Use 1e-3."},
+        {"code": "single_class_collapse", "severity": "critical", "evidence": {}, "advice": "See above."}]}
+    paths = write_report(tmp_path / "r", m, diagnosis=diagnosis, info={
+        "run_id": "r1", "training": {"best_epoch": 2, "epochs_run": 3, "monitor": "val_loss", "stopped_early": False}})
+    page, md = paths["report_html"].read_text(), paths["report_md"].read_text()
+    for text in (page, md):
+        assert "it recognises bird (recall 1.00)" in text
+        assert "it partly recognises cat (recall 0.67), dog (recall 0.50)" in text
+        assert "dog taken for bird (1 of 2 images)" in text  # the largest share of its class
+        assert "learning\\_rate\\_too\\_high: Use 1e-3." in text or "learning_rate_too_high: Use 1e-3." in text
+        assert "Weights from epoch 2 of 3, chosen on val\\_loss" in text or "Weights from epoch 2 of 3, chosen on val_loss" in text
+    # the plain-words answer comes before the numbers
+    assert page.index("What the model learned") < page.index("class='card'" if "class='card'" in page else 'class="card"')

@@ -128,3 +128,87 @@ def test_library_versions_name_keras():
     versions = registry.library_versions()
     assert versions["keras"] == keras.__version__
     assert "python" in versions
+
+
+# --------------------------------------------------------------------------- the one promotion decision
+
+
+def _eval(recalls: dict, supports: dict, accuracy: float, non_finite: int = 0) -> dict:
+    """The parts of compute_metrics the promotion rule reads."""
+    return {
+        "accuracy": accuracy, "count": sum(supports.values()), "non_finite_outputs": non_finite,
+        "per_class": {n: {"recall": recalls[n], "support": supports[n]} for n in recalls},
+    }
+
+
+def test_recall_gate_never_promotes_a_model_blind_to_a_class():
+    candidate, champion = _meta("new", acc=0.5), _meta("old", acc=0.5)
+    supports = {"a": 30, "b": 12}
+    lopsided = _eval({"a": 1.0, "b": 0.0}, supports, accuracy=30 / 42)
+    balanced = _eval({"a": 0.6, "b": 0.5}, supports, accuracy=24 / 42)
+    # the candidate is more accurate, and the tolerance is huge: still rejected, naming the class
+    promoted, reason = registry.promotion_decision(candidate, champion, 1.0, candidate_metrics=lopsided,
+                                                   champion_metrics=balanced)
+    assert promoted is False
+    assert reason.startswith("rejected: the candidate never recognises class 'b' (recall 0 on 12 validation images)")
+    assert "champion old does (recall 0.5000)" in reason
+    # a class with fewer images than the gate is not gated; the gate is configurable
+    small = _eval({"a": 1.0, "b": 0.0}, {"a": 30, "b": 9}, accuracy=30 / 39)
+    assert registry.promotion_decision(candidate, champion, 0.01, candidate_metrics=small,
+                                       champion_metrics=balanced)[0] is True
+    assert registry.promotion_decision(candidate, champion, 0.01, candidate_metrics=lopsided, champion_metrics=balanced,
+                                       min_class_images_for_recall_gate=13)[0] is True
+    # a champion that does not see the class either: accuracy decides
+    blind_too = _eval({"a": 0.7, "b": 0.0}, supports, accuracy=21 / 42)
+    assert registry.promotion_decision(candidate, champion, 0.01, candidate_metrics=lopsided,
+                                       champion_metrics=blind_too)[0] is True
+    # same validation set, champion not re-scored: its stored per-class recall counts
+    stored = {**champion, "metrics": {"val_accuracy": 0.5, "per_class_recall": {"a": 0.6, "b": 0.25}}}
+    promoted, reason = registry.promotion_decision(candidate, stored, 1.0, candidate_metrics=lopsided)
+    assert promoted is False and "class 'b'" in reason and "(recall 0.2500)" in reason
+    # no champion: nothing to lose against
+    assert registry.promotion_decision(candidate, None, 0.01, candidate_metrics=lopsided)[0] is True
+
+
+def test_non_finite_outputs_are_never_promoted_and_decide_carries_the_decision():
+    broken = _eval({"a": 0.0, "b": 0.0}, {"a": 5, "b": 5}, accuracy=0.0, non_finite=10)
+    decision = registry.decide(_meta("new"), broken, None, None, 0.01)
+    assert decision["promote"] is False and decision["decision"] == "reject"
+    assert decision["reason"] == ("rejected: the model gave NaN or infinite outputs for 10 of 10 validation images "
+                                  "(a diverged training: lower the learning rate, scale the inputs)")
+    good = _eval({"a": 1.0, "b": 0.8}, {"a": 5, "b": 5}, accuracy=0.9)
+    worse = _eval({"a": 0.6, "b": 0.6}, {"a": 5, "b": 5}, accuracy=0.6)
+    decision = registry.decide(_meta("new"), worse, _meta("old"), good, 0.01)
+    assert decision == {
+        "promote": False, "decision": "keep champion", "champion_run_id": "old", "tolerance": 0.01,
+        "reason": "rejected: val accuracy 0.6000 is worse than champion old (0.9000) by more than the tolerance 0.01; "
+                  "both scored on the same 10 images",
+    }
+    assert registry.decide(_meta("new"), good, _meta("old"), worse, 0.01)["decision"] == "promote"
+
+
+def test_champion_dir_and_promote_task_act_on_the_decision(tmp_path):
+    from imgflow.flows.training import promote_task
+
+    workdir = tmp_path / "work"
+    assert registry.champion_dir(workdir) is None
+    first, second = workdir / "models" / "r1", workdir / "models" / "r2"
+    _tiny_model_dir(first)
+    _tiny_model_dir(second)
+    result = promote_task.fn(str(workdir), str(first), {"promote": True, "reason": "promoted: first", "champion_run_id": None})
+    assert result == {"promoted": True, "reason": "promoted: first"}
+    assert registry.champion_dir(workdir) == first.resolve()
+    assert registry.read_metadata(first)["promotion"]["reason"] == "promoted: first"
+    # a decision taken against no champion does not overwrite the champion promoted since
+    result = promote_task.fn(str(workdir), str(second), {"promote": True, "reason": "promoted: x", "champion_run_id": None})
+    assert result["promoted"] is False and "champion changed to r1" in result["reason"]
+    assert registry.read_champion(workdir)["run_id"] == "r1"
+    rejected = promote_task.fn(str(workdir), str(second), {"promote": False, "reason": "rejected: worse",
+                                                           "champion_run_id": "r1"})
+    assert rejected == {"promoted": False, "reason": "rejected: worse"}
+    assert registry.read_metadata(second)["promotion"]["promoted"] is False
+    promote_task.fn(str(workdir), str(second), {"promote": True, "reason": "promoted: better", "champion_run_id": "r1"})
+    assert registry.read_champion(workdir)["run_id"] == "r2"
+    # a pointer at a deleted model directory is no champion
+    (second / "model.keras").unlink()
+    assert registry.champion_dir(workdir) is None

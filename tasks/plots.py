@@ -1,0 +1,280 @@
+"""The evaluation plots, as PNG files written atomically.
+
+Every plot draws on matplotlib's object-oriented ``Figure`` (Agg canvas, no pyplot, no
+global backend), imported inside the functions: importing this module stays cheap and
+is safe in threads.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from imgflow.tasks.atomic import atomic_open
+from imgflow.tasks.metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
+
+
+def _figure(width: float, height: float):
+    # The object-oriented Figure needs no pyplot and no global backend: safe in threads.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    with atomic_open(path, "wb") as handle:
+        fig.savefig(handle, format="png")
+    return path
+
+
+def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], path: Path) -> Path:
+    """Confusion matrix as counts and row-normalised side by side (rows true, columns predicted).
+
+    Args:
+        confusion: K x K counts, rows = true class, columns = predicted class.
+        class_names: the K class names in model order.
+        path: PNG file to write (atomically).
+
+    Returns:
+        ``path``.
+    """
+    cm = np.asarray(confusion, dtype=np.float64)
+    k = len(class_names)
+    support = cm.sum(axis=1, keepdims=True)
+    norm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
+    side = max(3.5, 0.55 * k + 2.0)
+    fig = _figure(2 * side + 0.5, side)
+    axes = fig.subplots(1, 2)
+    annotate = k <= 25
+    for ax, data, title, fmt in (
+        (axes[0], cm, "Counts", "{:.0f}"),
+        (axes[1], norm, "Row-normalised (recall)", "{:.2f}"),
+    ):
+        vmax = data.max() if data.max() > 0 else 1.0
+        image = ax.imshow(data, cmap="Blues", vmin=0, vmax=vmax)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("Predicted class")
+        ax.set_ylabel("True class")
+        ax.set_xticks(range(k), labels=list(class_names), rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+        ax.set_yticks(range(k), labels=list(class_names))
+        if annotate:
+            for i in range(k):
+                for j in range(k):
+                    value = data[i, j]
+                    ax.text(j, i, fmt.format(value), ha="center", va="center", fontsize=9,
+                            color="white" if value > 0.6 * vmax else "black")
+    return _save(fig, path)
+
+
+def read_history(history_csv: Path) -> dict[str, list[float]]:
+    """Columns of a Keras ``CSVLogger`` file as float lists (empty dict when absent or empty)."""
+    path = Path(history_csv)
+    if not path.is_file():
+        return {}
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    columns: dict[str, list[float]] = {}
+    for row in rows:
+        for key, value in row.items():
+            if key is None:
+                continue
+            try:
+                columns.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                columns.setdefault(key, []).append(float("nan"))
+    return columns
+
+
+def plot_learning_curves(history_csv: Path, path: Path, best_epoch: int | None = None) -> Path | None:
+    """Training and validation curves of every metric in a Keras ``history.csv``.
+
+    Args:
+        history_csv: CSV with an ``epoch`` column and metric columns (``loss``,
+            ``val_loss``, ``accuracy`` ...), as ``keras.callbacks.CSVLogger`` writes it.
+        path: PNG file to write.
+        best_epoch: the 1-based epoch whose weights the model kept; marked on every
+            panel with a dashed line and a star on the validation curve.
+
+    Returns:
+        ``path``, or None when the file is missing or holds no metric column.
+    """
+    history = read_history(history_csv)
+    if not history:
+        return None
+    n = max(len(v) for v in history.values())
+    epochs = [e + 1 for e in history.get("epoch", list(range(n)))]
+    bases = [key for key in history if key not in ("epoch",) and not key.startswith("val_")
+             and key not in ("learning_rate", "lr")]
+    if not bases:
+        return None
+    bases.sort(key=lambda key: (key != "loss", key))
+    extra = [key for key in ("learning_rate", "lr") if key in history]
+    panels = bases + extra[:1]
+    fig = _figure(4.2 * min(len(panels), 3), 3.2 * math.ceil(len(panels) / 3))
+    axes = np.atleast_1d(fig.subplots(math.ceil(len(panels) / 3), min(len(panels), 3))).ravel()
+    from matplotlib.ticker import MaxNLocator
+
+    for ax, key in zip(axes, panels):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.plot(epochs, history[key], marker="o", markersize=3, label=f"train {key}" if key not in extra else key)
+        if f"val_{key}" in history:
+            ax.plot(epochs, history[f"val_{key}"], marker="o", markersize=3, label=f"val {key}")
+        if best_epoch is not None and best_epoch in epochs:
+            values = history.get(f"val_{key}", history[key]) if key not in extra else [float("nan")] * len(epochs)
+            _mark_epoch(ax, epochs, values, best_epoch)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if key in extra:
+            ax.set_yscale("log")
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
+def _mark_epoch(ax, epochs: list[int], values: list[float], best_epoch: int) -> None:
+    """A dashed line at the kept epoch and a star on its value ("weights kept")."""
+    ax.axvline(best_epoch, color="#555555", linestyle="--", linewidth=1)
+    value = values[epochs.index(best_epoch)] if epochs.index(best_epoch) < len(values) else float("nan")
+    if math.isfinite(value):
+        ax.plot([best_epoch], [value], marker="*", markersize=13, color="#d62728", linestyle="none",
+                label=f"weights kept (epoch {best_epoch})")
+
+
+def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, bins: int = CALIBRATION_BINS) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, with the confidence histogram.
+
+    Args:
+        labels: true class indices, shape [N].
+        probabilities: class probabilities, shape [N, K].
+        path: PNG file to write.
+        bins: equal-width confidence bins.
+
+    Returns:
+        ``path``.
+    """
+    labels = np.asarray(labels)
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    rows = reliability_bins(labels, probabilities, bins)
+    ece = expected_calibration_error(labels, probabilities, bins)
+    centers = [(r["low"] + r["high"]) / 2 for r in rows]
+    fig = _figure(8.5, 3.8)
+    ax, hist = fig.subplots(1, 2)
+    acc = [r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
+    ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="#4c72b0", alpha=0.85, label="accuracy")
+    gap = [(r["confidence"] - r["accuracy"]) if r["accuracy"] is not None else 0.0 for r in rows]
+    ax.bar(centers, gap, bottom=acc, width=1 / bins, edgecolor="#c44e52", facecolor="none",
+           hatch="//", label="gap to mean confidence")
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-1 probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (ECE {ece:.3f})")
+    ax.legend(fontsize=8, loc="upper left")
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == labels
+    edges = np.linspace(0, 1, bins + 1)
+    hist.hist([confidence[correct], confidence[~correct]], bins=edges, stacked=True,
+              color=["#55a868", "#c44e52"], label=["correct", "wrong"])
+    hist.set_xlabel("confidence")
+    hist.set_ylabel("images")
+    hist.set_title("Confidence of the predictions")
+    hist.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_image_grid(
+    images: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: Path,
+    ncols: int = 4,
+    title: str | None = None,
+    colors: Sequence[str] | None = None,
+) -> Path:
+    """A grid of images with a caption under each (gallery, confused pairs).
+
+    Args:
+        images: uint8 HxWx3 (or HxW) arrays.
+        captions: one caption per image (newlines allowed).
+        path: PNG file to write.
+        ncols: images per row.
+        title: figure title.
+        colors: caption colour per image (e.g. green for correct, red for wrong).
+
+    Returns:
+        ``path``.
+    """
+    n = max(len(images), 1)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = _figure(2.3 * ncols, 2.6 * nrows + (0.4 if title else 0))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
+    for index, ax in enumerate(axes):
+        ax.set_axis_off()
+        if index < len(images):
+            ax.imshow(np.asarray(images[index]).astype(np.uint8), interpolation="nearest")
+            ax.set_title(captions[index], fontsize=8, color=(colors[index] if colors else "black"))
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)
+
+
+def plot_saliency(
+    images: Sequence[np.ndarray],
+    heatmaps: Sequence[np.ndarray],
+    captions: Sequence[str],
+    path: Path,
+    method: str | Sequence[str],
+    ncols: int = 4,
+    colors: Sequence[str] | None = None,
+) -> Path:
+    """Each image beside its saliency heatmap overlaid ("what did it look at").
+
+    Args:
+        images: uint8 HxWx3 arrays.
+        heatmaps: float HxW maps in [0, 1], same spatial size as the images.
+        captions: one caption per image.
+        path: PNG file to write.
+        method: ``"grad-cam"`` or ``"occlusion"``, or one of them per image (shown above each map).
+        ncols: image/heatmap pairs per row.
+        colors: caption colour per image.
+
+    Returns:
+        ``path``.
+    """
+    from matplotlib import colormaps
+
+    cmap = colormaps["jet"]
+    methods = [method] * len(images) if isinstance(method, str) else list(method)
+    summary = method if isinstance(method, str) else " / ".join(sorted(set(methods)))
+    n = max(len(images), 1)
+    ncols = max(1, min(ncols, n))
+    nrows = math.ceil(n / ncols)
+    fig = _figure(3.6 * ncols, 2.2 * nrows + 0.4)
+    axes = np.atleast_2d(fig.subplots(nrows, 2 * ncols))
+    for index in range(nrows * ncols):
+        ax_image, ax_map = axes[index // ncols, 2 * (index % ncols)], axes[index // ncols, 2 * (index % ncols) + 1]
+        ax_image.set_axis_off()
+        ax_map.set_axis_off()
+        if index >= len(images):
+            continue
+        image = np.asarray(images[index]).astype(np.uint8)
+        ax_image.imshow(image, interpolation="nearest")
+        ax_image.set_title(captions[index], fontsize=7, color=(colors[index] if colors else "black"))
+        ax_map.imshow(image, interpolation="nearest")
+        heat = np.clip(np.asarray(heatmaps[index], dtype=np.float32), 0.0, 1.0)
+        overlay = cmap(heat)
+        overlay[..., 3] = 0.15 + 0.6 * heat  # an empty map leaves the image visible
+        ax_map.imshow(overlay, interpolation="bilinear")
+        ax_map.set_title(methods[index], fontsize=7)
+    fig.suptitle(f"What the model looked at ({summary}; red = most important for the predicted class)", fontsize=10)
+    return _save(fig, path)
+
