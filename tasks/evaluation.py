@@ -1305,7 +1305,7 @@ def _evaluate(
     model_dir = Path(model_dir)
     model, metadata = load_model_dir(model_dir)
     names = list(metadata["class_names"])
-    size, aspect = int(metadata["image_size"]), str(metadata.get("aspect", "squash"))
+    size, aspect = int(metadata["image_size"]), str(metadata["aspect"])
     champion = None
     if champion_dir is not None and Path(champion_dir).resolve() != model_dir.resolve():
         champion_model, champion_meta = load_model_dir(Path(champion_dir))
@@ -1324,7 +1324,7 @@ def _evaluate(
         labels.append(np.asarray(batch_labels, dtype=np.int64))
         outputs.append(_predict(model, images))
         if champion is not None:
-            c_size, c_aspect = int(champion[1]["image_size"]), str(champion[1].get("aspect", "squash"))
+            c_size, c_aspect = int(champion[1]["image_size"]), str(champion[1]["aspect"])
             if (c_size, c_aspect) == (size, aspect):
                 c_images = images
             else:
@@ -1417,14 +1417,16 @@ def evaluate_split(
             from the manifest's.
     """
     manifest_path = Path(manifest_path)
-    manifest = read_json(manifest_path)
+    from imgflow.tasks.records import read_manifest
+
+    manifest = read_manifest(manifest_path).to_dict()
     if split not in manifest.get("splits", {}) or not manifest["splits"][split].get("count"):
         raise EvaluationError(f"{manifest_path}: expected a non-empty split {split!r}, found splits "
                               f"{ {k: v.get('count') for k, v in manifest.get('splits', {}).items()} }")
     from imgflow.tasks.registry import read_metadata
 
     metadata = read_metadata(Path(model_dir))
-    if list(metadata.get("class_names", [])) != list(manifest["class_names"]):
+    if list(metadata["class_names"]) != list(manifest["class_names"]):
         raise EvaluationError(f"{model_dir}: model classes {metadata.get('class_names')} differ from the "
                               f"manifest's {manifest['class_names']} ({manifest_path})")
 

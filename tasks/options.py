@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from imgflow.tasks.records import DEFAULT_ASPECT, Aspect
+
 
 class ValidationOptions(BaseModel):
     """Thresholds of the dataset checks."""
@@ -33,7 +35,7 @@ class PreprocessOptions(BaseModel):
     image_size: int = Field(128, ge=8, le=2048)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
-    aspect: Literal["squash", "crop", "pad"] = "squash"
+    aspect: Aspect = DEFAULT_ASPECT
     encoding: Literal["jpeg", "png", "raw"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size_mb: float = Field(128.0, gt=0)
