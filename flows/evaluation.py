@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.tasks.options import EvaluateOptions
 
 # keys of the small summary a task hands back (the full metrics live in metrics.json)
 _SUMMARY_KEYS = (
@@ -39,12 +40,13 @@ def evaluate_folder_task(
     out_dir: str,
     champion_dir: str | None = None,
     tolerance: float = 0.0,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
 
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
-                             Path(champion_dir) if champion_dir else None, tolerance=tolerance)
+                             Path(champion_dir) if champion_dir else None, batch_size=batch_size, tolerance=tolerance)
     return _summary(result)
 
 
@@ -92,13 +94,15 @@ def evaluate_flow(
     data_dir: Path,
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
+    options: EvaluateOptions | None = None,
 ) -> dict[str, Any]:
     """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
 
     Writes metrics.json, report.html, report.md, predictions.csv and PNG plots into
     ``out`` (default ``<workdir>/evaluations/<run_id>-<data_dir name>``). When a
     champion other than MODEL is promoted in ``workdir``, it is evaluated on the same
-    images and shown side by side.
+    images and shown side by side. ``options`` is the ``evaluate`` section of the config
+    (default: its defaults).
 
     Returns:
         {"out_dir", "accuracy", "report_html", "metrics_json", "skipped"} plus
@@ -123,8 +127,9 @@ def evaluate_flow(
     if champion_dir is not None and champion_dir.resolve() == model_dir.resolve():
         champion_dir = None
     tolerance = float((metadata.get("config") or {}).get("promotion_tolerance", 0.0))
+    options = options or EvaluateOptions()
     summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir),
-                                   str(champion_dir) if champion_dir else None, tolerance)
+                                   str(champion_dir) if champion_dir else None, tolerance, options.batch_size)
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",

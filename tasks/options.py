@@ -1,4 +1,4 @@
-"""The options of each pipeline stage: validation, preprocessing, training.
+"""The options of each stage: validation, preprocessing, training, prediction, evaluation.
 
 Plain pydantic models, so the work in ``tasks/`` can take them without depending on the
 Prefect wiring in ``flows/``. ``imgflow.flows.config`` groups them into one ``ImgflowConfig`` and
@@ -7,11 +7,12 @@ reads them from YAML.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from imgflow.tasks.records import DEFAULT_ASPECT, Aspect
+from imgflow.tasks.records import DEFAULT_ASPECT, Aspect, describe_error
 
 
 class ValidationOptions(BaseModel):
@@ -62,3 +63,41 @@ class TrainOptions(BaseModel):
     weights: str | None = Field(None, description="local weights file for keras.applications backbones")
     seed: int = 42
     promotion_tolerance: float = Field(0.01, ge=0)
+
+
+class PredictOptions(BaseModel):
+    """How ``imgflow predict`` classifies a folder (the ``predict`` section of the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(256, ge=1, description="images per model call")
+    chunk_size: int = Field(1024, ge=1, description="target files per chunk task (chunks hold half to twice this)")
+    top_k: int | None = Field(None, ge=1, description="also write the k best labels and probabilities per file")
+    out: Path | None = Field(None, description="the CSV to write (default: WORKDIR/predictions/<INPUT_DIR name>.csv)")
+    dask_address: str | None = Field(None, description="run the chunk tasks on this Dask scheduler")
+
+
+class EvaluateOptions(BaseModel):
+    """How ``imgflow evaluate`` scores a model (the ``evaluate`` section of the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(64, ge=1, description="images per model call")
+
+
+_Options = TypeVar("_Options", bound=BaseModel)
+
+
+def with_overrides(options: _Options, **values: Any) -> _Options:
+    """``options`` with the given values on top (``None`` means not given), validated.
+
+    Raises:
+        ValueError: a value the option does not accept; the message names the option.
+    """
+    given = {key: value for key, value in values.items() if value is not None}
+    if not given:
+        return options
+    try:
+        return type(options).model_validate({**options.model_dump(), **given})
+    except ValidationError as exc:
+        raise ValueError(describe_error(exc)) from None
