@@ -21,7 +21,7 @@ from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, Tr
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import read_json
-from imgflow.tasks.records import read_manifest
+from imgflow.tasks.records import EvaluationSummary, read_manifest
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
@@ -68,8 +68,7 @@ def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, 
         Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
         tolerance=tolerance,
     )
-    keep = ("accuracy", "loss", "per_class", "count", "report_html", "report_md", "metrics_json", "comparison")
-    return {k: result[k] for k in keep if k in result}
+    return EvaluationSummary.from_result(result).to_dict()
 
 
 @task(name="promote-model", cache_policy=NO_CACHE, timeout_seconds=120, retries=2, retry_delay_seconds=5,

@@ -222,7 +222,7 @@ class EvaluationSummary(Record):
     report_html: str | None = None
     report_md: str | None = None
     metrics_json: str | None = None
-    per_class: dict[str, dict[str, float]] | None = None
+    per_class: dict[str, dict[str, Any]] | None = None
     class_names: list[str] | None = None
     comparison: dict[str, Any] | None = None
 
