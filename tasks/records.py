@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic_core import to_jsonable_python
 
 MANIFEST_NAME = "manifest.json"
 METADATA_FILE = "metadata.json"
@@ -39,18 +40,26 @@ class Record(BaseModel):
     def to_dict(self) -> dict[str, Any]:
         """The record as the JSON-able dict tasks pass and files hold.
 
-        Keys the source did not have and whose default is ``None`` stay out (a reader
-        sees the same keys the writer wrote); real defaults (``aspect``) are filled in.
+        Defaults are filled in (``aspect``, a split's ``per_class``), nested records too;
+        a key the source did not have whose default is ``None`` stays out, so a reader sees
+        the keys the writer wrote and no invented ``null``. Unknown keys follow.
         """
-        data = self.model_dump(mode="json", exclude_unset=True)
         out: dict[str, Any] = {}
         for name, field in type(self).model_fields.items():
-            if name in data:
-                out[name] = data[name]
-            elif not field.is_required() and field.get_default(call_default_factory=True) is not None:
-                out[name] = self.model_dump(mode="json", include={name})[name]
-        out.update((k, v) for k, v in data.items() if k not in out)
+            if name in self.model_fields_set or field.get_default(call_default_factory=True) is not None:
+                out[name] = _plain(getattr(self, name))
+        out.update((key, _plain(value)) for key, value in (self.model_extra or {}).items())
         return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return to_jsonable_python(value)
 
 
 def describe_error(exc: ValidationError) -> str:

@@ -213,3 +213,10 @@ def test_evaluation_summary_keeps_the_small_record():
         EvaluationSummary.from_result({"out_dir": "/o", "count": 1})
     with pytest.raises(ValueError, match="'count': input should be greater than or equal to 0"):
         EvaluationSummary.from_result({"out_dir": "/o", "accuracy": 1.0, "count": -1})
+
+
+def test_nested_defaults_are_filled_in(tmp_path):
+    bare = {**MANIFEST, "splits": {"train": {"count": 1, "shards": [{"file": "t.tfrecord", "records": 1}]}}}
+    data = read_manifest(_write(tmp_path / "manifest.json", bare)).to_dict()
+    assert data["splits"]["train"]["per_class"] == {}  # a split's default, filled in by the record
+    assert data["splits"]["train"]["shards"] == [{"file": "t.tfrecord", "records": 1}]  # no invented "bytes": null
