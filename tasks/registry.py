@@ -131,6 +131,8 @@ _SUMMARY_KEYS = (
     "aspect", "background", "best_epoch", "epochs_run", "stopped_early", "stop_reason", "monitor",
     "device_plan", "resumed", "lr_finder",
 )
+# Keys of the manifest that metadata.json carries over when the train summary lacks them.
+_MANIFEST_KEYS = ("background",)
 
 
 def build_metadata(
@@ -181,6 +183,8 @@ def build_metadata(
         "manifest": str(Path(manifest_path).resolve()),
     }
     record.update({key: summary[key] for key in _SUMMARY_KEYS if key in summary and key not in record})
+    # how the shards were made, when the train summary does not say (the background of transparent images)
+    record.update({k: v for k, v in (manifest.model_extra or {}).items() if k in _MANIFEST_KEYS and k not in record})
     record.setdefault("resumed", False)
     check_metadata(record, f"{METADATA_FILE} of run {run_id}")
     return record

@@ -170,7 +170,7 @@ def test_write_metadata_checks_types_and_required_keys(tmp_path):
 
 
 def test_build_metadata_is_the_one_builder(tmp_path):
-    manifest = Manifest.model_validate(MANIFEST)
+    manifest = Manifest.model_validate({**MANIFEST, "background": "white", "code_only": 1})
     summary = {
         "class_names": ["cats", "dogs"], "image_size": 32, "aspect": "crop", "diagnosis": {"healthy": True},
         "device_plan": {"precision": "float32"}, "best_epoch": 3, "epochs_run": 5, "stopped_early": True,
@@ -186,6 +186,7 @@ def test_build_metadata_is_the_one_builder(tmp_path):
     assert meta["healthy"] is True and meta["metrics"] == {"val_accuracy": 0.75} and meta["config"] == {"epochs": 5}
     assert meta["best_epoch"] == 3 and meta["epochs_run"] == 5 and meta["stopped_early"] is True
     assert "history" not in meta and meta["resumed"] is False and meta["val_dir"] is None
+    assert meta["background"] == "white" and "code_only" not in meta  # how the shards were made
     assert meta["data_dir"] == str((tmp_path / "data").resolve()) and "python" in meta["versions"]
     registry.write_metadata(tmp_path, meta)
     assert read_model_metadata(tmp_path).to_dict() == json.loads((tmp_path / "metadata.json").read_text())
