@@ -60,13 +60,14 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
 
 @task(name="evaluate-model", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
-def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float) -> dict[str, Any]:
+def evaluate_task(model_dir: str, manifest_path: str, champion_dir: str | None, tolerance: float,
+                  batch_size: int = 64) -> dict[str, Any]:
     """Score the model on the validation split (and the champion on the same images)."""
     from imgflow.tasks.evaluation import evaluate_split
 
     result = evaluate_split(
         Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
-        tolerance=tolerance,
+        batch_size=batch_size, tolerance=tolerance,
     )
     return EvaluationSummary.from_result(result).to_dict()
 
@@ -219,7 +220,8 @@ def training_pipeline(
 
     pointer = registry.read_champion(workdir)
     champion_dir = pointer["model_dir"] if pointer and Path(pointer["model_dir"], "model.keras").is_file() else None
-    evaluation = evaluate_task(str(model_dir), str(manifest_path), champion_dir, config.train.promotion_tolerance)
+    evaluation = evaluate_task(str(model_dir), str(manifest_path), champion_dir, config.train.promotion_tolerance,
+                               config.evaluate.batch_size)
     metadata["metrics"] = _metrics(summary, evaluation)
     metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
     registry.write_metadata(model_dir, metadata)
