@@ -75,6 +75,7 @@ def build_model_dir(path: Path, image_size: int, tiny: bool = False) -> Path:
     """A model directory (interface 4) holding the built-in default CNN, or a tiny CNN."""
     import keras
 
+    from imgflow.tasks import registry
     from imgflow.tasks.models import build_model
 
     if tiny:
@@ -92,11 +93,11 @@ def build_model_dir(path: Path, image_size: int, tiny: bool = False) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     model.save(path / "model.keras")
     meta = {
-        "run_id": path.name, "class_names": CLASSES, "image_size": image_size, "aspect": "squash",
+        "run_id": path.name, "class_names": CLASSES, "image_size": image_size,
         "metrics": {}, "fingerprint": "bench", "config": {}, "versions": {}, "created": "2024-01-01T00:00:00+00:00",
         "healthy": True,
     }
-    (path / "metadata.json").write_text(json.dumps(meta))
+    registry.write_metadata(path, meta)
     return path
 
 

@@ -199,18 +199,21 @@ def evaluate(
     data_dir: Path = typer.Argument(..., help="labelled class folders to evaluate on"),
     workdir: Path = WorkdirOption,
     out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: WORKDIR/evaluations/<run>)"),
-    csv_neutralise: bool = typer.Option(
-        True, "--csv-neutralise/--no-csv-neutralise",
-        help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them"),
+    csv_neutralise: Optional[bool] = typer.Option(
+        None, "--csv-neutralise/--no-csv-neutralise",
+        help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per model call (default 64)"),
+    config: Optional[Path] = ConfigOption,
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
+    options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
     from imgflow.flows.evaluation import evaluate_flow
     from imgflow.tasks.evaluation import EvaluationError
     from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, csv_neutralise=csv_neutralise)
+        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
         typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
@@ -224,9 +227,10 @@ def predict(
     model: str = typer.Argument(..., help="model directory, or 'champion'"),
     input_dir: Path = typer.Argument(..., help="folder of images to classify (searched recursively)"),
     workdir: Path = WorkdirOption,
-    out: Optional[Path] = typer.Option(None, "--out", help="CSV file to write"),
-    batch_size: int = typer.Option(256, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="CSV file to write (default: WORKDIR/predictions/<INPUT_DIR name>.csv)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per model call (default 256)"),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="also write the k best labels per file"),
+    chunk_size: Optional[int] = typer.Option(None, "--chunk-size", help="files per chunk task (default 1024)"),
     dask_address: Optional[str] = DaskOption,
     config: Optional[Path] = ConfigOption,
     csv_neutralise: Optional[bool] = typer.Option(
@@ -235,14 +239,14 @@ def predict(
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
-    settings = build_config(config, dask_address=dask_address, csv_neutralise=csv_neutralise)
-    dask_address = settings.preprocess.dask_address
+    options = build_config(config, predict={"out": out, "batch_size": batch_size, "top_k": top_k,
+                                            "chunk_size": chunk_size, "dask_address": dask_address,
+                                            "csv_neutralise": csv_neutralise}).predict
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
-        result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
-                               dask_address=dask_address, top_k=top_k, csv_neutralise=settings.train.csv_neutralise)
+        result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():

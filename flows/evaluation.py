@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.tasks.options import EvaluateOptions
 
 # keys of the small summary a task hands back (the full metrics live in metrics.json)
 _SUMMARY_KEYS = (
@@ -42,6 +43,7 @@ def evaluate_folder_task(
     tolerance: float = 0.0,
     min_class_images_for_recall_gate: int = 10,
     csv_neutralise: bool = True,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
@@ -49,7 +51,7 @@ def evaluate_folder_task(
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
                              Path(champion_dir) if champion_dir else None, tolerance=tolerance,
                              min_class_images_for_recall_gate=min_class_images_for_recall_gate,
-                             csv_neutralise=csv_neutralise)
+                             csv_neutralise=csv_neutralise, batch_size=batch_size)
     return _summary(result)
 
 
@@ -98,14 +100,15 @@ def evaluate_flow(
     data_dir: Path,
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
-    csv_neutralise: bool = True,
+    options: EvaluateOptions | None = None,
 ) -> dict[str, Any]:
     """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
 
     Writes metrics.json, report.html, report.md, predictions.csv and PNG plots into
     ``out`` (default ``<workdir>/evaluations/<run_id>-<data_dir name>``). When a
     champion other than MODEL is promoted in ``workdir``, it is evaluated on the same
-    images and shown side by side. ``csv_neutralise=False`` writes ``predictions.csv``
+    images and shown side by side. ``options`` is the ``evaluate`` section of the config
+    (default: its defaults); ``csv_neutralise: false`` there writes ``predictions.csv``
     cells raw (no ``'`` before a leading ``=``, ``+``, ``-``, ``@``, tab or CR).
 
     Returns:
@@ -134,8 +137,9 @@ def evaluate_flow(
     config = metadata.get("config") or {}
     tolerance = float(config.get("promotion_tolerance", 0.0))
     min_images = int(config.get("min_class_images_for_recall_gate", 10))
-    summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir),
-                                   str(champion_dir) if champion_dir else None, tolerance, min_images, csv_neutralise)
+    options = options or EvaluateOptions()
+    summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir), str(champion_dir) if champion_dir else None,
+                                   tolerance, min_images, options.csv_neutralise, options.batch_size)
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",

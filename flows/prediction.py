@@ -35,8 +35,8 @@ from imgflow.flows.config import DEFAULT_WORKDIR
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
+from imgflow.tasks.options import PredictOptions, with_overrides
 
-DEFAULT_CHUNK_SIZE = 1024
 LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
 
 
@@ -96,15 +96,6 @@ def _window(runner: Any) -> int:
     return LOCAL_CHUNK_WORKERS + 1
 
 
-def _check_options(batch_size: int, chunk_size: int, top_k: int | None) -> None:
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an integer >= 1, found {chunk_size}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected an integer >= 1 or none, found {top_k}")
-
-
 def _publish(summary: dict[str, Any], input_dir: Path) -> None:
     from prefect.artifacts import create_link_artifact, create_table_artifact
 
@@ -130,11 +121,12 @@ def batch_predict(
     input_dir: Path,
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     dask_address: str | None = None,
     top_k: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    csv_neutralise: bool = True,
+    chunk_size: int | None = None,
+    csv_neutralise: bool | None = None,
+    options: PredictOptions | None = None,
 ) -> dict[str, Any]:
     """Classify every file under INPUT_DIR into one CSV row each; resumable.
 
@@ -143,12 +135,13 @@ def batch_predict(
         input_dir: folder of images, searched recursively (symlinks never lead out of it).
         workdir: the imgflow work folder (champion pointer, part files, default output).
         out: the CSV to write; default ``<workdir>/predictions/<INPUT_DIR name>.csv``.
-        batch_size: images per model call.
+        batch_size: images per model call (default 256).
         dask_address: scheduler address of an existing Dask cluster to run chunks on.
         top_k: also write ``top<i>_label``/``top<i>_prob`` for the k best classes.
-        chunk_size: target files per chunk task (chunks hold between half and twice this).
+        chunk_size: target files per chunk task (chunks hold between half and twice this; default 1024).
         csv_neutralise: prefix cells starting with ``=``, ``+``, ``-``, ``@``, tab or CR
-            with ``'`` so spreadsheets show them as text (False: raw paths and names).
+            with ``'`` so spreadsheets show them as text (False: raw paths and names; default True).
+        options: the ``predict`` section of the config; the arguments above, when given, win over it.
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
@@ -160,7 +153,10 @@ def batch_predict(
         ValueError: an option out of range, or a model whose outputs do not match its metadata.
     """
     logger = get_run_logger()
-    _check_options(batch_size, chunk_size, top_k)
+    opts = with_overrides(options or PredictOptions(), out=out, batch_size=batch_size, dask_address=dask_address,
+                          top_k=top_k, chunk_size=chunk_size, csv_neutralise=csv_neutralise)
+    out, batch_size, dask_address, top_k, chunk_size = opts.out, opts.batch_size, opts.dask_address, opts.top_k, opts.chunk_size
+    csv_neutralise = opts.csv_neutralise
     workdir, input_dir = Path(workdir), Path(input_dir)
     if not input_dir.is_dir():
         found = "a file" if input_dir.exists() else "nothing there"

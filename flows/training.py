@@ -21,6 +21,7 @@ from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, Tr
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import read_json
+from imgflow.tasks.records import EvaluationSummary, read_manifest
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
@@ -66,6 +67,7 @@ def evaluate_task(
     tolerance: float,
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
+    batch_size: int = 64,
 ) -> dict[str, Any]:
     """Score the model on the validation split (and the champion on the same images); carries the promotion decision."""
     from imgflow.tasks.evaluation import evaluate_split
@@ -73,11 +75,9 @@ def evaluate_task(
     result = evaluate_split(
         Path(model_dir), Path(manifest_path), split="val", champion_dir=Path(champion_dir) if champion_dir else None,
         tolerance=tolerance, min_class_images_for_recall_gate=min_class_images_for_recall_gate,
-        csv_neutralise=csv_neutralise,
+        csv_neutralise=csv_neutralise, batch_size=batch_size,
     )
-    keep = ("accuracy", "loss", "per_class", "count", "report_html", "report_md", "metrics_json", "comparison",
-            "non_finite_outputs", "promotion")
-    return {k: result[k] for k in keep if k in result}
+    return EvaluationSummary.from_result(result).to_dict()
 
 
 @task(name="promote-model", cache_policy=NO_CACHE, timeout_seconds=120, retries=2, retry_delay_seconds=5,
@@ -212,9 +212,9 @@ def training_pipeline(
             "give --val-dir, or a --val-fraction above 0 (the default is 0.1)"
         )
     manifest_path = Path(prep["manifest"])
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path)
 
-    base_id = registry.run_id_for(manifest["fingerprint"], config.flat(), config.train.model.split(":")[-1])
+    base_id = registry.run_id_for(manifest.fingerprint or "", config.flat(), config.train.model.split(":")[-1])
     run_id, model_dir, state = registry.allocate_run_dir(workdir, base_id, force)
     if state == "done":
         logger.info("run %s already finished with this data and configuration; reusing it", run_id)
@@ -224,34 +224,16 @@ def training_pipeline(
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
     summary = train_task(str(manifest_path), str(model_dir), config.train)
-    diagnosis = summary["diagnosis"]
-    metadata: dict[str, Any] = {
-        "run_id": run_id,
-        "class_names": summary["class_names"],
-        "image_size": summary["image_size"],
-        "aspect": summary.get("aspect", "squash"),
-        "metrics": _metrics(summary, {}),
-        "fingerprint": manifest["fingerprint"],
-        "data_fingerprint": manifest.get("data_fingerprint"),
-        "config": config.flat(),
-        "versions": registry.library_versions(),
-        "created": registry.now_iso(),
-        "healthy": bool(diagnosis.get("healthy")),
-        "data_dir": str(Path(data_dir).resolve()),
-        "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
-        "manifest": str(manifest_path.resolve()),
-        "device_plan": summary.get("device_plan"),
-        "resumed": summary.get("resumed", False),
-    }
-    if (model_dir / "metadata.json").is_file():
-        metadata["created"] = registry.read_metadata(model_dir).get("created", metadata["created"])
+    previous = registry.read_metadata(model_dir) if (model_dir / registry.METADATA_FILE).is_file() else None
+    metadata = registry.build_metadata(run_id, summary, manifest, manifest_path, config.flat(), _metrics(summary, {}),
+                                       data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
 
     champion_dir = registry.champion_dir(workdir)
     evaluation = evaluate_task(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
                                config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
-                               config.train.csv_neutralise)
+                               config.evaluate.csv_neutralise, config.evaluate.batch_size)
     metadata["metrics"] = _metrics(summary, evaluation)
     metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
     registry.write_metadata(model_dir, metadata)

@@ -465,7 +465,9 @@ def evaluate_split(
             from the manifest's.
     """
     manifest_path = Path(manifest_path)
-    manifest = read_json(manifest_path)
+    from imgflow.tasks.records import read_manifest
+
+    manifest = read_manifest(manifest_path).to_dict()
     if split not in manifest.get("splits", {}) or not manifest["splits"][split].get("count"):
         raise EvaluationError(f"{manifest_path}: expected a non-empty split {split!r}, found splits "
                               f"{ {k: v.get('count') for k, v in manifest.get('splits', {}).items()} }")

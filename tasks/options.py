@@ -1,4 +1,4 @@
-"""The options of each pipeline stage: validation, preprocessing, training.
+"""The options of each stage: validation, preprocessing, training, prediction, evaluation.
 
 Plain pydantic models, so the work in ``tasks/`` can take them without depending on the
 Prefect wiring in ``flows/``. ``imgflow.flows.config`` groups them into one ``ImgflowConfig`` and
@@ -7,9 +7,12 @@ reads them from YAML.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from imgflow.tasks.records import DEFAULT_ASPECT, Aspect, describe_error
 
 
 class ValidationOptions(BaseModel):
@@ -33,7 +36,7 @@ class PreprocessOptions(BaseModel):
     image_size: int = Field(128, ge=8, le=2048)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
-    aspect: Literal["squash", "crop", "pad"] = "squash"
+    aspect: Aspect = DEFAULT_ASPECT
     encoding: Literal["jpeg", "png", "raw"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size_mb: float = Field(128.0, gt=0)
@@ -63,6 +66,47 @@ class TrainOptions(BaseModel):
     min_class_images_for_recall_gate: int = Field(
         10, ge=1, description="a candidate with recall 0 on a class with this many validation images is never "
         "promoted over a champion that recognises the class")
+
+
+class PredictOptions(BaseModel):
+    """How ``imgflow predict`` classifies a folder (the ``predict`` section of the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(256, ge=1, description="images per model call")
+    chunk_size: int = Field(1024, ge=1, description="target files per chunk task (chunks hold half to twice this)")
+    top_k: int | None = Field(None, ge=1, description="also write the k best labels and probabilities per file")
+    out: Path | None = Field(None, description="the CSV to write (default: WORKDIR/predictions/<INPUT_DIR name>.csv)")
+    dask_address: str | None = Field(None, description="run the chunk tasks on this Dask scheduler")
     csv_neutralise: bool = Field(
         True, description="prefix CSV cells starting with =, +, -, @, tab or CR with ' so spreadsheets do not "
         "run them as formulas; false keeps paths and class names raw")
+
+
+class EvaluateOptions(BaseModel):
+    """How ``imgflow evaluate`` scores a model (the ``evaluate`` section of the config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(64, ge=1, description="images per model call")
+    csv_neutralise: bool = Field(
+        True, description="prefix CSV cells starting with =, +, -, @, tab or CR with ' so spreadsheets do not "
+        "run them as formulas; false keeps paths and class names raw")
+
+
+_Options = TypeVar("_Options", bound=BaseModel)
+
+
+def with_overrides(options: _Options, **values: Any) -> _Options:
+    """``options`` with the given values on top (``None`` means not given), validated.
+
+    Raises:
+        ValueError: a value the option does not accept; the message names the option.
+    """
+    given = {key: value for key, value in values.items() if value is not None}
+    if not given:
+        return options
+    try:
+        return type(options).model_validate({**options.model_dump(), **given})
+    except ValidationError as exc:
+        raise ValueError(describe_error(exc)) from None

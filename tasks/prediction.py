@@ -226,18 +226,13 @@ def read_metadata(model_dir: Path | str) -> dict[str, Any]:
     for name in ("model.keras", METADATA_FILE):
         if not (model_dir / name).is_file():
             raise FileNotFoundError(f"model directory {model_dir}: expected {name} in it, found none")
-    meta = read_registry_metadata(model_dir)
-    meta.setdefault("aspect", "squash")
-    return meta
+    return read_registry_metadata(model_dir)
 
 
 def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     from imgflow.tasks.registry import load_model_dir
 
-    model, meta = load_model_dir(model_dir)
-    meta = dict(meta)
-    meta.setdefault("aspect", "squash")
-    return model, meta
+    return load_model_dir(model_dir)
 
 
 def load_model_cached(model_dir: Path | str) -> tuple[Any, dict[str, Any]]:
@@ -328,7 +323,8 @@ def predict_files(
 
     Args:
         model: a loaded Keras model taking raw 0-255 RGB images.
-        metadata: the model directory's metadata (``class_names``, ``image_size``, ``aspect``).
+        metadata: the model directory's metadata as :func:`read_metadata` returns it (``class_names``,
+            ``image_size``, ``aspect``).
         input_dir: the folder ``entries`` are relative to.
         entries: files to predict.
         batch_size: images per model call.
@@ -344,7 +340,7 @@ def predict_files(
     if batch_size < 1:
         raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
     class_names = list(metadata["class_names"])
-    size, aspect = int(metadata["image_size"]), str(metadata.get("aspect", "squash"))
+    size, aspect = int(metadata["image_size"]), str(metadata["aspect"])
     root = Path(input_dir)
     workers = workers or min(16, os.cpu_count() or 1)
     predict_lock = _PREDICT_LOCKS.setdefault(id(model), threading.Lock())

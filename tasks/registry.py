@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from imgflow.tasks.atomic import read_json, write_json
+from imgflow.tasks.records import METADATA_FILE, Manifest, check_metadata, read_model_metadata
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"
-METADATA_FILE = "metadata.json"
 MODEL_FILE = "model.keras"
 
 # Config keys that do not change what a run trains (so they do not change the run id).
@@ -61,8 +61,8 @@ def is_complete(model_dir: Path) -> bool:
     if not (model_dir / MODEL_FILE).is_file() or not (model_dir / METADATA_FILE).is_file():
         return False
     try:
-        return "promotion" in read_json(model_dir / METADATA_FILE)
-    except (OSError, ValueError):
+        return read_model_metadata(model_dir).promotion is not None
+    except RegistryError:
         return False
 
 
@@ -109,39 +109,89 @@ def library_versions() -> dict[str, str]:
 
 
 def write_metadata(model_dir: Path, metadata: dict[str, Any]) -> Path:
-    """Write ``metadata.json`` atomically (the key order of the contract first).
+    """Write ``metadata.json`` atomically, after checking it as a :class:`ModelMetadata`.
 
     Raises:
-        RegistryError: a required key is missing.
+        RegistryError: a required key is missing or a field has the wrong type.
     """
-    required = ("run_id", "class_names", "image_size", "metrics", "fingerprint", "config", "versions", "created", "healthy")
-    missing = [k for k in required if k not in metadata]
-    if missing:
-        raise RegistryError(f"{Path(model_dir) / METADATA_FILE}: missing key(s) {', '.join(missing)}")
-    return write_json(Path(model_dir) / METADATA_FILE, metadata)
+    path = Path(model_dir) / METADATA_FILE
+    check_metadata(metadata, path)
+    return write_json(path, metadata)
 
 
 def read_metadata(model_dir: Path) -> dict[str, Any]:
-    """Read ``metadata.json`` of a model directory.
+    """Read ``metadata.json`` of a model directory as a dict (defaults such as ``aspect`` filled in).
+
+    A thin wrapper of :func:`imgflow.tasks.records.read_model_metadata`, the one reader.
 
     Raises:
-        RegistryError: no metadata file, or it is not a JSON object with class names and image size.
+        RegistryError: no metadata file, not a JSON object, or a bad field (named in the message).
     """
-    path = Path(model_dir) / METADATA_FILE
-    if not path.is_file():
-        raise RegistryError(f"{model_dir}: expected a model directory with {METADATA_FILE}, found none")
-    try:
-        data = read_json(path)
-    except (OSError, ValueError) as exc:
-        raise RegistryError(f"{path}: cannot read JSON metadata: {exc}") from None
-    if not isinstance(data, dict) or "class_names" not in data or "image_size" not in data:
-        raise RegistryError(f"{path}: expected a JSON object with class_names and image_size")
-    names, size = data["class_names"], data["image_size"]
-    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
-        raise RegistryError(f"{path}: expected 'class_names' as a non-empty list of strings, found {names!r}")
-    if not isinstance(size, int) or size < 1:
-        raise RegistryError(f"{path}: expected 'image_size' as a positive integer, found {size!r}")
-    return data
+    return read_model_metadata(model_dir).to_dict()
+
+
+# Keys of the train summary (``train_summary.json``) that metadata.json carries over when present.
+_SUMMARY_KEYS = (
+    "aspect", "background", "best_epoch", "epochs_run", "stopped_early", "stop_reason", "monitor",
+    "device_plan", "resumed", "lr_finder",
+)
+# Keys of the manifest that metadata.json carries over when the train summary lacks them.
+_MANIFEST_KEYS = ("background",)
+
+
+def build_metadata(
+    run_id: str,
+    summary: dict[str, Any],
+    manifest: Manifest,
+    manifest_path: Path,
+    config: dict[str, Any],
+    metrics: dict[str, Any],
+    data_dir: Path,
+    val_dir: Path | None = None,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``metadata.json`` record of a trained run (the one metadata builder).
+
+    Args:
+        run_id: the run's id.
+        summary: the train summary (``class_names``, ``image_size``, ``diagnosis``, fit figures).
+        manifest: the manifest of the shards it was trained on (fingerprints, aspect).
+        manifest_path: where that manifest is.
+        config: the flat configuration of the run.
+        metrics: the metrics to record (validation accuracy ...).
+        data_dir: the training data folder.
+        val_dir: the separate validation folder, if any.
+        previous: the metadata this run already has (a resumed run keeps its ``created`` time).
+
+    Returns:
+        The checked metadata as a dict, in the key order of the contract.
+
+    Raises:
+        RegistryError: a field has the wrong type.
+    """
+    previous = previous or {}
+    record: dict[str, Any] = {
+        "run_id": run_id,
+        "class_names": list(summary["class_names"]),
+        "image_size": int(summary["image_size"]),
+        "aspect": summary.get("aspect", manifest.aspect),
+        "metrics": metrics,
+        "fingerprint": manifest.fingerprint,
+        "data_fingerprint": manifest.data_fingerprint,
+        "config": config,
+        "versions": library_versions(),
+        "created": previous.get("created") or now_iso(),
+        "healthy": bool((summary.get("diagnosis") or {}).get("healthy")),
+        "data_dir": str(Path(data_dir).resolve()),
+        "val_dir": str(Path(val_dir).resolve()) if val_dir else None,
+        "manifest": str(Path(manifest_path).resolve()),
+    }
+    record.update({key: summary[key] for key in _SUMMARY_KEYS if key in summary and key not in record})
+    # how the shards were made, when the train summary does not say (the background of transparent images)
+    record.update({k: v for k, v in (manifest.model_extra or {}).items() if k in _MANIFEST_KEYS and k not in record})
+    record.setdefault("resumed", False)
+    check_metadata(record, f"{METADATA_FILE} of run {run_id}")
+    return record
 
 
 def read_champion(workdir: Path) -> dict[str, Any] | None:

@@ -47,11 +47,11 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from imgflow.tasks.options import PreprocessOptions
-from imgflow.tasks import atomic
+from imgflow.tasks import atomic, records
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = records.MANIFEST_NAME
 PLAN_NAME = "plan.json"
 SPLITS = ("train", "val")
 ASPECTS = ("squash", "crop", "pad")
@@ -495,15 +495,15 @@ def complete_manifest(plan: dict[str, Any]) -> Path | None:
     if not path.exists():
         return None
     try:
-        manifest = atomic.read_json(path)
+        manifest = records.read_manifest(path)
     except (OSError, ValueError):
         return None
-    if manifest.get("fingerprint") != plan["fingerprint"]:
+    if manifest.fingerprint != plan["fingerprint"]:
         return None
     for split in SPLITS:
-        for shard in manifest.get("splits", {}).get(split, {}).get("shards", []):
-            shard_path = path.parent / shard["file"]
-            if not shard_path.exists() or shard_path.stat().st_size != shard.get("bytes", -1):
+        for shard in manifest.split(split).shards:
+            shard_path = path.parent / shard.file
+            if not shard_path.exists() or shard_path.stat().st_size != shard.bytes:
                 return None
     return path
 
@@ -533,22 +533,13 @@ def preprocess(report: dict[str, Any], options: PreprocessOptions, out_root: Pat
 
 
 def read_manifest(manifest_path: Path | str) -> dict[str, Any]:
-    """Load a manifest and check that it has the keys the input pipeline needs.
+    """Load a manifest through :func:`imgflow.tasks.records.read_manifest` (the one reader), as a dict.
 
     Raises:
         FileNotFoundError: no manifest (preprocessing did not finish: run ``imgflow preprocess``).
-        ValueError: the manifest lacks a key or names an unknown encoding.
+        imgflow.tasks.records.ManifestError: a ValueError naming the file and the bad or missing field.
     """
-    path = Path(manifest_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no TFRecord manifest here; run `imgflow preprocess` first")
-    manifest = atomic.read_json(path)
-    for key in ("class_names", "image_size", "encoding", "splits"):
-        if key not in manifest:
-            raise ValueError(f"{path}: manifest lacks the key {key!r}")
-    if manifest["encoding"] not in ENCODINGS:
-        raise ValueError(f"{path}: encoding must be one of {', '.join(ENCODINGS)}, found {manifest['encoding']!r}")
-    return manifest
+    return records.read_manifest(manifest_path).to_dict()
 
 
 def shard_paths(manifest_path: Path | str, split: str) -> list[str]:

@@ -29,6 +29,7 @@ from imgflow.tasks.options import TrainOptions
 from imgflow.tasks import doctor
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
 from imgflow.tasks.models import build_model, compile_model
+from imgflow.tasks.records import read_manifest
 
 Logger = Callable[[str], None]
 
@@ -441,7 +442,7 @@ def train_from_manifest(
         log(f"run {run_dir.name} already finished; reusing {run_dir / MODEL_FILE}")
         return read_json(summary_path)
 
-    manifest = read_json(manifest_path)
+    manifest = read_manifest(manifest_path).to_dict()
     class_names = list(manifest["class_names"])
     image_size = int(manifest["image_size"])
     splits = manifest["splits"]
@@ -480,7 +481,7 @@ def train_from_manifest(
         "model_path": str((run_dir / MODEL_FILE).resolve()),
         "class_names": class_names,
         "image_size": image_size,
-        "aspect": manifest.get("aspect", "squash"),
+        "aspect": manifest["aspect"],
         "fingerprint": manifest.get("fingerprint"),
         "device_plan": {k: v for k, v in plan.items() if k != "log"},
         **fit,
