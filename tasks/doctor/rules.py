@@ -420,7 +420,8 @@ def underfitting(records: Sequence[Record], th: Thresholds) -> Finding | None:
     window = recs[-min(len(recs), 3):]
     rise = (window[-1]["accuracy"] - window[0]["accuracy"]) / (len(window) - 1)
     acc = window[-1]["accuracy"]
-    if not (acc < th.underfit_accuracy and rise >= th.underfit_rise and acc > th.majority_share + 0.05):
+    still_rising = rise >= th.underfit_rise and acc - window[-2]["accuracy"] >= th.underfit_rise
+    if not (acc < th.underfit_accuracy and still_rising and acc > th.majority_share + 0.05):
         return None
     facts = th.facts
     fixes = [f"train longer (it gained {rise:.1%} accuracy an epoch over the last {len(window) - 1})"]
