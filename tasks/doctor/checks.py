@@ -244,6 +244,8 @@ def check_input_range(model: Any, images: Any) -> list[dict[str, Any]]:
 
 def check_output_layer(model: Any, outputs: np.ndarray, num_classes: int) -> list[dict[str, Any]]:
     """``output_units_mismatch`` and ``bad_output_activation`` from the model's real outputs."""
+    # ~80 lines: one decision table over the same measured outputs (units, logits vs
+    # probabilities, negative/zero outputs, row sums); split up, the thresholds would scatter
     findings: list[dict[str, Any]] = []
     activation, head = _head_activation(model)
     units = int(outputs.shape[-1]) if outputs.ndim >= 2 else 1
