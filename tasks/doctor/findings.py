@@ -85,9 +85,12 @@ def _number(value: Any) -> float | int | None:
 
 
 class Finding(BaseModel):
-    """One finding: a stable code, a severity, the measured numbers and one actionable sentence."""
+    """One finding: a stable code, a severity, the measured numbers and one actionable sentence.
 
-    model_config = ConfigDict(extra="forbid")
+    Extra keys (e.g. example image paths another stage attaches) are kept as they are.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
     code: str
     severity: Severity
