@@ -148,6 +148,7 @@ def test_learning_rate_too_high_is_a_critical_root_cause_when_the_first_epoch_ex
     # validation loss 1000x chance after the first epoch counts too (BatchNorm can hide it in the train loss)
     val = rules.learning_rate_too_high(recs([13.4, 1.7], val_loss=[1006.0, 304.0]), th(facts))
     assert val.severity == "critical" and val.evidence["first_epoch_val_loss"] == 1006.0
+    assert val.advice.startswith("the first epoch's validation loss was 1.01e+03, 916x chance ln(3)")
     nan = rules.learning_rate_too_high([{"epoch": 1, "loss": float("nan"), "batch": 3}], th(facts))
     assert nan.severity == "critical"
     # the usual rate on a scaled model: a warning (diagnose promotes it if training failed)
@@ -225,7 +226,11 @@ def test_val_loss_unstable_on_the_issues_curve():
     assert finding.severity == "warning"
     assert finding.evidence["reversals"] == 2 and finding.evidence["max_swing"] == pytest.approx(2.12 / 1.04, rel=1e-4)
     assert "1.04 → 2.12 → 1.39 → 1.69" in finding.advice and "larger batch than 32" in finding.advice
+    assert finding.evidence["val_loss_last"] == 1.69 and finding.evidence["max_rise"] == pytest.approx(2.12 / 1.04, rel=1e-4)
     assert rules.val_loss_unstable(recs([1.0, 0.9, 0.85, 0.8], val_loss=[0.9, 0.8, 0.85, 0.78]), th()) is None  # noise
+    # a healthy 6-epoch run of the built-in model on digits: one bounce on the way down, ends at its best
+    converging = recs([1.0, 0.5, 0.3, 0.2, 0.1, 0.05], val_loss=[3.4, 0.239, 0.357, 0.157, 0.0642, 0.0231])
+    assert rules.val_loss_unstable(converging, th()) is None
     assert rules.val_loss_unstable(recs([1.0, 0.9, 0.85, 0.8], val_loss=[0.9, 1.3, 1.9, 2.5]), th()) is None  # one way
 
 

@@ -296,18 +296,24 @@ def learning_rate_too_high(records: Sequence[Record], th: Thresholds) -> Finding
     first = records[0]
     first_loss = float(first.get("loss", float("nan")))
     first_val = float(first.get("val_loss", 0.0))
-    exploded = (not math.isfinite(first_loss) or first_loss >= th.explode_factor * th.chance
-                or (math.isfinite(first_val) and first_val >= th.explode_factor * th.chance))
+    # judged on epoch 1 only (a resumed run's first record is a later epoch)
+    exploded = first.get("epoch", 1) == 1 and (
+        not math.isfinite(first_loss) or first_loss >= th.explode_factor * th.chance
+        or (math.isfinite(first_val) and first_val >= th.explode_factor * th.chance))
     high = _lr_is_high(th)
     if exploded and (facts.input_scaling is not False or high):
         worst = max((v for v in (first_loss, first_val) if math.isfinite(v)), default=float("nan"))
         evidence = {"first_epoch_loss": first_loss, "first_epoch_val_loss": first.get("val_loss"),
                     "chance_loss": th.chance, "ratio": worst / th.chance if math.isfinite(worst) else None,
                     "learning_rate": lr, "typical_learning_rate": facts.typical_lr, "lr_ratio": facts.lr_ratio}
-        size = "non-finite" if not math.isfinite(first_loss) else f"{worst:.3g}, {worst / th.chance:.3g}x chance"
+        if not math.isfinite(first_loss):
+            what = "the first epoch's training loss was NaN/inf"
+        else:
+            which = "validation" if worst == first_val and first_val > first_loss else "training"
+            what = f"the first epoch's {which} loss was {worst:.3g}, {worst / th.chance:.3g}x chance ln({th.num_classes})"
         return _finding(
             "learning_rate_too_high", "critical" if high else "warning", evidence,
-            f"the first epoch's loss was {size}: the first updates overshot; " + fix_learning_rate(facts)
+            f"{what}: the first updates overshot; " + fix_learning_rate(facts)
             + (f" (batch size {facts.batch_size})" if facts.batch_size else ""),
         )
     losses = [r["loss"] for r in _finite(records)]
@@ -440,7 +446,8 @@ def underfitting(records: Sequence[Record], th: Thresholds) -> Finding | None:
 
 
 def val_loss_unstable(records: Sequence[Record], th: Thresholds) -> Finding | None:
-    """``val_loss_unstable`` (warning): validation loss swings up and down by more than ``unstable_factor``."""
+    """``val_loss_unstable`` (warning): validation loss swings up and down (two or more reversals,
+    a rise of ``unstable_factor`` x or more) and ends well above its best."""
     vals = [float(r["val_loss"]) for r in _finite(records) if r.get("val_loss") is not None
             and math.isfinite(float(r["val_loss"])) and float(r["val_loss"]) > 0][-6:]
     if len(vals) < 4:
@@ -449,7 +456,11 @@ def val_loss_unstable(records: Sequence[Record], th: Thresholds) -> Finding | No
     signs = [1 if r > 1 else -1 for r in ratios]
     reversals = sum(1 for a, b in zip(signs, signs[1:]) if a != b)
     swing = max(max(r, 1 / r) for r in ratios)
-    if reversals < 2 or swing < th.unstable_factor:
+    jump = max(ratios)  # the largest epoch-to-epoch rise
+    # a converging run may bounce once on its way down and still end at its best: only a
+    # loss that jumps up and ends well above its best (by a margin that matters) is unstable
+    unsettled = vals[-1] >= 1.2 * min(vals) and vals[-1] - min(vals) >= 0.1 * th.chance
+    if reversals < 2 or jump < th.unstable_factor or not unsettled:
         return None
     facts = th.facts
     fixes = [fix_learning_rate(facts, 3.0)]
@@ -458,8 +469,8 @@ def val_loss_unstable(records: Sequence[Record], th: Thresholds) -> Finding | No
     fixes.append("more validation images (a small validation set makes the loss noisy)")
     return _finding(
         "val_loss_unstable", "warning",
-        {"val_loss_min": min(vals), "val_loss_max": max(vals), "max_swing": swing, "reversals": reversals,
-         "epochs": len(vals), "learning_rate": _lr(records, th)},
+        {"val_loss_min": min(vals), "val_loss_max": max(vals), "val_loss_last": vals[-1], "max_swing": swing,
+         "max_rise": jump, "reversals": reversals, "epochs": len(vals), "learning_rate": _lr(records, th)},
         "validation loss jumps between epochs (" + " → ".join(f"{v:.3g}" for v in vals) + f", swings up to "
         f"{swing:.2f}x): training is unstable; " + join(fixes, ""),
     )
