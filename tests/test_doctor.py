@@ -465,3 +465,17 @@ def test_model_facts_of_a_builtin_model_keep_rescaling_and_softmax_out_of_the_ad
     assert facts.optimizer == "adam" and facts.learning_rate == pytest.approx(0.5) and facts.lr_ratio == pytest.approx(500)
     x, y = digits
     assert doctor.preflight(model, x[:32], y[:32], K, facts=facts) == []
+
+
+def test_model_facts_see_through_the_mixed_precision_loss_scale_optimizer():
+    from imgflow.tasks.models import build_model, compile_model
+
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = compile_model(build_model("default", 32, K, augment=False, seed=0), "sgd", 0.02)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    facts = doctor.model_facts(model, K)
+    assert facts.optimizer == "sgd" and facts.learning_rate == pytest.approx(0.02) and facts.lr_ratio == pytest.approx(2)

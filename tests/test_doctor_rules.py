@@ -295,3 +295,15 @@ def test_importing_the_doctor_package_does_not_import_keras():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_diverged_run_skips_evaluation_with_its_root_cause_as_the_reason():
+    from imgflow.flows.training import _skip_evaluation_reason
+
+    unnorm = make_finding("unnormalized_input", "warning", {"input_max": 255}, "add `Rescaling(1/255)`", layer="conv")
+    nan = make_finding("nan_loss", "critical", {"epoch": 1}, "the loss became NaN")
+    reason = _skip_evaluation_reason(diagnose([nan, unnorm]))
+    assert reason.startswith("rejected: training diverged (NaN/inf loss), evaluation skipped — unnormalized_input: ")
+    assert reason.endswith("add `Rescaling(1/255)`")
+    collapse = make_finding("single_class_collapse", "critical", {"top_class_share": 1.0}, "collapsed")
+    assert _skip_evaluation_reason(diagnose([collapse])) is None  # not diverged: evaluated, then rejected
