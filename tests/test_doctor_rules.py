@@ -149,12 +149,28 @@ def test_learning_rate_too_high_is_a_critical_root_cause_when_the_first_epoch_ex
     val = rules.learning_rate_too_high(recs([13.4, 1.7], val_loss=[1006.0, 304.0]), th(facts))
     assert val.severity == "critical" and val.evidence["first_epoch_val_loss"] == 1006.0
     assert val.advice.startswith("the first epoch's validation loss was 1.01e+03, 916x chance ln(3)")
+    # a rate 100x the usual one: 10x chance after the first epoch is enough (89x, as measured on digits)
+    soft = rules.learning_rate_too_high(recs([12.7, 1.03], val_loss=[97.7, 4.5]), th(facts))
+    assert soft.severity == "critical" and soft.evidence["ratio"] == pytest.approx(97.7 / CHANCE, rel=1e-4)
+    assert rules.learning_rate_too_high(recs([12.7, 1.03], val_loss=[97.7, 4.5]), th(SCALED)).severity == "warning"
     nan = rules.learning_rate_too_high([{"epoch": 1, "loss": float("nan"), "batch": 3}], th(facts))
     assert nan.severity == "critical"
     # the usual rate on a scaled model: a warning (diagnose promotes it if training failed)
     assert rules.learning_rate_too_high(recs([2e8, 1.1]), th(SCALED)).severity == "warning"
     # raw inputs with SGD's usual rate: the inputs explain the explosion, not the rate
     assert rules.learning_rate_too_high([{"epoch": 1, "loss": float("nan")}], th(RAW)) is None
+
+
+def test_a_rate_far_above_the_usual_is_a_warning_that_explains_a_collapse():
+    facts = SCALED.with_updates(learning_rate=0.05)
+    calm = rules.learning_rate_too_high(recs([1.0, 0.8]), th(facts))
+    assert calm.severity == "warning" and calm.evidence["lr_ratio"] == 50
+    assert calm.advice == ("the learning rate 0.05 is 50x adam's usual rate: steps that large overshoot; lower the "
+                           "learning rate of adam from 0.05 to 0.001 (adam's usual rate is 1e-03)")
+    assert rules.learning_rate_too_high(recs([1.0, 0.8]), th(SCALED.with_updates(learning_rate=0.01))) is None
+    collapse = make_finding("single_class_collapse", "critical", {"top_class_share": 1.0}, "collapsed")
+    diagnosis = diagnose([collapse, calm.as_dict()])
+    assert root_cause(diagnosis)["code"] == "learning_rate_too_high"
 
 
 def test_learning_rate_hints_from_the_loss_curve():

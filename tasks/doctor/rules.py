@@ -284,33 +284,37 @@ def dead_relu(records: Sequence[Record], th: Thresholds) -> Finding | None:
 
 
 def learning_rate_too_high(records: Sequence[Record], th: Thresholds) -> Finding | None:
-    """``learning_rate_too_high``: the first epoch exploded, or the loss climbs above its best.
+    """``learning_rate_too_high``: the first epoch exploded, the loss climbs above its best,
+    or the rate is far above the optimizer's usual one.
 
-    A first-epoch loss (or validation loss) ``explode_factor`` x chance or non-finite is a
-    root cause: critical when the rate is 10x the optimizer's usual one or more. Raw inputs
-    with a usual rate are left to ``unnormalized_input``.
+    A first-epoch loss (training or validation) ``explode_factor`` x chance or non-finite
+    is a root cause; so is one 10x chance with a rate 100x the optimizer's usual one. It is
+    critical when the rate is 10x the usual one or more. Raw inputs with a usual rate are
+    left to ``unnormalized_input``. A rate 30x the usual one is a warning on its own, which
+    :func:`~imgflow.tasks.doctor.findings.diagnose` promotes when training failed.
     """
     if not records:
         return None
     facts, lr = th.facts, _lr(records, th)
     first = records[0]
     first_loss = float(first.get("loss", float("nan")))
-    first_val = float(first.get("val_loss", 0.0))
+    first_val = float(first.get("val_loss", float("nan")))
+    worst = max((v for v in (first_loss, first_val) if math.isfinite(v)), default=float("nan"))
+    times = worst / th.chance if math.isfinite(worst) else float("inf")
     # judged on epoch 1 only (a resumed run's first record is a later epoch)
-    exploded = first.get("epoch", 1) == 1 and (
-        not math.isfinite(first_loss) or first_loss >= th.explode_factor * th.chance
-        or (math.isfinite(first_val) and first_val >= th.explode_factor * th.chance))
+    epoch1 = first.get("epoch", 1) == 1
+    hard = epoch1 and (not math.isfinite(first_loss) or times >= th.explode_factor)
+    soft = epoch1 and times >= 10.0 and _lr_is_high(th, 100.0)
     high = _lr_is_high(th)
-    if exploded and (facts.input_scaling is not False or high):
-        worst = max((v for v in (first_loss, first_val) if math.isfinite(v)), default=float("nan"))
+    if (hard and (facts.input_scaling is not False or high)) or soft:
         evidence = {"first_epoch_loss": first_loss, "first_epoch_val_loss": first.get("val_loss"),
-                    "chance_loss": th.chance, "ratio": worst / th.chance if math.isfinite(worst) else None,
-                    "learning_rate": lr, "typical_learning_rate": facts.typical_lr, "lr_ratio": facts.lr_ratio}
+                    "chance_loss": th.chance, "ratio": times, "learning_rate": lr,
+                    "typical_learning_rate": facts.typical_lr, "lr_ratio": facts.lr_ratio}
         if not math.isfinite(first_loss):
             what = "the first epoch's training loss was NaN/inf"
         else:
             which = "validation" if worst == first_val and first_val > first_loss else "training"
-            what = f"the first epoch's {which} loss was {worst:.3g}, {worst / th.chance:.3g}x chance ln({th.num_classes})"
+            what = f"the first epoch's {which} loss was {worst:.3g}, {times:.3g}x chance ln({th.num_classes})"
         return _finding(
             "learning_rate_too_high", "critical" if high else "warning", evidence,
             f"{what}: the first updates overshot; " + fix_learning_rate(facts)
@@ -336,6 +340,13 @@ def learning_rate_too_high(records: Sequence[Record], th: Thresholds) -> Finding
              "learning_rate": lr},
             f"the first epoch's mean loss was {losses[0]:.3g}, {losses[0] / th.chance:.0f}x chance: the first updates "
             "exploded; " + join([fix_inputs(facts), fix_learning_rate(facts)], ""),
+        )
+    if _lr_is_high(th, 30.0):
+        return _finding(
+            "learning_rate_too_high", "warning",
+            {"learning_rate": lr, "typical_learning_rate": facts.typical_lr, "lr_ratio": facts.lr_ratio},
+            f"the learning rate {facts.learning_rate:.3g} is {facts.lr_ratio:.0f}x {facts.optimizer}'s usual rate: "
+            "steps that large overshoot; " + fix_learning_rate(facts),
         )
     return None
 
