@@ -72,7 +72,13 @@ def __getattr__(name: str) -> Any:
     """Load the Keras-bound names (``preflight``, ``DoctorMonitor``, ``check_model``...) on first use."""
     module = _LAZY.get(name)
     if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        if name.startswith("__"):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        # the helpers the single-module doctor had (``_has_rescaling``, ``check_*``...) live in checks
+        checks = importlib.import_module("imgflow.tasks.doctor.checks")
+        if not hasattr(checks, name):
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        module = checks.__name__
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
