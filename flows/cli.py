@@ -188,8 +188,12 @@ def train(
         print_findings(result["findings"])
     typer.echo(result.get("reason", ""))
     if not result.get("promoted"):
-        critical = [f for f in result.get("findings") or [] if f["severity"] == "critical"]
-        cause = f"{critical[0]['code']}: {critical[0]['advice']}" if critical else result.get("reason")
+        from imgflow.tasks.doctor.findings import root_cause
+
+        # the diagnosis ranks the root cause first (e.g. unnormalized_input above the nan_loss it caused)
+        found = root_cause({"healthy": result.get("healthy", False), "findings": result.get("findings") or []})
+        critical = found if found and found.get("severity") == "critical" else None
+        cause = f"{critical['code']}: {critical['advice']}" if critical else result.get("reason")
         fail(f"not promoted — {cause or 'the model was rejected'}", EXIT_FAILED_CHECK)
 
 
@@ -277,8 +281,9 @@ def doctor(
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
     print_findings(diagnosis["findings"], limit=10)
     if not diagnosis["healthy"]:
-        critical = [f for f in diagnosis["findings"] if f["severity"] == "critical"]
-        cause = critical[0] if critical else diagnosis["findings"][0]
+        from imgflow.tasks.doctor.findings import root_cause
+
+        cause = root_cause(diagnosis)
         fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
 
 

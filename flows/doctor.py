@@ -3,8 +3,9 @@
 MODEL_OR_BUILDER is a built-in model name, ``package.module:function`` or a model
 directory (or ``champion``). The data is validated and preprocessed exactly as for
 training (cached shards are reused), then :func:`imgflow.tasks.doctor.check_model` runs the
-preflight checks and, unless they find a critical problem, a few probe epochs watched by
-the :class:`imgflow.tasks.doctor.DoctorMonitor`. TensorFlow/Keras are imported inside the task.
+preflight checks and, unless they find a critical problem, a few probe epochs through the
+same fit as training (:func:`imgflow.tasks.training.fit_model`), watched by the
+:class:`imgflow.tasks.doctor.DoctorMonitor`. TensorFlow/Keras are imported inside the task.
 """
 
 from __future__ import annotations

@@ -174,6 +174,33 @@ def _publish(result: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
     create_markdown_artifact(key="training-run", markdown="\n".join(lines), description="Training pipeline summary")
 
 
+def _skip_evaluation_reason(diagnosis: dict[str, Any]) -> str | None:
+    """Why the trained weights are not worth evaluating (a diverged run), or None.
+
+    A run whose loss became NaN/inf has non-finite weights: evaluation would only fail on
+    them. The reason names the diagnosis's root cause and its advice.
+    """
+    from imgflow.tasks.doctor.findings import diverged, root_cause
+
+    if not diverged(diagnosis):
+        return None
+    cause = root_cause(diagnosis) or {"code": "nan_loss", "advice": "the training loss became NaN/inf"}
+    return f"rejected: training diverged (NaN/inf loss), evaluation skipped — {cause['code']}: {cause['advice']}"
+
+
+def _finish_unevaluated(model_dir: Path, workdir: Path, metadata: dict[str, Any], reason: str) -> dict[str, Any]:
+    """Record a run that is not evaluated (and so not promoted) with its reason; the flow's result."""
+    metadata["evaluation"] = {"skipped": True, "reason": reason}
+    metadata["promotion"] = {"promoted": False, "reason": reason, "decided": registry.now_iso()}
+    registry.write_metadata(model_dir, metadata)
+    get_run_logger().warning(reason)
+    result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=False)
+    result.update(promoted=False, reason=reason, evaluation_skipped=True)
+    _publish(result, None)
+    print(f"val accuracy n/a | model {result['model_dir']} | {reason}")
+    return result
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
     data_dir: Path,
@@ -195,7 +222,8 @@ def training_pipeline(
     Returns:
         ``{"run_id", "model_dir", "val_accuracy", "healthy", "promoted", "reason",
         "findings", "champion_dir", "skipped"}`` (``skipped`` is True when a finished
-        run was reused instead of training).
+        run was reused instead of training; a diverged run, NaN loss, is not evaluated:
+        it adds ``"evaluation_skipped": True`` and the reason names its root cause).
 
     Raises:
         imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable.
@@ -229,6 +257,10 @@ def training_pipeline(
                                        data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
+
+    skip_reason = _skip_evaluation_reason(summary["diagnosis"])
+    if skip_reason:
+        return _finish_unevaluated(model_dir, workdir, metadata, skip_reason)
 
     champion_dir = registry.champion_dir(workdir)
     evaluation = evaluate_task(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,

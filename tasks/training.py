@@ -280,6 +280,8 @@ def fit_model(
     steps_per_epoch: int | None = None,
     jit_compile: bool | str = False,
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
+    overfit_steps: int = 0,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Compile (unless compiled), check, fit with resume, and write history and diagnosis.
 
@@ -295,6 +297,8 @@ def fit_model(
         steps_per_epoch: batches per epoch (for the cosine schedule's length).
         jit_compile: XLA for the train step.
         extra_callbacks: more callbacks, run after the built-in ones.
+        overfit_steps: steps of the doctor's overfit-one-batch preflight check (0: skip).
+        class_names: class names in label order (the doctor's advice names the classes).
 
     Returns:
         ``{"epochs_run", "initial_epoch", "resumed", "stopped_early", "best_epoch",
@@ -312,8 +316,9 @@ def fit_model(
     findings: list[dict[str, Any]] = []
     resume_from = backup_epoch(run_dir)
     _trim_history(run_dir, resume_from)
+    facts = doctor.model_facts(model, num_classes, options.batch_size, class_counts, class_names)
     if probe is not None and resume_from == 0:
-        findings.extend(doctor.preflight(model, probe[0], probe[1], num_classes, overfit_steps=0))
+        findings.extend(doctor.preflight(model, probe[0], probe[1], num_classes, overfit_steps=overfit_steps, facts=facts))
         critical = [f for f in findings if f.get("severity") == "critical"]
         if critical:
             log(f"preflight found {len(critical)} critical problem(s): {', '.join(f['code'] for f in critical)}; not training")
@@ -359,7 +364,7 @@ def fit_model(
     if options.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6))
     if probe is not None:
-        monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts)
+        monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts, facts=facts)
         callbacks.append(monitor)
     callbacks.extend(extra_callbacks or [])
 
@@ -472,7 +477,7 @@ def train_from_manifest(
             )
             fit = fit_model(
                 model, train_ds, val_ds, run_dir, options, counts, probe=doctor.probe_batch(val_ds, max_images=64), log=log,
-                steps_per_epoch=steps, jit_compile=plan["jit_compile"],
+                steps_per_epoch=steps, jit_compile=plan["jit_compile"], class_names=class_names,
             )
         save_model(model, run_dir / MODEL_FILE)
     finally:

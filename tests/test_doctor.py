@@ -417,3 +417,65 @@ def test_doctor_command_exits_1_and_names_the_relu_head(prefect_server, digits_d
     codes = {f["code"]: f["severity"] for f in saved["findings"]}
     assert codes["bad_output_activation"] == "critical"
     assert "unnormalized_input" in codes
+
+
+# ----------------------------------------------------------------------------- monitor records
+
+
+def test_monitor_records_per_class_predictions_and_reports_a_class_never_predicted():
+    """A fixed model that tells classes 0 and 1 apart but never answers 2: the monitor's
+    probe record carries the per-class counts and the end-of-run rule names the class."""
+    from imgflow.tasks.doctor import RunFacts
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(K, activation="softmax", name="head")])
+    model.layers[-1].set_weights([np.array([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0]], "float32"),
+                                  np.array([0.0, 0.0, -50.0], "float32")])
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
+    x = np.array([[1, 0]] * 15 + [[0, 1]] * 15 + [[0.6, 0.4]] * 12, "float32")
+    y = np.array([0] * 15 + [1] * 15 + [2] * 12, "int32")
+    monitor = doctor.DoctorMonitor(x, y, K, {"cats": 40, "dogs": 40, "owls": 40}, static_checks=False,
+                                   facts=RunFacts(batch_size=16))
+    monitor.set_model(model)
+    monitor.on_train_begin()
+    for epoch, acc in enumerate([0.55, 0.62, 0.66]):
+        monitor.on_epoch_end(epoch, {"loss": 0.9 - 0.1 * epoch, "accuracy": acc})
+    assert "class_never_predicted" not in _codes(monitor.findings)  # judged when the run ends
+    record = monitor.epoch_records[-1]
+    assert record["pred_counts"] == [27, 15, 0] and record["label_counts"] == [15, 15, 12]
+    assert record["class_hits"] == [15, 15, 0] and record["lr"] == pytest.approx(0.01)
+    monitor.on_train_end()
+    finding = _get(monitor.findings, "class_never_predicted")
+    assert finding["severity"] == "warning" and finding["evidence"]["class_index"] == 2
+    assert finding["evidence"]["predicted"] == 0 and finding["evidence"]["probe_images"] == 12
+    assert "'owls' (class 2)" in finding["advice"]
+    # the facts read off the model at train begin, with those given
+    facts = monitor.thresholds.facts
+    assert (facts.optimizer, facts.learning_rate, facts.head_activation, facts.batch_size) == ("sgd", pytest.approx(0.01), "softmax", 16)
+    assert facts.input_scaling is False and facts.class_names == ("cats", "dogs", "owls")
+    assert "underfitting" in _codes(monitor.findings)  # 66% and rising 5.5% an epoch at the end
+
+
+def test_model_facts_of_a_builtin_model_keep_rescaling_and_softmax_out_of_the_advice(digits):
+    from imgflow.tasks.models import build_model, compile_model
+
+    model = compile_model(build_model("default", 32, K, augment=False, seed=0), "adam", 0.5)
+    facts = doctor.model_facts(model, K, batch_size=32, class_counts=[40, 40, 40])
+    assert facts.input_scaling is True and facts.scaling_layer == "rescale"
+    assert (facts.head_activation, facts.head_layer, facts.from_logits) == ("softmax", "predictions", False)
+    assert facts.optimizer == "adam" and facts.learning_rate == pytest.approx(0.5) and facts.lr_ratio == pytest.approx(500)
+    x, y = digits
+    assert doctor.preflight(model, x[:32], y[:32], K, facts=facts) == []
+
+
+def test_model_facts_see_through_the_mixed_precision_loss_scale_optimizer():
+    from imgflow.tasks.models import build_model, compile_model
+
+    previous = keras.config.dtype_policy().name
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        model = compile_model(build_model("default", 32, K, augment=False, seed=0), "sgd", 0.02)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert type(model.optimizer).__name__ == "LossScaleOptimizer"
+    facts = doctor.model_facts(model, K)
+    assert facts.optimizer == "sgd" and facts.learning_rate == pytest.approx(0.02) and facts.lr_ratio == pytest.approx(2)
