@@ -21,7 +21,7 @@ import os
 import statistics
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,9 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imgflow.tasks import scan
 from imgflow.tasks.options import ValidationOptions
+from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
 
 # Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
 # rarely real photos and some need external programs: they are reported instead.
@@ -103,7 +105,7 @@ class ImageInfo:
 
 
 def _problem(path: Path | str, code: str, severity: str, message: str, excluded: bool) -> dict[str, Any]:
-    return {"path": str(path), "code": code, "severity": severity, "message": message, "excluded": excluded}
+    return {"path": scan.encode_path(str(path)), "code": code, "severity": severity, "message": scan.printable(message), "excluded": excluded}
 
 
 def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
@@ -197,11 +199,6 @@ def inspect_image(path: Path) -> ImageInfo:
     return info
 
 
-def is_hidden(name: str) -> bool:
-    """Dot files and the folders and files desktop systems drop (``__MACOSX``, ``Thumbs.db``)."""
-    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
-
-
 def _check_root(root: Path, what: str) -> Path:
     if not root.exists():
         raise DatasetError(f"{what} {root} does not exist")
@@ -212,63 +209,73 @@ def _check_root(root: Path, what: str) -> Path:
     return root
 
 
+# How each kind of name the walker skips is reported: (code, severity).
+_SKIPPED = {
+    scan.HIDDEN: ("hidden_file", WARNING),
+    scan.SPECIAL: ("special_file", WARNING),
+    scan.EXCLUDED: ("workdir_skipped", WARNING),
+    scan.UNLISTABLE: ("unreadable", ERROR),
+    scan.OUTSIDE: ("symlink_outside_root", ERROR),
+    scan.LINKED_FOLDER: ("symlink", WARNING),
+    scan.LOOP: ("symlink_loop", WARNING),
+    scan.BROKEN: ("symlink", WARNING),
+}
+_ADVICE = {
+    scan.OUTSIDE: " — copy the file in if it belongs to the dataset",
+    scan.LINKED_FOLDER: " — copy or move the folder in",
+    scan.EXCLUDED: " (the work folder lies inside the dataset)",
+}
+NON_UTF8_MESSAGE = (
+    "the name is not valid UTF-8; the file is used, and reports write its path with \\xHH for each "
+    "such byte — rename it to plain UTF-8 to avoid surprises"
+)
+
+
+def _report_skipped(entry: scan.Entry, problems: list[dict[str, Any]]) -> None:
+    code, severity = _SKIPPED[entry.kind]
+    problems.append(_problem(entry.path, code, severity, entry.message + _ADVICE.get(entry.kind, ""), True))
+
+
 def _scan_class(
-    split: str, root: Path, class_name: str, problems: list[dict[str, Any]]
+    split: str, root: Path, class_name: str, problems: list[dict[str, Any]],
+    exclude: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[Candidate]:
-    """Yield the files of one class folder (nested folders included, as Keras does), sorted."""
-    real_root = root.resolve()
-    prefix = os.path.join(str(root), "")  # entry.path starts with it; the rest is the relative path
-    stack: list[Path | str] = [root / class_name]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            problems.append(_problem(folder, "unreadable", ERROR, f"cannot list the folder: {exc.strerror or exc}", True))
+    """Yield the files of one class folder (nested folders included, as Keras does), in walk order."""
+    for entry in scan.walk(root, root / class_name, exclude=exclude):
+        if entry.kind == scan.FOLDER:
+            problems.append(_problem(entry.path, "nested_folder", WARNING,
+                                     f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
+        elif entry.kind != scan.FILE:
+            _report_skipped(entry, problems)
             continue
-        subfolders = []
-        for entry in entries:
-            path = entry.path
-            rel = path[len(prefix):].replace(os.sep, "/")
-            if is_hidden(entry.name):
-                problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder; skipped", True))
-                continue
-            if entry.is_symlink():
-                target = Path(path).resolve()
-                if not target.is_relative_to(real_root):
-                    problems.append(_problem(path, "symlink_outside_root", ERROR,
-                                             f"symlink to {target}, outside {root}; not followed — copy the file in", True))
-                elif target.is_file():
-                    problems.append(_problem(path, "symlink", WARNING, f"symlink to {target}; used as that file", False))
-                    yield Candidate(split, path, rel, class_name)
-                else:
-                    problems.append(_problem(path, "symlink", WARNING, "symlink to a folder or to nothing; not followed", True))
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append(path)
-                problems.append(_problem(path, "nested_folder", WARNING,
-                                         f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
-            elif entry.is_file(follow_symlinks=False):
-                yield Candidate(split, path, rel, class_name)
-            else:
-                problems.append(_problem(path, "special_file", WARNING, "not a regular file (device, pipe or socket); skipped", True))
-        stack.extend(reversed(subfolders))
+        if entry.undecodable:
+            problems.append(_problem(entry.path, "non_utf8_name", WARNING, NON_UTF8_MESSAGE, False))
+        if entry.kind == scan.FILE:
+            if entry.link:
+                problems.append(_problem(entry.path, "symlink", WARNING, entry.message, False))
+            yield Candidate(split, entry.path, scan.encode_path(entry.rel), class_name)
 
 
-def _class_folders(root: Path, problems: list[dict[str, Any]]) -> list[str]:
+def _class_folders(
+    root: Path, problems: list[dict[str, Any]], exclude: frozenset[tuple[int, int]] = frozenset()
+) -> list[str]:
     """Sorted class folder names at the root; report everything else found there."""
     names = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        path = Path(entry.path)
-        if is_hidden(entry.name):
-            problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder at the dataset root; skipped", True))
-        elif entry.is_symlink():
-            problems.append(_problem(path, "symlink", WARNING, "symlink at the dataset root; not followed", True))
-        elif entry.is_dir(follow_symlinks=False):
-            names.append(entry.name)
-        else:
-            problems.append(_problem(path, "root_file", WARNING,
+    for entry in scan.list_root(root, exclude=exclude):
+        if entry.kind == scan.FOLDER:
+            if entry.undecodable:
+                problems.append(_problem(entry.path, "non_utf8_name", ERROR,
+                                         "class folder name is not valid UTF-8, and class names must be text; "
+                                         "rename the folder — its images are not used", True))
+            else:
+                names.append(entry.rel)
+        elif entry.kind == scan.FILE and not entry.link:
+            problems.append(_problem(entry.path, "root_file", WARNING,
                                      "file at the dataset root belongs to no class; move it into a class folder", True))
+        elif entry.kind == scan.FILE:
+            problems.append(_problem(entry.path, "symlink", WARNING, "symlink at the dataset root; not followed", True))
+        else:
+            _report_skipped(entry, problems)
     return names
 
 
@@ -429,36 +436,28 @@ class TreeFingerprint(NamedTuple):
     entries: int
 
 
-def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> TreeFingerprint:
-    """A digest of every entry under ``roots`` (relative path, size, mtime), the options and this code.
+def tree_fingerprint(
+    roots: list[Path], options: ValidationOptions, exclude: frozenset[tuple[int, int]] = frozenset()
+) -> TreeFingerprint:
+    """A digest of every entry under ``roots`` (relative path, size, mtime, mode), the options and this code.
 
     Walking and stat-ing a tree costs a tiny fraction of decoding it, so a report whose
     fingerprint matches can be reused: the same files with the same sizes and times
-    give the same findings.
+    give the same findings. It walks with :func:`imgflow.tasks.scan.walk`, so it sees
+    exactly what validation sees (``exclude``: the work folder inside DATA_DIR).
     """
     digest = hashlib.sha256()
     count = 0
     digest.update(Path(__file__).read_bytes())
+    digest.update(Path(scan.__file__).read_bytes())
     digest.update(options.model_dump_json().encode())
+    digest.update(repr(sorted(exclude)).encode())
     for root in roots:
-        digest.update(f"\0root:{root.resolve()}".encode())
-        stack = [root]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                digest.update(f"\0unlistable:{folder}".encode())
-                continue
-            for entry in entries:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                count += 1
-                digest.update(f"\0{entry.path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_mode}".encode())
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
+        digest.update(f"\0root:{os.path.realpath(root)}".encode("utf-8", "surrogateescape"))
+        for entry in scan.walk(root, stat=True, exclude=exclude):
+            count += 1
+            digest.update(f"\0{entry.rel}\0{entry.kind}\0{entry.size}\0{entry.mtime_ns}\0{entry.mode}"
+                          .encode("utf-8", "surrogateescape"))
     return TreeFingerprint(digest.hexdigest(), count)
 
 
@@ -466,6 +465,7 @@ def validate_dataset(
     data_dir: Path | str,
     val_dir: Path | str | None = None,
     options: ValidationOptions | None = None,
+    exclude: Iterable[Path | str] = (),
 ) -> dict[str, Any]:
     """Scan, decode and check every file of a class-folder dataset.
 
@@ -473,6 +473,8 @@ def validate_dataset(
         data_dir: ``DATA_DIR/<class>/*`` training images.
         val_dir: optional validation folder with the same class folders.
         options: thresholds; defaults from :class:`ValidationOptions`.
+        exclude: folders never scanned as data (imgflow's work folder when it lies
+            inside DATA_DIR); each one found is reported as ``workdir_skipped``.
 
     Returns:
         The validation report (see the module docstring). ``usable`` is False only when
@@ -484,11 +486,12 @@ def validate_dataset(
     options = options or ValidationOptions()
     data_root = _check_root(Path(data_dir), "DATA_DIR")
     val_root = _check_root(Path(val_dir), "VAL_DIR") if val_dir is not None else None
-    fingerprint = tree_fingerprint([data_root] + ([val_root] if val_root else []), options)
+    skip = scan.file_ids(exclude)
+    fingerprint = tree_fingerprint([data_root] + ([val_root] if val_root else []), options, skip)
     problems: list[dict[str, Any]] = []
 
-    train_classes = _class_folders(data_root, problems)
-    val_classes = _class_folders(val_root, problems) if val_root else []
+    train_classes = _class_folders(data_root, problems, skip)
+    val_classes = _class_folders(val_root, problems, skip) if val_root else []
     for name in sorted(set(val_classes) - set(train_classes)):
         problems.append(_problem(val_root / name, "unknown_val_class", ERROR,
                                  f"class '{name}' is in VAL_DIR but not in DATA_DIR; its images are not used", True))
@@ -498,10 +501,10 @@ def validate_dataset(
 
     def candidates() -> Iterator[Candidate]:
         for name in train_classes:
-            yield from _scan_class("train", data_root, name, problems)
+            yield from _scan_class("train", data_root, name, problems, skip)
         for name in val_classes:
             if name in train_classes:
-                yield from _scan_class("val", val_root, name, problems)
+                yield from _scan_class("val", val_root, name, problems, skip)
 
     workers = options.workers or os.cpu_count() or 1
     usable: list[_Usable] = []
@@ -555,8 +558,8 @@ def validate_dataset(
     return {
         "usable": usable_flag,
         "fingerprint": fingerprint.digest,
-        "data_dir": str(data_root.resolve()),
-        "val_dir": str(val_root.resolve()) if val_root else None,
+        "data_dir": scan.encode_path(str(data_root.resolve())),
+        "val_dir": scan.encode_path(str(val_root.resolve())) if val_root else None,
         "class_names": class_names,
         "classes": {n: counts["train"][n] for n in class_names},
         "val_classes": {n: counts["val"][n] for n in class_names} if val_root else None,
