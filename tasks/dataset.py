@@ -451,7 +451,6 @@ def tree_fingerprint(
     digest.update(Path(__file__).read_bytes())
     digest.update(Path(scan.__file__).read_bytes())
     digest.update(options.model_dump_json().encode())
-    digest.update(repr(sorted(exclude)).encode())
     for root in roots:
         digest.update(f"\0root:{os.path.realpath(root)}".encode("utf-8", "surrogateescape"))
         for entry in scan.walk(root, stat=True, exclude=exclude):
