@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from imgflow.tasks import scan
+from imgflow.tasks import paths, scan
 from imgflow.tasks.options import ValidationOptions
 from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
 
@@ -53,6 +53,14 @@ FORMAT_EXTENSIONS = {
     "PPM": {".ppm", ".pgm", ".pbm", ".pnm"},
     "AVIF": {".avif", ".avifs"},
 }
+# The extension a renamed file should get (the sets above also hold rarer spellings).
+PREFERRED_EXTENSION = {
+    "JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif",
+    "WEBP": ".webp", "PPM": ".ppm", "AVIF": ".avif",
+}
+# Images above this many pixels (8000x8000 is 64 M) are reported as large_image; those
+# that are not JPEG (which decode at 1/8 scale) are checked from their header only.
+LARGE_IMAGE_PIXELS = 50_000_000
 # Near-duplicates: a coarse 8x8 difference hash finds candidates, a fine 16x16 one
 # confirms them (at most NEAR_DUPLICATE_BITS of its 256 bits differ). Re-encoding or
 # resizing an image moves a few fine bits; different photos move dozens.
@@ -121,6 +129,23 @@ def difference_hash(gray: Image.Image, side: int) -> int:
     return int.from_bytes(bits.tobytes(), "big")
 
 
+def _looks_truncated(data: bytes, image_format: str | None, message: str) -> bool:
+    """True when a decode failure comes from missing bytes at the end, not from damaged ones.
+
+    Pillow says so in several ways ("image file is truncated", "Truncated File Read",
+    "cannot load this image" when the scan data is cut); the file's own end marker decides.
+    """
+    text = message.lower()
+    if "truncat" in text or "broken data stream" in text:
+        return True
+    tail = data.rstrip(b"\0")
+    if image_format in ("JPEG", "MPO"):
+        return not tail.endswith(b"\xff\xd9")  # no EOI marker
+    if image_format == "PNG":
+        return b"IEND" not in tail[-12:]
+    return False
+
+
 def inspect_image(path: Path) -> ImageInfo:
     """Read and fully decode one file; report what it is or why it cannot be used.
 
@@ -154,11 +179,21 @@ def inspect_image(path: Path) -> ImageInfo:
                         f"Pillow reads it as {info.format}, which imgflow does not train on; convert it to PNG or JPEG"
                     )
                     return info
+                large = info.width * info.height > LARGE_IMAGE_PIXELS
+                if large:
+                    info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}, "
+                                          f"{info.width * info.height / 1e6:.0f} megapixels): slow to decode, "
+                                          "and it is resized to image_size anyway; consider downscaling it"))
                 if info.format in ("JPEG", "MPO"):
                     # DCT-domain downscaling: every byte of the compressed stream is still
                     # entropy-decoded, so truncated and corrupt files fail exactly as in a
                     # full decode, but the inverse DCT makes the small copy directly.
                     image.draft(None, (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                elif large:
+                    # Checked from its header only: a full decode would cost seconds and
+                    # hundreds of MB. Only a byte-identical copy counts as a duplicate.
+                    info.pixel_hash = f"undecoded:{info.content_hash}"
+                    return info
                 image.load()  # the real decode: truncated and corrupt data fail here
                 small = thumbnail(image)
                 gray = small.convert("L")
@@ -166,7 +201,8 @@ def inspect_image(path: Path) -> ImageInfo:
                 info.fine_hash = difference_hash(gray, FINE_HASH_SIDE)
                 info.pixel_hash = f"{image.mode}{image.size}{zlib.crc32(small.tobytes()):08x}{info.fine_hash:x}"
         for warning in caught:
-            if issubclass(warning.category, Image.DecompressionBombWarning):
+            if issubclass(warning.category, Image.DecompressionBombWarning) and not any(
+                    code == "large_image" for code, _ in info.warnings):
                 info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}): {warning.message}"))
     except Image.DecompressionBombError as exc:
         info.error_code = "decompression_bomb"
@@ -185,14 +221,14 @@ def inspect_image(path: Path) -> ImageInfo:
         return info
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
-        truncated = "truncated" in text or "broken data stream" in text or isinstance(exc, EOFError)
+        truncated = _looks_truncated(data, info.format, text) or isinstance(exc, EOFError)
         info.error_code = "truncated" if truncated else "corrupt"
         info.error_message = f"{'truncated' if truncated else 'corrupt'} {info.format or ''} data: {text}".replace("  ", " ")
         return info
     expected = FORMAT_EXTENSIONS.get(info.format or "", set())
     if expected and suffix not in expected:
         info.warnings.append(
-            ("extension_mismatch", f"the extension says {suffix or '(none)'} but the content is {info.format}; rename to {sorted(expected)[0]}")
+            ("extension_mismatch", f"the extension says {suffix or '(none)'} but the content is {info.format}; rename to {PREFERRED_EXTENSION[info.format or '']}")
         )
     if info.frames > 1:
         info.warnings.append(("animated", f"{info.frames} frames; only the first is used"))
@@ -481,10 +517,12 @@ def validate_dataset(
 
     Raises:
         DatasetError: a root folder is missing, not a folder, or unreadable.
+        imgflow.tasks.paths.PathConflict: VAL_DIR is DATA_DIR, or one lies inside the other.
     """
     options = options or ValidationOptions()
     data_root = _check_root(Path(data_dir), "DATA_DIR")
     val_root = _check_root(Path(val_dir), "VAL_DIR") if val_dir is not None else None
+    paths.check_val_dir(data_root, val_root)
     skip = scan.file_ids(exclude)
     fingerprint = tree_fingerprint([data_root] + ([val_root] if val_root else []), options, skip)
     problems: list[dict[str, Any]] = []
@@ -539,6 +577,12 @@ def validate_dataset(
                                  f"({', '.join(class_names) or 'none'}); training needs at least 2: "
                                  "put each class's images in its own folder DATA_DIR/<class>/", False))
     else:
+        for name in class_names:
+            if counts["train"][name] < 2 and val_root is None:
+                problems.append(_problem(data_root / name, "too_few_images", WARNING,
+                                         f"class '{name}' has only {counts['train'][name]} usable image: the held-out "
+                                         "validation split can take it, leaving the class with no training image; "
+                                         "add images (or give --val-dir)", False))
         class_counts = [counts["train"][n] for n in class_names]
         ratio = max(class_counts) / min(class_counts)
         if ratio > options.imbalance_ratio:
