@@ -92,6 +92,20 @@ def difference_hash(gray: Image.Image, side: int) -> int:
     return int.from_bytes(bits.tobytes(), "big")
 
 
+# Signatures of the formats imgflow trains on, to name a file Pillow could not identify.
+MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+         (b"II*\0", "TIFF"), (b"MM\0*", "TIFF"))
+
+
+def _format_from_magic(data: bytes) -> str | None:
+    for signature, name in MAGIC:
+        if data.startswith(signature):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
 def _looks_truncated(data: bytes, image_format: str | None, message: str) -> bool:
     """True when a decode failure comes from missing bytes at the end, not from damaged ones.
 
@@ -106,6 +120,10 @@ def _looks_truncated(data: bytes, image_format: str | None, message: str) -> boo
         return not tail.endswith(b"\xff\xd9")  # no EOI marker
     if image_format == "PNG":
         return b"IEND" not in tail[-12:]
+    if image_format == "GIF":
+        return not tail.endswith(b";")  # no trailer byte
+    if image_format == "WEBP" and len(data) >= 8:
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")  # shorter than the RIFF size says
     return False
 
 
@@ -172,7 +190,13 @@ def inspect_image(path: Path) -> ImageInfo:
         info.error_message = f"refused by Pillow's decompression-bomb limit: {exc}"
         return info
     except UnidentifiedImageError:
-        if suffix in UNSUPPORTED_EXTENSIONS:
+        magic = _format_from_magic(data)
+        if magic is not None:  # an image whose header is cut or damaged: Pillow gave up identifying it
+            truncated = _looks_truncated(data, magic, "")
+            info.error_code = "truncated" if truncated else "corrupt"
+            info.error_message = (f"{info.error_code} {magic} data: the file starts as {magic} but its header "
+                                  f"cannot be read{' (the file ends early)' if truncated else ''}")
+        elif suffix in UNSUPPORTED_EXTENSIONS:
             info.error_code = "unsupported_format"
             info.error_message = f"{suffix} images cannot be decoded here; convert it to PNG or JPEG"
         else:
@@ -184,7 +208,7 @@ def inspect_image(path: Path) -> ImageInfo:
         return info
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         text = str(exc)
-        truncated = _looks_truncated(data, info.format, text) or isinstance(exc, EOFError)
+        truncated = _looks_truncated(data, info.format or _format_from_magic(data), text) or isinstance(exc, EOFError)
         info.error_code = "truncated" if truncated else "corrupt"
         info.error_message = f"{'truncated' if truncated else 'corrupt'} {info.format or ''} data: {text}".replace("  ", " ")
         return info
