@@ -203,7 +203,8 @@ def list_folder(
         prefix: ``rel`` of the folder with a trailing ``/`` (``""`` for the root).
         real_root: ``os.path.realpath`` of the walk root; links must resolve inside it.
         stat: fill ``size``, ``mtime_ns`` and ``mode`` (one ``lstat`` per name).
-        exclude: (device, inode) pairs of folders and files never to list (:func:`file_ids`).
+        exclude: (device, inode) pairs of folders never to list (:func:`file_ids`); files
+            are matched too when ``stat`` is on.
 
     Raises:
         OSError: the folder cannot be listed.
@@ -212,7 +213,6 @@ def list_folder(
         names = sorted(listing, key=_name)
     out: list[Entry] = []
     append = out.append
-    inodes = {ino for _, ino in exclude}
     for entry in names:
         name = entry.name
         rel = prefix + name
@@ -223,16 +223,14 @@ def list_folder(
         try:
             # The common path: a regular file costs no system call unless stat is asked for
             # (scandir's d_type answers is_file, is_symlink and is_dir).
-            if inodes and entry.inode() in inodes:
-                st = entry.stat(follow_symlinks=False)
-                if (st.st_dev, st.st_ino) in exclude:
-                    append(Entry(rel, entry.path, EXCLUDED, "imgflow's own output; never scanned as data",
-                                 0, 0, 0, False, undecodable))
-                    continue
             if entry.is_file(follow_symlinks=False):
                 # tuple.__new__ skips NamedTuple's Python-level __new__: a third of the per-file cost.
                 if stat:
                     st = entry.stat(follow_symlinks=False)
+                    if exclude and (st.st_dev, st.st_ino) in exclude:  # files are matched when stat is on
+                        append(Entry(rel, entry.path, EXCLUDED, "imgflow's own output; never scanned as data",
+                                     0, 0, 0, False, undecodable))
+                        continue
                     append(_new(Entry, (rel, entry.path, FILE, "", st.st_size, st.st_mtime_ns, st.st_mode, False,
                                         undecodable)))
                 else:
@@ -240,7 +238,12 @@ def list_folder(
             elif entry.is_symlink():
                 append(_classify_link(entry, rel, real_root, stat, undecodable))
             elif entry.is_dir(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False) if stat else None
+                # Folders are matched by stat, not scandir's d_ino (overlayfs reports other numbers).
+                st = entry.stat(follow_symlinks=False) if stat or exclude else None
+                if exclude and (st.st_dev, st.st_ino) in exclude:
+                    append(Entry(rel, entry.path, EXCLUDED, "imgflow's own output; never scanned as data",
+                                 0, 0, 0, False, undecodable))
+                    continue
                 append(Entry(rel, entry.path, FOLDER, "", 0, st.st_mtime_ns if st else 0, st.st_mode if st else 0,
                              False, undecodable))
             else:
