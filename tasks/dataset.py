@@ -339,6 +339,9 @@ def validate_dataset(
 ) -> dict[str, Any]:
     """Scan, decode and check every file of a class-folder dataset.
 
+    (Long on purpose: it is the one place that orders the stages — classes, streamed
+    decode, duplicates, outliers, class checks — and assembles the report contract.)
+
     Args:
         data_dir: ``DATA_DIR/<class>/*`` training images.
         val_dir: optional validation folder with the same class folders.

@@ -130,6 +130,9 @@ def _looks_truncated(data: bytes, image_format: str | None, message: str) -> boo
 def inspect_image(path: Path) -> ImageInfo:
     """Read and fully decode one file; report what it is or why it cannot be used.
 
+    (One function on purpose: it runs in worker processes, and every branch maps one
+    Pillow outcome to one problem code; split up, the mapping would be harder to read.)
+
     Never raises for a bad file: the reason is in ``error_code``/``error_message``.
     """
     info = ImageInfo()
