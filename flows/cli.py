@@ -66,6 +66,16 @@ def exit_codes(
         fail(str(exc), EXIT_USAGE)
 
 
+def check_paths(inputs: dict[str, Optional[Path]], workdir: Optional[Path], outputs: dict[str, Optional[Path]]) -> None:
+    """Exit 2 with one line when an output would land on or inside an input (imgflow.tasks.paths)."""
+    from imgflow.tasks.paths import PathConflict, check_run
+
+    try:
+        check_run(inputs, workdir, outputs)
+    except PathConflict as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
 def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
     """The YAML file's values overridden by the options given; exit 2 on a bad value."""
     try:
@@ -92,6 +102,7 @@ def validate(
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
+    check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
     from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
@@ -111,7 +122,9 @@ def validate(
         typer.echo(f"  {problem['severity']:<7} {problem['code']:<20} {problem['path']}: {problem['message']}")
     if len(full["problems"]) > 10:
         typer.echo(f"  … {len(full['problems']) - 10} more problems")
-    typer.echo(f"Full report: {summary['report_path']} (and {Path(summary['report_path']).with_suffix('.md')})")
+    from imgflow.tasks.paths import summary_path
+
+    typer.echo(f"Full report: {summary['report_path']} (and {summary_path(summary['report_path'])})")
     if not summary["usable"]:
         fail("the dataset is not usable for training: it needs at least 2 classes with usable images", EXIT_FAILED_CHECK)
     if strict and full["problems"]:
@@ -135,6 +148,7 @@ def preprocess(
         require_dir(val_dir, "VAL_DIR")
         if val_fraction is not None:
             fail("give --val-dir or --val-fraction, not both", EXIT_USAGE)
+    check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     from imgflow.flows.preprocessing import preprocess_flow
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable
@@ -167,6 +181,7 @@ def train(
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
+    check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     from imgflow.flows.training import training_pipeline
@@ -212,6 +227,7 @@ def evaluate(
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
     options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
+    check_paths({"DATA_DIR": data_dir}, workdir, {"--out": out})
     from imgflow.flows.evaluation import evaluate_flow
     from imgflow.tasks.evaluation import EvaluationError
     from imgflow.tasks.registry import RegistryError
@@ -246,6 +262,7 @@ def predict(
     options = build_config(config, predict={"out": out, "batch_size": batch_size, "top_k": top_k,
                                             "chunk_size": chunk_size, "dask_address": dask_address,
                                             "csv_neutralise": csv_neutralise}).predict
+    check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
@@ -270,6 +287,7 @@ def doctor(
 ) -> None:
     """Check a model before a long run: preflight checks and a short probe training."""
     require_dir(data_dir, "DATA_DIR")
+    check_paths({"DATA_DIR": data_dir}, workdir, {})
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
     from imgflow.flows.doctor import doctor_flow
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable

@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
 from imgflow.flows.retrying import retry_unless
+from imgflow.tasks import paths
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 from imgflow.tasks.options import PredictOptions, with_overrides
@@ -151,6 +152,8 @@ def batch_predict(
     Raises:
         FileNotFoundError: INPUT_DIR is not a folder, or MODEL is not a model directory.
         ValueError: an option out of range, or a model whose outputs do not match its metadata.
+        imgflow.tasks.paths.PathConflict: (a ValueError) ``out`` or ``workdir`` is, or lies
+            inside, INPUT_DIR (a work folder inside INPUT_DIR is allowed and never scanned).
     """
     logger = get_run_logger()
     opts = with_overrides(options or PredictOptions(), out=out, batch_size=batch_size, dask_address=dask_address,
@@ -165,6 +168,10 @@ def batch_predict(
     metadata = P.read_metadata(model_dir)
     class_names = list(metadata["class_names"])
     out = Path(out) if out is not None else default_output(input_dir, workdir)
+    inputs = {"INPUT_DIR": input_dir}
+    paths.check_run(inputs, workdir, {"--out": out})  # outputs never touch inputs (exit 2)
+    if paths.workdirs_to_skip(workdir, inputs):
+        logger.warning("The work folder %s lies inside INPUT_DIR; it is never scanned as input", workdir)
     run_dir = P.run_dir_for(workdir, model_dir, input_dir, out)
     model_id = P.model_identity(model_dir)
     write_json(

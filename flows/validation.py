@@ -10,7 +10,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ValidationOptions
-from imgflow.tasks import atomic
+from imgflow.tasks import atomic, paths, scan
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks.dataset import DatasetError, report_markdown, tree_fingerprint, validate_dataset
 
@@ -45,21 +45,25 @@ def _read_report(path: Path) -> dict[str, Any] | None:
     retry_condition_fn=retry_unless(DatasetError, NotADirectoryError, IsADirectoryError, PermissionError),
 )
 def validate_task(
-    data_dir: Path, val_dir: Path | None, options: ValidationOptions, report_path: Path
+    data_dir: Path, val_dir: Path | None, options: ValidationOptions, report_path: Path,
+    exclude: list[Path] | None = None,
 ) -> dict[str, Any]:
     """Scan and decode every file, write the JSON and Markdown reports, return the summary.
 
     When ``report_path`` already holds the report of the same files (same paths, sizes
     and modification times), options and code, it is reused and nothing is decoded.
+    ``exclude`` lists folders never scanned as data (the work folder inside DATA_DIR).
     """
     roots = [data_dir] + ([val_dir] if val_dir else [])
+    exclude = list(exclude or [])
     previous = _read_report(report_path)
-    if previous is not None and previous.get("fingerprint") == tree_fingerprint(roots, options).digest:
+    fingerprint = tree_fingerprint(roots, options, scan.file_ids(exclude)).digest
+    if previous is not None and previous.get("fingerprint") == fingerprint:
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)
         return summarize(previous, report_path)
-    report = validate_dataset(data_dir, val_dir, options)
+    report = validate_dataset(data_dir, val_dir, options, exclude=exclude)
     atomic.write_json(report_path, report)
-    atomic.write_text(report_path.with_suffix(".md"), report_markdown(report))
+    atomic.write_text(paths.summary_path(report_path), report_markdown(report))
     return summarize(report, report_path)
 
 
@@ -88,9 +92,23 @@ def validate_flow(
 ) -> dict[str, Any]:
     """Validate DATA_DIR (and VAL_DIR): report to ``report`` or ``<workdir>/validation.json``.
 
+    The Markdown summary goes beside the report (:func:`imgflow.tasks.paths.summary_path`).
+    Outputs never touch inputs (:mod:`imgflow.tasks.paths`); a work folder inside
+    DATA_DIR is skipped by the scan, with a ``workdir_skipped`` warning.
+
     Returns the summary record (report path, usable, class counts, error and warning counts).
+
+    Raises:
+        imgflow.tasks.paths.PathConflict: VAL_DIR is (or overlaps) DATA_DIR, or the
+            report or the work folder would be written onto or inside an input.
     """
+    data_dir, val_dir = Path(data_dir), Path(val_dir) if val_dir else None
+    inputs = {"DATA_DIR": data_dir, "VAL_DIR": val_dir}
     report_path = Path(report) if report else Path(workdir) / REPORT_NAME
-    summary = validate_task(Path(data_dir), Path(val_dir) if val_dir else None, options or ValidationOptions(), report_path)
+    paths.check_run(inputs, workdir, {"--report": report_path, "the Markdown summary": paths.summary_path(report_path)})
+    skip = paths.workdirs_to_skip(workdir, inputs)
+    if skip:
+        get_run_logger().warning("The work folder %s lies inside the data; it is never scanned as data", workdir)
+    summary = validate_task(data_dir, val_dir, options or ValidationOptions(), report_path, exclude=skip)
     _publish_artifacts(report_path)
     return summary

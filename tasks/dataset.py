@@ -4,6 +4,8 @@ Every file is decoded for real, in parallel threads (Pillow releases the GIL whi
 decodes and hashlib while it hashes), over a streaming walk of the tree with a bounded
 window of files in flight, so memory stays flat whatever the dataset size. The user's
 files are only ever read: a bad file is excluded from the usable set and reported.
+The tree is walked by :mod:`imgflow.tasks.scan` (hidden, special, symlink and non-UTF-8
+policy), each file checked by :mod:`imgflow.tasks.inspection`.
 
 The report is a JSON-able dict (see DESIGN.md, "Validation report"):
 ``usable``, ``classes``, ``problems`` (``path``, ``code``, ``severity``, ``message``,
@@ -15,51 +17,31 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import io
 import multiprocessing
 import os
 import statistics
-import warnings
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
-
+from imgflow.tasks import inspection, paths, scan
+from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode checks live there
+    COARSE_HASH_SIDE,
+    FINE_HASH_SIDE,
+    FORMAT_EXTENSIONS,
+    LARGE_IMAGE_PIXELS,
+    NEAR_DUPLICATE_BITS,
+    SUPPORTED_FORMATS,
+    ImageInfo,
+    difference_hash,
+    inspect_image,
+    thumbnail,
+)
 from imgflow.tasks.options import ValidationOptions
+from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
 
-# Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
-# rarely real photos and some need external programs: they are reported instead.
-SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF"}
-# Image formats Pillow does not decode here (or that need external programs): a file
-# with one of these extensions that Pillow cannot identify is reported as unsupported.
-UNSUPPORTED_EXTENSIONS = {
-    ".heic", ".heif", ".jxl", ".svg", ".raw", ".cr2", ".nef", ".arw", ".dng", ".psd", ".jp2", ".eps", ".pdf",
-}
-FORMAT_EXTENSIONS = {
-    "JPEG": {".jpg", ".jpeg", ".jpe", ".jfif"},
-    "MPO": {".jpg", ".jpeg", ".mpo"},
-    "PNG": {".png", ".apng"},
-    "GIF": {".gif"},
-    "BMP": {".bmp", ".dib"},
-    "TIFF": {".tif", ".tiff"},
-    "WEBP": {".webp"},
-    "PPM": {".ppm", ".pgm", ".pbm", ".pnm"},
-    "AVIF": {".avif", ".avifs"},
-}
-# Near-duplicates: a coarse 8x8 difference hash finds candidates, a fine 16x16 one
-# confirms them (at most NEAR_DUPLICATE_BITS of its 256 bits differ). Re-encoding or
-# resizing an image moves a few fine bits; different photos move dozens.
-COARSE_HASH_SIDE, FINE_HASH_SIDE = 8, 16
-NEAR_DUPLICATE_BITS = 6
-# Hashes and the "same image" key come from a reduced copy, which costs a fraction of
-# the decode. Two files are the same image when their mode, size and reduced pixels
-# are identical (a JPEG saved again as PNG, a copy with other metadata).
-THUMBNAIL_SIDE = 64
 # From this many files on, decoding runs in worker processes (batches of PROCESS_BATCH).
 PROCESS_THRESHOLD, PROCESS_BATCH = 2000, 32
 ERROR, WARNING = "error", "warning"
@@ -83,123 +65,8 @@ class Candidate:
     class_name: str
 
 
-@dataclass
-class ImageInfo:
-    """What decoding one file found: its properties, or the reason it is unusable."""
-
-    byte_size: int = 0
-    format: str | None = None
-    mode: str | None = None
-    width: int = 0
-    height: int = 0
-    frames: int = 1
-    content_hash: str | None = None
-    pixel_hash: str | None = None
-    coarse_hash: int | None = None
-    fine_hash: int | None = None
-    error_code: str | None = None
-    error_message: str | None = None
-    warnings: list[tuple[str, str]] = field(default_factory=list)
-
-
 def _problem(path: Path | str, code: str, severity: str, message: str, excluded: bool) -> dict[str, Any]:
-    return {"path": str(path), "code": code, "severity": severity, "message": message, "excluded": excluded}
-
-
-def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
-    """A cheap reduced copy (integer box reduction in C) with its short side near ``side``."""
-    factor = max(1, min(image.size) // side)
-    return image.reduce(factor) if factor > 1 else image
-
-
-def difference_hash(gray: Image.Image, side: int) -> int:
-    """Difference hash of a grey image: one bit per neighbouring-pixel comparison, ``side`` rows."""
-    pixels = np.asarray(gray.resize((side + 1, side), Image.Resampling.BILINEAR), dtype=np.int16)
-    bits = np.packbits((pixels[:, :-1] > pixels[:, 1:]).ravel())
-    return int.from_bytes(bits.tobytes(), "big")
-
-
-def inspect_image(path: Path) -> ImageInfo:
-    """Read and fully decode one file; report what it is or why it cannot be used.
-
-    Never raises for a bad file: the reason is in ``error_code``/``error_message``.
-    """
-    info = ImageInfo()
-    try:
-        data = path.read_bytes()
-    except PermissionError:
-        info.error_code, info.error_message = "unreadable", "permission denied; make the file readable (chmod a+r)"
-        return info
-    except OSError as exc:
-        info.error_code, info.error_message = "unreadable", f"cannot read the file: {exc.strerror or exc}"
-        return info
-    info.byte_size = len(data)
-    if not data:
-        info.error_code, info.error_message = "empty_file", "the file is empty (0 bytes)"
-        return info
-    info.content_hash = hashlib.sha256(data).hexdigest()
-    suffix = path.suffix.lower()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                info.format, info.mode = image.format, image.mode
-                info.width, info.height = image.size
-                info.frames = getattr(image, "n_frames", 1)
-                if info.format not in SUPPORTED_FORMATS:
-                    info.error_code = "unsupported_format"
-                    info.error_message = (
-                        f"Pillow reads it as {info.format}, which imgflow does not train on; convert it to PNG or JPEG"
-                    )
-                    return info
-                if info.format in ("JPEG", "MPO"):
-                    # DCT-domain downscaling: every byte of the compressed stream is still
-                    # entropy-decoded, so truncated and corrupt files fail exactly as in a
-                    # full decode, but the inverse DCT makes the small copy directly.
-                    image.draft(None, (THUMBNAIL_SIDE, THUMBNAIL_SIDE))
-                image.load()  # the real decode: truncated and corrupt data fail here
-                small = thumbnail(image)
-                gray = small.convert("L")
-                info.coarse_hash = difference_hash(gray, COARSE_HASH_SIDE)
-                info.fine_hash = difference_hash(gray, FINE_HASH_SIDE)
-                info.pixel_hash = f"{image.mode}{image.size}{zlib.crc32(small.tobytes()):08x}{info.fine_hash:x}"
-        for warning in caught:
-            if issubclass(warning.category, Image.DecompressionBombWarning):
-                info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}): {warning.message}"))
-    except Image.DecompressionBombError as exc:
-        info.error_code = "decompression_bomb"
-        info.error_message = f"refused by Pillow's decompression-bomb limit: {exc}"
-        return info
-    except UnidentifiedImageError:
-        if suffix in UNSUPPORTED_EXTENSIONS:
-            info.error_code = "unsupported_format"
-            info.error_message = f"{suffix} images cannot be decoded here; convert it to PNG or JPEG"
-        else:
-            info.error_code = "not_an_image"
-            info.error_message = (
-                "not an image: Pillow does not recognise its content (a misnamed document or a file "
-                "damaged from its first bytes); move it out of the dataset"
-            )
-        return info
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        text = str(exc)
-        truncated = "truncated" in text or "broken data stream" in text or isinstance(exc, EOFError)
-        info.error_code = "truncated" if truncated else "corrupt"
-        info.error_message = f"{'truncated' if truncated else 'corrupt'} {info.format or ''} data: {text}".replace("  ", " ")
-        return info
-    expected = FORMAT_EXTENSIONS.get(info.format or "", set())
-    if expected and suffix not in expected:
-        info.warnings.append(
-            ("extension_mismatch", f"the extension says {suffix or '(none)'} but the content is {info.format}; rename to {sorted(expected)[0]}")
-        )
-    if info.frames > 1:
-        info.warnings.append(("animated", f"{info.frames} frames; only the first is used"))
-    return info
-
-
-def is_hidden(name: str) -> bool:
-    """Dot files and the folders and files desktop systems drop (``__MACOSX``, ``Thumbs.db``)."""
-    return name.startswith(".") or name in {"__MACOSX", "Thumbs.db", "desktop.ini"}
+    return {"path": scan.encode_path(str(path)), "code": code, "severity": severity, "message": scan.printable(message), "excluded": excluded}
 
 
 def _check_root(root: Path, what: str) -> Path:
@@ -212,63 +79,73 @@ def _check_root(root: Path, what: str) -> Path:
     return root
 
 
+# How each kind of name the walker skips is reported: (code, severity).
+_SKIPPED = {
+    scan.HIDDEN: ("hidden_file", WARNING),
+    scan.SPECIAL: ("special_file", WARNING),
+    scan.EXCLUDED: ("workdir_skipped", WARNING),
+    scan.UNLISTABLE: ("unreadable", ERROR),
+    scan.OUTSIDE: ("symlink_outside_root", ERROR),
+    scan.LINKED_FOLDER: ("symlink", WARNING),
+    scan.LOOP: ("symlink_loop", WARNING),
+    scan.BROKEN: ("symlink", WARNING),
+}
+_ADVICE = {
+    scan.OUTSIDE: " — copy the file in if it belongs to the dataset",
+    scan.LINKED_FOLDER: " — copy or move the folder in",
+    scan.EXCLUDED: " (the work folder lies inside the dataset)",
+}
+NON_UTF8_MESSAGE = (
+    "the name is not valid UTF-8; the file is used, and reports write its path with \\xHH for each "
+    "such byte — rename it to plain UTF-8 to avoid surprises"
+)
+
+
+def _report_skipped(entry: scan.Entry, problems: list[dict[str, Any]]) -> None:
+    code, severity = _SKIPPED[entry.kind]
+    problems.append(_problem(entry.path, code, severity, entry.message + _ADVICE.get(entry.kind, ""), True))
+
+
 def _scan_class(
-    split: str, root: Path, class_name: str, problems: list[dict[str, Any]]
+    split: str, root: Path, class_name: str, problems: list[dict[str, Any]],
+    exclude: frozenset[tuple[int, int]] = frozenset(),
 ) -> Iterator[Candidate]:
-    """Yield the files of one class folder (nested folders included, as Keras does), sorted."""
-    real_root = root.resolve()
-    prefix = os.path.join(str(root), "")  # entry.path starts with it; the rest is the relative path
-    stack: list[Path | str] = [root / class_name]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as exc:
-            problems.append(_problem(folder, "unreadable", ERROR, f"cannot list the folder: {exc.strerror or exc}", True))
+    """Yield the files of one class folder (nested folders included, as Keras does), in walk order."""
+    for entry in scan.walk(root, root / class_name, exclude=exclude):
+        if entry.kind == scan.FOLDER:
+            problems.append(_problem(entry.path, "nested_folder", WARNING,
+                                     f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
+        elif entry.kind != scan.FILE:
+            _report_skipped(entry, problems)
             continue
-        subfolders = []
-        for entry in entries:
-            path = entry.path
-            rel = path[len(prefix):].replace(os.sep, "/")
-            if is_hidden(entry.name):
-                problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder; skipped", True))
-                continue
-            if entry.is_symlink():
-                target = Path(path).resolve()
-                if not target.is_relative_to(real_root):
-                    problems.append(_problem(path, "symlink_outside_root", ERROR,
-                                             f"symlink to {target}, outside {root}; not followed — copy the file in", True))
-                elif target.is_file():
-                    problems.append(_problem(path, "symlink", WARNING, f"symlink to {target}; used as that file", False))
-                    yield Candidate(split, path, rel, class_name)
-                else:
-                    problems.append(_problem(path, "symlink", WARNING, "symlink to a folder or to nothing; not followed", True))
-                continue
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append(path)
-                problems.append(_problem(path, "nested_folder", WARNING,
-                                         f"folder inside class '{class_name}'; its images count as '{class_name}'", False))
-            elif entry.is_file(follow_symlinks=False):
-                yield Candidate(split, path, rel, class_name)
-            else:
-                problems.append(_problem(path, "special_file", WARNING, "not a regular file (device, pipe or socket); skipped", True))
-        stack.extend(reversed(subfolders))
+        if entry.undecodable:
+            problems.append(_problem(entry.path, "non_utf8_name", WARNING, NON_UTF8_MESSAGE, False))
+        if entry.kind == scan.FILE:
+            if entry.link:
+                problems.append(_problem(entry.path, "symlink", WARNING, entry.message, False))
+            yield Candidate(split, entry.path, scan.encode_path(entry.rel), class_name)
 
 
-def _class_folders(root: Path, problems: list[dict[str, Any]]) -> list[str]:
+def _class_folders(
+    root: Path, problems: list[dict[str, Any]], exclude: frozenset[tuple[int, int]] = frozenset()
+) -> list[str]:
     """Sorted class folder names at the root; report everything else found there."""
     names = []
-    for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        path = Path(entry.path)
-        if is_hidden(entry.name):
-            problems.append(_problem(path, "hidden_file", WARNING, "hidden file or folder at the dataset root; skipped", True))
-        elif entry.is_symlink():
-            problems.append(_problem(path, "symlink", WARNING, "symlink at the dataset root; not followed", True))
-        elif entry.is_dir(follow_symlinks=False):
-            names.append(entry.name)
-        else:
-            problems.append(_problem(path, "root_file", WARNING,
+    for entry in scan.list_root(root, exclude=exclude):
+        if entry.kind == scan.FOLDER:
+            if entry.undecodable:
+                problems.append(_problem(entry.path, "non_utf8_name", ERROR,
+                                         "class folder name is not valid UTF-8, and class names must be text; "
+                                         "rename the folder — its images are not used", True))
+            else:
+                names.append(entry.rel)
+        elif entry.kind == scan.FILE and not entry.link:
+            problems.append(_problem(entry.path, "root_file", WARNING,
                                      "file at the dataset root belongs to no class; move it into a class folder", True))
+        elif entry.kind == scan.FILE:
+            problems.append(_problem(entry.path, "symlink", WARNING, "symlink at the dataset root; not followed", True))
+        else:
+            _report_skipped(entry, problems)
     return names
 
 
@@ -429,36 +306,28 @@ class TreeFingerprint(NamedTuple):
     entries: int
 
 
-def tree_fingerprint(roots: list[Path], options: ValidationOptions) -> TreeFingerprint:
-    """A digest of every entry under ``roots`` (relative path, size, mtime), the options and this code.
+def tree_fingerprint(
+    roots: list[Path], options: ValidationOptions, exclude: frozenset[tuple[int, int]] = frozenset()
+) -> TreeFingerprint:
+    """A digest of every entry under ``roots`` (relative path, size, mtime, mode), the options and this code.
 
     Walking and stat-ing a tree costs a tiny fraction of decoding it, so a report whose
     fingerprint matches can be reused: the same files with the same sizes and times
-    give the same findings.
+    give the same findings. It walks with :func:`imgflow.tasks.scan.walk`, so it sees
+    exactly what validation sees (``exclude``: the work folder inside DATA_DIR).
     """
     digest = hashlib.sha256()
     count = 0
     digest.update(Path(__file__).read_bytes())
+    for module in (scan, inspection):  # the code that decides what a report says
+        digest.update(Path(module.__file__).read_bytes())
     digest.update(options.model_dump_json().encode())
     for root in roots:
-        digest.update(f"\0root:{root.resolve()}".encode())
-        stack = [root]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = sorted(os.scandir(folder), key=lambda e: e.name)
-            except OSError:
-                digest.update(f"\0unlistable:{folder}".encode())
-                continue
-            for entry in entries:
-                try:
-                    info = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                count += 1
-                digest.update(f"\0{entry.path}\0{info.st_size}\0{info.st_mtime_ns}\0{info.st_mode}".encode())
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
+        digest.update(f"\0root:{os.path.realpath(root)}".encode("utf-8", "surrogateescape"))
+        for entry in scan.walk(root, stat=True, exclude=exclude):
+            count += 1
+            digest.update(f"\0{entry.rel}\0{entry.kind}\0{entry.size}\0{entry.mtime_ns}\0{entry.mode}"
+                          .encode("utf-8", "surrogateescape"))
     return TreeFingerprint(digest.hexdigest(), count)
 
 
@@ -466,13 +335,19 @@ def validate_dataset(
     data_dir: Path | str,
     val_dir: Path | str | None = None,
     options: ValidationOptions | None = None,
+    exclude: Iterable[Path | str] = (),
 ) -> dict[str, Any]:
     """Scan, decode and check every file of a class-folder dataset.
+
+    (Long on purpose: it is the one place that orders the stages — classes, streamed
+    decode, duplicates, outliers, class checks — and assembles the report contract.)
 
     Args:
         data_dir: ``DATA_DIR/<class>/*`` training images.
         val_dir: optional validation folder with the same class folders.
         options: thresholds; defaults from :class:`ValidationOptions`.
+        exclude: folders never scanned as data (imgflow's work folder when it lies
+            inside DATA_DIR); each one found is reported as ``workdir_skipped``.
 
     Returns:
         The validation report (see the module docstring). ``usable`` is False only when
@@ -480,15 +355,18 @@ def validate_dataset(
 
     Raises:
         DatasetError: a root folder is missing, not a folder, or unreadable.
+        imgflow.tasks.paths.PathConflict: VAL_DIR is DATA_DIR, or one lies inside the other.
     """
     options = options or ValidationOptions()
     data_root = _check_root(Path(data_dir), "DATA_DIR")
     val_root = _check_root(Path(val_dir), "VAL_DIR") if val_dir is not None else None
-    fingerprint = tree_fingerprint([data_root] + ([val_root] if val_root else []), options)
+    paths.check_val_dir(data_root, val_root)
+    skip = scan.file_ids(exclude)
+    fingerprint = tree_fingerprint([data_root] + ([val_root] if val_root else []), options, skip)
     problems: list[dict[str, Any]] = []
 
-    train_classes = _class_folders(data_root, problems)
-    val_classes = _class_folders(val_root, problems) if val_root else []
+    train_classes = _class_folders(data_root, problems, skip)
+    val_classes = _class_folders(val_root, problems, skip) if val_root else []
     for name in sorted(set(val_classes) - set(train_classes)):
         problems.append(_problem(val_root / name, "unknown_val_class", ERROR,
                                  f"class '{name}' is in VAL_DIR but not in DATA_DIR; its images are not used", True))
@@ -498,10 +376,10 @@ def validate_dataset(
 
     def candidates() -> Iterator[Candidate]:
         for name in train_classes:
-            yield from _scan_class("train", data_root, name, problems)
+            yield from _scan_class("train", data_root, name, problems, skip)
         for name in val_classes:
             if name in train_classes:
-                yield from _scan_class("val", val_root, name, problems)
+                yield from _scan_class("val", val_root, name, problems, skip)
 
     workers = options.workers or os.cpu_count() or 1
     usable: list[_Usable] = []
@@ -537,6 +415,12 @@ def validate_dataset(
                                  f"({', '.join(class_names) or 'none'}); training needs at least 2: "
                                  "put each class's images in its own folder DATA_DIR/<class>/", False))
     else:
+        for name in class_names:
+            if counts["train"][name] < 2 and val_root is None:
+                problems.append(_problem(data_root / name, "too_few_images", WARNING,
+                                         f"class '{name}' has only {counts['train'][name]} usable image: the held-out "
+                                         "validation split can take it, leaving the class with no training image; "
+                                         "add images (or give --val-dir)", False))
         class_counts = [counts["train"][n] for n in class_names]
         ratio = max(class_counts) / min(class_counts)
         if ratio > options.imbalance_ratio:
@@ -555,8 +439,8 @@ def validate_dataset(
     return {
         "usable": usable_flag,
         "fingerprint": fingerprint.digest,
-        "data_dir": str(data_root.resolve()),
-        "val_dir": str(val_root.resolve()) if val_root else None,
+        "data_dir": scan.encode_path(str(data_root.resolve())),
+        "val_dir": scan.encode_path(str(val_root.resolve())) if val_root else None,
         "class_names": class_names,
         "classes": {n: counts["train"][n] for n in class_names},
         "val_classes": {n: counts["val"][n] for n in class_names} if val_root else None,

@@ -64,42 +64,70 @@ def _resize_batch(images: np.ndarray, size: int) -> np.ndarray:
     ])
 
 
-def scan_class_folders(data_dir: Path, class_names: Sequence[str]) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
+def scan_class_folders(
+    data_dir: Path, class_names: Sequence[str], exclude: Iterable[Path | str] = ()
+) -> tuple[list[tuple[str, int]], list[dict[str, str]]]:
     """Files of a class-folder directory labelled in the model's class order.
 
+    The walk is :func:`imgflow.tasks.scan.walk` (one policy for every command): hidden
+    names and ``exclude`` are ignored; symlinks never lead out of ``data_dir`` (a
+    linked file or class folder outside it is skipped and never read); links that
+    loop or dangle, FIFOs, sockets and devices are skipped and never opened. Files
+    whose name is not UTF-8 are skipped too (the report lists them, ``\\xHH`` for each
+    stray byte); nested folders count for their class.
+
     Args:
-        data_dir: ``data_dir/<class>/**/<file>``; hidden files and ``.tmp-`` names are ignored.
+        data_dir: ``data_dir/<class>/**/<file>``.
         class_names: the model's classes.
+        exclude: folders or files never scanned (imgflow's work folder inside ``data_dir``).
 
     Returns:
         (files, skipped): files as (POSIX path relative to data_dir, label), sorted;
-        skipped lists files in folders the model does not know (``{"path", "reason"}``).
+        skipped lists what is not evaluated and why (``{"path", "reason"}``): files in
+        folders the model does not know, and every name the walk policy skips.
 
     Raises:
         EvaluationError: ``data_dir`` is not a directory or holds no folder named
             after a model class.
     """
+    from imgflow.tasks import scan
+
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise EvaluationError(f"DATA_DIR {data_dir}: expected a directory of class folders, not found")
     index = {name: i for i, name in enumerate(class_names)}
     files: list[tuple[str, int]] = []
     skipped: list[dict[str, str]] = []
-    folders = sorted(p for p in data_dir.iterdir() if p.is_dir() and not is_hidden(p.name))
-    if not any(folder.name in index for folder in folders):
+    skip = scan.file_ids(exclude)
+    quiet = {scan.FOLDER, scan.HIDDEN, scan.EXCLUDED}  # walked or ignored without a word, as before
+
+    def skip_entry(entry: scan.Entry) -> None:
+        if entry.kind not in quiet and entry.kind != scan.FILE:
+            skipped.append({"path": scan.encode_path(entry.rel), "reason": entry.message})
+
+    folders = []
+    for entry in scan.list_root(data_dir, exclude=skip):
+        if entry.kind == scan.FOLDER:
+            folders.append(entry)
+        else:
+            skip_entry(entry)  # a stray file at the root belongs to no class: ignored, as before
+    if not any(folder.rel in index for folder in folders):
         raise EvaluationError(
             f"DATA_DIR {data_dir}: expected folders named after the model's classes {list(class_names)}, "
-            f"found {[f.name for f in folders] or 'no folders'}"
+            f"found {[scan.encode_path(f.rel) for f in folders] or 'no folders'}"
         )
     for folder in folders:
-        for path in sorted(folder.rglob("*")):
-            if not path.is_file() or any(is_hidden(part) for part in path.relative_to(data_dir).parts):
-                continue
-            rel = path.relative_to(data_dir).as_posix()
-            if folder.name in index:
-                files.append((rel, index[folder.name]))
+        for entry in scan.walk(data_dir, folder.path, exclude=skip):
+            rel = scan.encode_path(entry.rel)
+            if entry.kind != scan.FILE:
+                skip_entry(entry)
+            elif folder.rel not in index:
+                skipped.append({"path": rel, "reason": f"class folder {scan.encode_path(folder.rel)!r} is not one of the model's classes"})
+            elif entry.undecodable:
+                skipped.append({"path": rel, "reason": "the file name is not valid UTF-8; rename it to evaluate it"})
             else:
-                skipped.append({"path": rel, "reason": f"class folder {folder.name!r} is not one of the model's classes"})
+                files.append((entry.rel, index[folder.rel]))
+    files.sort()
     return files, skipped
 
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
-from imgflow.tasks.dataset import is_hidden
+from imgflow.tasks import scan
 
 logger = logging.getLogger(__name__)
 
@@ -67,76 +67,46 @@ class FileEntry(NamedTuple):
 # --------------------------------------------------------------------------- scan
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+# Why a name found under INPUT_DIR gets an error row instead of a prediction; the
+# kinds not listed here (folders, hidden names, imgflow's own outputs, links to
+# folders inside INPUT_DIR) get no row at all.
+_SCAN_ERRORS = {
+    scan.OUTSIDE: "symlink leads outside INPUT_DIR; not followed",
+    scan.BROKEN: "broken symlink",
+    scan.LOOP: "symlink loop; not followed",
+    scan.SPECIAL: "not a regular file (FIFO, socket or device); never opened",
+}
 
 
 def scan_files(input_dir: Path | str, exclude: Iterable[Path | str] = ()) -> Iterator[FileEntry]:
     """Yield every file under ``input_dir``, recursively, in a deterministic order.
 
-    Each folder is listed with ``os.scandir`` and sorted by name; sub-folders are
-    walked where they sort (depth first), so only one folder's names per level are
-    held in memory. Names starting with ``.`` (``.DS_Store``, temporary files) are
-    skipped. A symlink to a file inside ``input_dir`` is listed; a symlink that
-    leads outside, or dangles, is listed with an ``error``; symlinked folders are
-    not descended (no cycles, no file listed twice). A folder that cannot be listed
-    yields one entry (its path with a trailing ``/``) carrying the error.
+    The walk is :func:`imgflow.tasks.scan.walk` (its module docstring states the policy):
+    sorted per folder, depth first, hidden names skipped. A symlink to a file inside
+    ``input_dir`` is listed; a symlink that leads outside, dangles or loops, and a
+    FIFO, socket or device, are listed with an ``error`` (the CSV has one row per file
+    found) and never opened; symlinked folders are not descended. A folder that cannot
+    be listed yields one entry (its path with a trailing ``/``) carrying the error.
 
     Args:
         input_dir: the folder to walk.
-        exclude: folders or files to leave out (for example the output CSV or the
-            work folder when they lie inside ``input_dir``).
+        exclude: folders or files to leave out (for example the work folder when it
+            lies inside ``input_dir``).
 
     Yields:
-        :class:`FileEntry` records, ``rel`` POSIX relative to ``input_dir``.
+        :class:`FileEntry` records; ``rel`` is the POSIX path relative to ``input_dir``
+        in the text form of :func:`imgflow.tasks.scan.encode_path` (the CSV ``path``;
+        :func:`imgflow.tasks.scan.decode_path` gives the name to open).
     """
-    root = os.path.realpath(input_dir)
-    excluded = {os.path.realpath(p) for p in exclude}
-
-    def walk(folder: str, prefix: str) -> Iterator[FileEntry]:
-        try:
-            with os.scandir(folder) as listing:
-                entries = sorted(listing, key=lambda entry: entry.name)
-        except OSError as exc:
-            if prefix:  # the root itself is checked by the caller
-                yield FileEntry(prefix, 0, 0, _short(f"cannot list folder: {exc.strerror or exc}"))
-            return
-        for entry in entries:
-            name = entry.name
-            if is_hidden(name):
-                continue
-            rel = prefix + name
-            try:
-                if entry.is_symlink():
-                    target = os.path.realpath(entry.path)
-                    if not _inside(target, root):
-                        yield FileEntry(rel, 0, 0, "symlink leads outside INPUT_DIR; not followed")
-                        continue
-                    if os.path.isdir(target):
-                        continue  # never descend a linked folder: cycles and duplicates
-                    if not os.path.isfile(target):
-                        yield FileEntry(rel, 0, 0, "broken symlink")
-                        continue
-                    if target in excluded:
-                        continue
-                    st = os.stat(target)
-                    yield FileEntry(rel, st.st_size, st.st_mtime_ns)
-                elif entry.is_dir(follow_symlinks=False):
-                    if os.path.realpath(entry.path) in excluded:
-                        continue
-                    yield from walk(entry.path, rel + "/")
-                elif entry.is_file(follow_symlinks=False):
-                    if excluded and os.path.realpath(entry.path) in excluded:
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                    yield FileEntry(rel, st.st_size, st.st_mtime_ns)
-                # sockets, fifos, devices: not files a user means to classify
-            except OSError as exc:
-                yield FileEntry(rel, 0, 0, _short(f"cannot stat: {exc.strerror or exc}"))
-
-    if not os.path.isdir(root):
+    if not os.path.isdir(input_dir):
         raise NotADirectoryError(f"INPUT_DIR {input_dir}: expected a folder of images, found no such folder")
-    yield from walk(root, "")
+    for entry in scan.walk(input_dir, stat=True, exclude=scan.file_ids(exclude)):
+        if entry.kind == scan.FILE:
+            yield FileEntry(scan.encode_path(entry.rel), entry.size, entry.mtime_ns)
+        elif entry.kind in _SCAN_ERRORS:
+            yield FileEntry(scan.encode_path(entry.rel), 0, 0, _SCAN_ERRORS[entry.kind])
+        elif entry.kind == scan.UNLISTABLE and entry.rel:  # the root itself is checked above
+            yield FileEntry(scan.encode_path(entry.rel), 0, 0, _short(entry.message))
 
 
 def _name_hash(rel: str) -> int:
@@ -347,7 +317,7 @@ def predict_files(
     rows: list[list[str]] = []
 
     def submit(pool: ThreadPoolExecutor, batch: Sequence[FileEntry]) -> list[Future | None]:
-        return [None if e.error else pool.submit(_decode, root / e.rel, size, aspect) for e in batch]
+        return [None if e.error else pool.submit(_decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
 
     batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:

@@ -48,6 +48,7 @@ from PIL import Image, ImageOps
 
 from imgflow.tasks.options import PreprocessOptions
 from imgflow.tasks import atomic, records
+from imgflow.tasks.scan import decode_path
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
 FORMAT_VERSION = 1
@@ -228,9 +229,9 @@ def data_fingerprint(roots: dict[str, Path | str], files: dict[str, Sequence[Seq
     """
     digest = hashlib.sha256()
     for split in sorted(files):
-        root = Path(roots[split])
+        root = Path(decode_path(str(roots[split])))
         for relpath, class_name in sorted(files[split]):
-            path = root / relpath
+            path = root / decode_path(relpath)  # report paths are text (imgflow.tasks.scan.encode_path)
             try:
                 st = path.stat()
             except FileNotFoundError:
@@ -391,14 +392,14 @@ def write_shard(plan: dict[str, Any], shard_file: str) -> dict[str, Any]:
     target = Path(plan["out_dir"]) / shard_file
     if target.exists():
         return {"file": shard_file, "records": len(shard["items"]), "bytes": target.stat().st_size, "written": False}
-    root = Path(plan["splits"][split]["root"])
+    root = Path(decode_path(plan["splits"][split]["root"]))
     class_names = plan["class_names"]
     size, encoding = int(plan["image_size"]), plan["encoding"]
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic.atomic_path(target) as tmp:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for relpath, label in shard["items"]:
-                path = root / relpath
+                path = root / decode_path(relpath)  # report paths are text (imgflow.tasks.scan.encode_path)
                 try:
                     pixels = load_image(path, size, plan["aspect"])
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:

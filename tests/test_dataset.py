@@ -234,3 +234,23 @@ def test_markdown_summary_lists_classes_and_problems(shapes_dir):
     (shapes_dir / "stray.txt").write_text("x")
     text = report_markdown(validate_dataset(shapes_dir))
     assert "| cats | 12 |" in text and "root_file" in text and "usable for training: **yes**" in text
+
+
+def test_fingerprint_survives_non_utf8_names_and_skips_the_work_folder(shapes_dir):
+    from imgflow.tasks import scan
+    from imgflow.tasks.dataset import tree_fingerprint
+
+    options = ValidationOptions()
+    shutil.copy(shapes_dir / "cats" / "cats_000.png", os.fsencode(shapes_dir / "cats") + b"/\xff\xfe.png")
+    first = tree_fingerprint([shapes_dir], options)
+    assert first == tree_fingerprint([shapes_dir], options) and first.entries == 40  # 3 folders + 37 files
+    work = shapes_dir / "imgflow-work"
+    work.mkdir()
+    skip = scan.file_ids([work])
+    before = tree_fingerprint([shapes_dir], options, skip)
+    (work / "plot.png").write_bytes(b"new output")  # the work folder changing changes nothing
+    assert tree_fingerprint([shapes_dir], options, skip) == before
+    report = validate_dataset(shapes_dir, exclude=[work])
+    assert "imgflow-work" not in report["class_names"] and report["classes"]["cats"] == 13
+    assert ("workdir_skipped", "warning") in codes(report, "imgflow-work")
+    assert ("non_utf8_name", "warning") in codes(report, "cats/\\xff\\xfe.png")

@@ -386,3 +386,23 @@ def test_cli_predict_prints_the_summary_and_exits_2_on_a_missing_model(prefect_s
     assert "top2_label" in header and len(rows) == 48
     missing = runner.invoke(app, ["predict", str(tmp_path / "no-model"), str(root), "--workdir", str(tmp_path / "w")])
     assert missing.exit_code == 2
+
+
+def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(tmp_path):
+    from imgflow.tasks import scan
+
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "ok.png").write_bytes(b"x")
+    os.mkfifo(root / "pipe.png")
+    os.symlink("self.png", root / "self.png")
+    (Path(os.fsdecode(os.fsencode(root) + b"/caf\xe9.png"))).write_bytes(b"yy")
+    entries = {e.rel: e for e in P.scan_files(root)}
+    assert sorted(entries) == ["caf\\xe9.png", "ok.png", "pipe.png", "self.png"]
+    assert entries["pipe.png"].error == "not a regular file (FIFO, socket or device); never opened"
+    assert entries["self.png"].error == "symlink loop; not followed"
+    assert entries["caf\\xe9.png"].error == "" and entries["caf\\xe9.png"].size == 2
+    assert os.fsencode(scan.decode_path("caf\\xe9.png")) == b"caf\xe9.png"
+    rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8}, root,
+                           [entries["pipe.png"], entries["self.png"]])
+    assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)
