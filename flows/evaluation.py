@@ -44,6 +44,7 @@ def evaluate_folder_task(
     min_class_images_for_recall_gate: int = 10,
     csv_neutralise: bool = True,
     batch_size: int = 64,
+    exclude: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
@@ -51,7 +52,8 @@ def evaluate_folder_task(
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
                              Path(champion_dir) if champion_dir else None, tolerance=tolerance,
                              min_class_images_for_recall_gate=min_class_images_for_recall_gate,
-                             csv_neutralise=csv_neutralise, batch_size=batch_size)
+                             csv_neutralise=csv_neutralise, batch_size=batch_size,
+                             exclude=exclude or ())
     return _summary(result)
 
 
@@ -122,6 +124,7 @@ def evaluate_flow(
             or no readable image. Both are ValueErrors and usage errors (CLI exit 2).
     """
     from imgflow.tasks.registry import champion_dir as find_champion
+    from imgflow.tasks.paths import workdirs_to_skip
     from imgflow.tasks.registry import read_metadata, resolve_model_dir
 
     logger = get_run_logger()
@@ -139,7 +142,8 @@ def evaluate_flow(
     min_images = int(config.get("min_class_images_for_recall_gate", 10))
     options = options or EvaluateOptions()
     summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir), str(champion_dir) if champion_dir else None,
-                                   tolerance, min_images, options.csv_neutralise, options.batch_size)
+                                   tolerance, min_images, options.csv_neutralise, options.batch_size,
+                                   [str(p) for p in workdirs_to_skip(workdir, {"DATA_DIR": data_dir})])
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",

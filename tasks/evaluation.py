@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,6 @@ import numpy as np
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
-from imgflow.tasks.dataset import is_hidden
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
 from imgflow.tasks.plots import plot_confusion_matrix, plot_image_grid, plot_learning_curves, plot_reliability, plot_saliency
 from imgflow.tasks.report import write_report
@@ -544,6 +543,7 @@ def evaluate_folder(
     tolerance: float = 0.0,
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
+    exclude: Sequence[Path | str] = (),
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
@@ -562,6 +562,7 @@ def evaluate_folder(
             many images blocks promotion over a champion that recognises the class.
         csv_neutralise: prefix ``predictions.csv`` cells that a spreadsheet would run as
             formulas with ``'`` (False: raw paths and class names).
+        exclude: folders never scanned (imgflow's work folder inside ``data_dir``).
 
     Returns:
         As :func:`evaluate_split`; ``skipped`` counts the skipped files.
@@ -573,7 +574,7 @@ def evaluate_folder(
 
     data_dir = Path(data_dir)
     metadata = registry.read_metadata(Path(model_dir))
-    files, skipped = scan_class_folders(data_dir, metadata["class_names"])
+    files, skipped = scan_class_folders(data_dir, metadata["class_names"], exclude)
     if not files:
         raise EvaluationError(f"DATA_DIR {data_dir}: no files in the class folders {metadata['class_names']}")
     bad: set[int] = set()
