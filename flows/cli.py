@@ -29,6 +29,7 @@ app = typer.Typer(
 )
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
+_USER_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # --verbose leaves a user's own setting alone
 
 WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
 ConfigOption = typer.Option(None, "--config", help="YAML file with the same keys as the options")
@@ -84,9 +85,87 @@ def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig
         fail(str(exc), EXIT_USAGE)
 
 
+def start(command: str, workdir: Optional[Path], tensorflow: bool = True) -> Any:
+    """Begin a command's terminal output: quiet logging (flows.console), TensorFlow imported quietly.
+
+    Returns:
+        The command's :class:`imgflow.flows.console.Summary` (with ``log``, the log file path).
+    """
+    from imgflow.flows import console
+
+    summary = console.Summary(command)
+    summary.log = console.configure(workdir)
+    if tensorflow:
+        from imgflow.tasks.quiet import import_tensorflow
+
+        import_tensorflow()
+    return summary
+
+
+def finish(summary: Any, verdict: str) -> None:
+    """Print the summary, the log file and the time taken, then ``verdict`` as the last line.
+
+    An empty ``verdict`` prints none: the caller's failure line (``fail``) comes last.
+    """
+    from imgflow.flows import console
+
+    summary.path("Log", summary.log)
+    console.echo_all([*summary.render(), *([verdict] if verdict else [])])
+
+
+def train_summary(run: Any, result: dict[str, Any]) -> None:
+    """Add the training pipeline's outcome to the summary: accuracy, kept epoch, outputs, findings."""
+    from imgflow.flows import console
+
+    metadata = console.read_metadata(result.get("model_dir"))
+    if result.get("val_accuracy") is not None:
+        run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
+    for line in console.epoch_lines(metadata):
+        run.add(line)
+    run.path("Model", result.get("model_dir"))
+    report = (metadata.get("evaluation") or {}).get("report_html")
+    run.path("Report", report)
+    if result.get("findings"):
+        run.add("Doctor's findings:")
+        for finding in result["findings"][:5]:
+            run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
+
+
 def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
     for finding in findings[:limit]:
         typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from imgflow.flows.info import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the versions of imgflow, TensorFlow, Keras and Prefect and exit"),
+    verbose: bool = typer.Option(False, "--verbose", help="show every log line: TensorFlow start-up, Prefect task "
+                                 "states and logs, Keras (sets IMGFLOW_VERBOSE=1)"),
+) -> None:
+    """Options for every command (give them before the command: imgflow --verbose train ...)."""
+    if verbose:
+        os.environ["IMGFLOW_VERBOSE"] = "1"
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2" and not _USER_TF_LOG_LEVEL:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+
+
+@app.command()
+def info(workdir: Path = WorkdirOption,
+         devices: bool = typer.Option(True, "--devices/--no-devices", help="list the devices TensorFlow sees (imports it)")) -> None:
+    """Versions of imgflow, TensorFlow, Keras and Prefect; devices; what the workdir holds."""
+    from imgflow.flows.info import devices as list_devices, info_lines
+
+    for line in info_lines(workdir, list_devices() if devices else None):
+        typer.echo(line)
 
 
 @app.command()
@@ -104,6 +183,7 @@ def validate(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
+    run = start("validate", workdir, tensorflow=False)
     from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
     from imgflow.tasks.dataset import DatasetError
@@ -124,11 +204,15 @@ def validate(
         typer.echo(f"  … {len(full['problems']) - 10} more problems")
     from imgflow.tasks.paths import summary_path
 
-    typer.echo(f"Full report: {summary['report_path']} (and {summary_path(summary['report_path'])})")
+    typer.echo(f"Full report: {Path(summary['report_path']).absolute()} (and {summary_path(summary['report_path'])})")
     if not summary["usable"]:
+        finish(run, "")
         fail("the dataset is not usable for training: it needs at least 2 classes with usable images", EXIT_FAILED_CHECK)
     if strict and full["problems"]:
+        finish(run, "")
         fail(f"--strict: {len(full['problems'])} problems found", EXIT_FAILED_CHECK)
+    finish(run, f"Usable: {stats['usable_files']} images in {len(summary['classes'])} classes"
+                + (f" ({len(full['problems'])} problems reported)" if full["problems"] else ""))
 
 
 @app.command()
@@ -150,6 +234,7 @@ def preprocess(
             fail("give --val-dir or --val-fraction, not both", EXIT_USAGE)
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
+    run = start("preprocess", workdir)
     from imgflow.flows.preprocessing import preprocess_flow
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable
     from imgflow.tasks.tfrecords import ShardSourceError
@@ -157,9 +242,10 @@ def preprocess(
     with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
-    typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
-               f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
-    typer.echo(f"Manifest: {result['manifest']}")
+    run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
+            f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
+    run.path("Manifest", result["manifest"])
+    finish(run, f"Ready to train: {counts.get('train', 0) + counts.get('val', 0)} images in shards")
 
 
 @app.command()
@@ -184,6 +270,7 @@ def train(
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+    run = start("train", workdir)
     from imgflow.flows.training import training_pipeline
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable
     from imgflow.tasks.models import ModelConfigError
@@ -193,16 +280,12 @@ def train(
     usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
     with exit_codes(usage=usage, failed=(DatasetUnusable,)):
         result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
-    typer.echo("")
-    if result.get("val_accuracy") is not None:
-        typer.echo(f"Validation accuracy: {result['val_accuracy']:.4f}")
-    if result.get("model_dir"):
-        typer.echo(f"Model: {result['model_dir']}")
-    if result.get("findings"):
-        typer.echo("Doctor's findings:")
-        print_findings(result["findings"])
-    typer.echo(result.get("reason", ""))
-    if not result.get("promoted"):
+    train_summary(run, result)
+    if result.get("promoted"):
+        finish(run, result.get("reason", ""))
+    else:
+        run.add(result.get("reason", ""))
+        finish(run, "")  # the cause of the failure is the last line
         from imgflow.tasks.doctor.findings import root_cause
 
         # the diagnosis ranks the root cause first (e.g. unnormalized_input above the nan_loss it caused)
@@ -228,18 +311,20 @@ def evaluate(
     require_dir(data_dir, "DATA_DIR")
     options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
     check_paths({"DATA_DIR": data_dir}, workdir, {"--out": out})
+    run = start("evaluate", workdir)
     from imgflow.flows.evaluation import evaluate_flow
     from imgflow.tasks.evaluation import EvaluationError
     from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
         result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
-    typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
+    run.add(f"Accuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
-        typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
-                   "(counted wrong; the model cannot be promoted)")
-    typer.echo(f"Report: {result['report_html']}")
-    typer.echo(f"Metrics: {result['metrics_json']}")
+        run.add(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
+                "(counted wrong; the model cannot be promoted)")
+    run.path("Report", result["report_html"])
+    run.path("Metrics", result["metrics_json"])
+    finish(run, f"Evaluated {result.get('count', '?')} images: accuracy {result['accuracy']:.4f}")
 
 
 @app.command()
@@ -263,16 +348,23 @@ def predict(
                                             "chunk_size": chunk_size, "dask_address": dask_address,
                                             "csv_neutralise": csv_neutralise}).predict
     check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
+    run = start("predict", workdir)
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options)
-    typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
-               f"{result['images_per_second']:.0f} images/s")
+    unknown = result.get("unknown")
+    run.add(f"{result['rows']} rows, {result['errors']} unreadable files"
+            + (f", {unknown} unknown" if unknown is not None else "") + f", {result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
-        typer.echo(f"  {label:<24} {count:>7}")
-    typer.echo(f"Predictions: {result['csv']}")
+        run.add(f"  {label:<24} {count:>7}")
+    run.path("Predictions", result["csv"])
+    drift = Path(str(result["csv"])[: -len(".csv")] + ".drift.json") if str(result["csv"]).endswith(".csv") else None
+    run.path("Drift", drift if drift is not None and drift.is_file() else None)
+    classified = result["rows"] - result["errors"]
+    finish(run, f"Classified {classified} of {result['rows']} files" +
+           (f"; {result['errors']} could not be read (see the error column)" if result["errors"] else ""))
 
 
 @app.command()
@@ -289,6 +381,7 @@ def doctor(
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
+    run = start("doctor", workdir)
     from imgflow.flows.doctor import doctor_flow
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable
     from imgflow.tasks.models import ModelConfigError
@@ -296,13 +389,17 @@ def doctor(
 
     with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
         diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
-    typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
-    print_findings(diagnosis["findings"], limit=10)
+    run.add(f"Healthy: {'yes' if diagnosis['healthy'] else 'no'}")
+    for finding in diagnosis["findings"][:10]:
+        run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
+    run.path("Diagnosis", diagnosis.get("diagnosis_path"))
     if not diagnosis["healthy"]:
         from imgflow.tasks.doctor.findings import root_cause
 
+        finish(run, "")
         cause = root_cause(diagnosis)
         fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
+    finish(run, "Healthy: nothing stops a full training run")
 
 
 @app.command()
@@ -332,14 +429,16 @@ def serve(
 @app.command()
 def demo(workdir: Path = WorkdirOption) -> None:
     """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
+    run = start("demo", workdir)
     from imgflow.flows.demo import run_demo
 
     result = run_demo(workdir=workdir)
-    typer.echo("")
     for key, value in result.items():
-        typer.echo(f"{key:<22} {value}")
+        run.add(f"{key:<22} {value}")
     if not result["promoted"]:
+        finish(run, "")
         fail(f"the demo model was not promoted: {result['reason']}", EXIT_FAILED_CHECK)
+    finish(run, f"Demo done: the model was promoted ({result['reason']})")
 
 
 def main() -> None:

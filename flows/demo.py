@@ -110,6 +110,9 @@ def run_demo(workdir: Path = DEFAULT_WORKDIR) -> dict[str, Any]:
         ``promoted``, ``model_dir``, ``champion``, ``evaluation_report``, ``validation_report``,
         ``predictions_csv``, ``data_dir``, ``inbox_dir``, ``seconds``.
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     from imgflow.flows.prediction import batch_predict
     from imgflow.flows.training import training_pipeline
 

@@ -77,6 +77,9 @@ def doctor_flow(
     Raises:
         imgflow.tasks.dataset.DatasetUnusable: the data failed validation.
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     from imgflow.flows.preprocessing import preprocess_flow
 
     config = config or ImgflowConfig()

@@ -123,6 +123,9 @@ def evaluate_flow(
         imgflow.tasks.evaluation.EvaluationError: no class folder the model knows in ``data_dir``,
             or no readable image. Both are ValueErrors and usage errors (CLI exit 2).
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     from imgflow.tasks.registry import champion_dir as find_champion
     from imgflow.tasks.paths import workdirs_to_skip
     from imgflow.tasks.registry import read_metadata, resolve_model_dir

@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
 from imgflow.flows.retrying import retry_unless
-from imgflow.tasks import paths
+from imgflow.tasks import paths, progress
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 from imgflow.tasks.options import PredictOptions, with_overrides
@@ -155,6 +155,9 @@ def batch_predict(
         imgflow.tasks.paths.PathConflict: (a ValueError) ``out`` or ``workdir`` is, or lies
             inside, INPUT_DIR (a work folder inside INPUT_DIR is allowed and never scanned).
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     logger = get_run_logger()
     opts = with_overrides(options or PredictOptions(), out=out, batch_size=batch_size, dask_address=dask_address,
                           top_k=top_k, chunk_size=chunk_size, csv_neutralise=csv_neutralise)
@@ -200,13 +203,15 @@ def batch_predict(
         pids.add(result["pid"])
 
     scan = P.scan_files(input_dir, exclude=[out, workdir])
-    with _task_runner(dask_address) as runner:
+    with _task_runner(dask_address) as runner, progress.track("predict", unit="files") as bar:
         window = _window(runner)
         for chunk in P.chunk_entries(scan, chunk_size):
             key = P.chunk_key(model_id, chunk)
             keys.append(key)
+            bar.add_total(len(chunk))
             part = P.part_path(run_dir, key)
             if part.is_file():
+                bar.advance(len(chunk))  # done by an earlier run
                 skipped += 1
                 continue
             while len(in_flight) >= window:

@@ -178,6 +178,9 @@ def preprocess_flow(
     Raises:
         imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable (the report says why).
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     from imgflow.flows.validation import validate_flow
     from imgflow.tasks.dataset import DatasetUnusable
 
@@ -212,7 +215,10 @@ def preprocess_flow(
             shards = write_shards_flow.with_options(task_runner=task_runner(options, workers))(*args)
         else:
             # mapped on this flow's own thread pool: a subflow would add ~1.5 s of run bookkeeping
-            shards = _write_shards(*args)
+            from imgflow.tasks import progress
+
+            with progress.track("shards", total=plan["counts"]["train"] + plan["counts"]["val"], unit="images"):
+                shards = _write_shards(*args)
         result["manifest"] = manifest_task(plan["plan_path"], shards)
     _publish_artifact(plan, plan["cached"])
     return result

@@ -228,6 +228,9 @@ def training_pipeline(
     Raises:
         imgflow.tasks.dataset.DatasetUnusable: validation found the data unusable.
     """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # quiet TensorFlow start-up in this process too (a worker runs only the flow)
     from imgflow.flows.preprocessing import preprocess_flow
 
     config = config or ImgflowConfig()

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from imgflow.tasks import inspection, paths, scan
+from imgflow.tasks import inspection, paths, progress, scan
 from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode checks live there
     COARSE_HASH_SIDE,
     FINE_HASH_SIDE,
@@ -387,7 +387,7 @@ def validate_dataset(
     formats: collections.Counter[str] = collections.Counter()
     scanned = 0
     processes = workers > 1 and fingerprint.entries >= PROCESS_THRESHOLD
-    for candidate, info in _decode_all(candidates(), workers, processes):
+    for candidate, info in progress.iterate(_decode_all(candidates(), workers, processes), "validate", fingerprint.entries):
         scanned += 1
         if info.error_code:
             problems.append(_problem(candidate.path, info.error_code, ERROR, info.error_message or info.error_code, True))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from imgflow.tasks import registry
+from imgflow.tasks import progress, registry
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
@@ -353,13 +353,15 @@ def _score(
     champion_meta: dict[str, Any] | None,
     batches: Callable[[int, str], Iterator[tuple[list[int], np.ndarray, np.ndarray]]],
     fetch: Callable[..., np.ndarray],
+    total: int | None = None,
 ) -> tuple[list[int], np.ndarray, np.ndarray, np.ndarray | None]:
     """Predict every batch with the candidate (and the champion): (order, labels, outputs, champion outputs)."""
     order: list[int] = []
     labels: list[np.ndarray] = []
     outputs: list[np.ndarray] = []
     champion_outputs: list[np.ndarray] = []
-    for indices, images, batch_labels in batches(size, aspect):
+    for indices, images, batch_labels in progress.iterate(batches(size, aspect), "evaluate", total, "images",
+                                                          weight=lambda batch: len(batch[0])):
         order += indices
         labels.append(np.asarray(batch_labels, dtype=np.int64))
         outputs.append(_predict(model, images))
@@ -392,7 +394,8 @@ def _evaluate(
     names = list(metadata["class_names"])
     size, aspect = int(metadata["image_size"]), str(metadata.get("aspect", "squash"))
     champion, champion_meta = _load_champion(champion_dir, model_dir, names)
-    order, y, raw, champion_raw = _score(model, size, aspect, champion, champion_meta, batches, fetch)
+    order, y, raw, champion_raw = _score(model, size, aspect, champion, champion_meta, batches, fetch,
+                                         info.pop("count", None))  # the progress total, not a report field
     if not order:
         raise EvaluationError(f"no readable images to evaluate ({len(skipped)} skipped)")
     metrics = compute_metrics(y, raw, names)
@@ -528,7 +531,8 @@ def evaluate_split(
         return _resize_batch(np.stack([found[i] for i in indices]), size)
 
     info = {"data": f"{manifest_path.parent} ({split} split)", "split": split,
-            "manifest": str(manifest_path.resolve()), "fingerprint": manifest.get("fingerprint")}
+            "manifest": str(manifest_path.resolve()), "fingerprint": manifest.get("fingerprint"),
+            "count": int(manifest["splits"][split]["count"])}
     return _evaluate(Path(model_dir), Path(out_dir) if out_dir else Path(model_dir), batches, fetch,
                      lambda: [names[i] for i in range(len(names))], champion_dir, info, [], tolerance,
                      min_class_images_for_recall_gate, csv_neutralise)
@@ -598,6 +602,6 @@ def evaluate_folder(
     def fetch(indices: list[int], size: int, aspect: str) -> np.ndarray:
         return np.stack([load_image(data_dir / files[i][0], size, aspect) for i in indices])
 
-    info = {"data": str(data_dir.resolve())}
+    info = {"data": str(data_dir.resolve()), "count": len(files)}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],
                      champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise)

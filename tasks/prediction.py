@@ -39,7 +39,7 @@ import numpy as np
 
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
-from imgflow.tasks import scan
+from imgflow.tasks import progress, scan
 
 logger = logging.getLogger(__name__)
 
@@ -353,6 +353,7 @@ def predict_files(
             next_prob = iter(probs)
             for entry, error in zip(batch, errors):
                 rows.append(_row(entry.rel, class_names, None if error else next(next_prob), error))
+            progress.advance("predict", len(batch))
     return rows
 
 

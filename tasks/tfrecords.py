@@ -47,7 +47,7 @@ import tensorflow as tf
 from PIL import Image, ImageOps
 
 from imgflow.tasks.options import PreprocessOptions
-from imgflow.tasks import atomic, records
+from imgflow.tasks import atomic, progress, records
 from imgflow.tasks.scan import decode_path
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
@@ -409,6 +409,7 @@ def write_shard(plan: dict[str, Any], shard_file: str) -> dict[str, Any]:
                     ) from exc
                 encoded = encode_image(pixels, encoding, int(plan["jpeg_quality"]))
                 writer.write(make_example(encoded, encoding, size, size, int(label), class_names[label], relpath))
+                progress.advance("shards")
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
     return {"file": shard_file, "records": len(shard["items"]), "bytes": target.stat().st_size, "written": True}
@@ -654,6 +655,9 @@ def make_dataset(
     if training:
         ds = ds.shuffle(min(count, shuffle_buffer), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
+    # interleave hides the length: state it, so Keras never runs the iterator dry to find
+    # the end of an epoch (its "Your input ran out of data" warning)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 

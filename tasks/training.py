@@ -16,7 +16,6 @@ saved summary without training again.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -227,21 +226,37 @@ class EpochTimer(keras.callbacks.Callback):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """Send a one-line summary of each epoch to ``log`` (the Prefect run log in a flow)."""
+    """One line per epoch (figures, seconds, a mark on the best so far) to the terminal and ``log``.
 
-    def __init__(self, log: Logger, epochs: int):
+    Replaces the Keras progress bar (``fit(verbose=0)``): the line goes to the user through
+    :func:`imgflow.tasks.progress.say` and to ``log`` (the Prefect run log in a flow, which
+    the CLI keeps off the terminal, so the user reads each epoch once).
+    """
+
+    def __init__(self, log: Logger, epochs: int, monitor: str = "val_loss"):
         super().__init__()
         self.log = log
         self.epochs = epochs
+        self.monitor = monitor
+        self.best: float | None = None
         self.started = 0.0
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self.started = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        logs = {k: v for k, v in (logs or {}).items() if k != "seconds"}
-        figures = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(logs.items()) if np.isscalar(v))
-        self.log(f"epoch {epoch + 1}/{self.epochs} ({time.perf_counter() - self.started:.1f}s): {figures}")
+        from imgflow.tasks import progress
+
+        logs = dict(logs or {})
+        best = False
+        value = logs.get(self.monitor, logs.get("loss"))
+        if value is not None and np.isfinite(float(value)):
+            higher = "acc" in self.monitor or "auc" in self.monitor
+            best = self.best is None or (float(value) > self.best if higher else float(value) < self.best)
+            self.best = float(value) if best else self.best
+        line = progress.epoch_line(epoch + 1, self.epochs, logs, time.perf_counter() - self.started, best)
+        self.log(line)
+        progress.say(line)
 
 
 def _tensorboard_available() -> bool:
@@ -338,7 +353,11 @@ def fit_model(
             }
 
     if resume_from:
-        log(f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}")
+        from imgflow.tasks import progress
+
+        resumed = f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}"
+        log(resumed)
+        progress.say(resumed)  # the user must see why the first epochs are missing
     monitor = None
     callbacks: list[keras.callbacks.Callback] = [
         EpochTimer(),
@@ -355,7 +374,7 @@ def fit_model(
             monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True
         ),
         keras.callbacks.TerminateOnNaN(),
-        EpochLogger(log, options.epochs),
+        EpochLogger(log, options.epochs, getattr(options, "monitor", None) or "val_loss"),
     ]
     if _tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD_DIR), write_graph=False, profile_batch=0))
@@ -373,13 +392,16 @@ def fit_model(
         log("class weights (imbalanced data): " + ", ".join(f"{k}: {v:.2f}" for k, v in weights.items()))
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
     started = time.perf_counter()
+    # one line per epoch comes from EpochLogger (verbose=0); shuffle=False because the
+    # tf.data pipeline shuffles itself (Keras warns that shuffle=True is ignored otherwise)
     keras_history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=options.epochs,
         callbacks=callbacks,
         class_weight=weights,
-        verbose=1 if sys.stdout.isatty() else 2,
+        shuffle=False,
+        verbose=0,
     )
     fit_seconds = time.perf_counter() - started
     history = read_history(run_dir)
