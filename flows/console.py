@@ -32,9 +32,15 @@ def verbose() -> bool:
 
 
 class TerminalFilter(logging.Filter):
-    """Let through to the terminal: warnings and errors, and Prefect's task-retry line."""
+    """Let through to the terminal: warnings and errors, and Prefect's task-retry line.
+
+    TensorFlow's tf.function retracing notice is a WARNING about its own tracing cache
+    (the model sees a smaller last batch): nothing a user can act on, kept in the log file.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "tensorflow" and "triggered tf.function retracing" in str(record.msg):
+            return False
         if record.levelno >= logging.WARNING:
             return True
         return "will start" in str(record.msg) and "Retry" in str(record.msg)

@@ -234,7 +234,7 @@ def epoch_line(epoch: int, epochs: int, logs: dict[str, Any], seconds: float, be
     """
     def figures(prefix: str) -> list[str]:
         out = []
-        for key in sorted(logs):
+        for key in sorted(logs, key=lambda k: (k.removeprefix("val_") != "loss", k)):  # loss first
             is_val = key.startswith("val_")
             if is_val != (prefix == "val_") or key in ("seconds", "learning_rate", "lr"):
                 continue
