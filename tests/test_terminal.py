@@ -128,7 +128,7 @@ def test_info_lists_champion_runs_and_predictions(tmp_path):
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               COLUMNS="120", TERM="xterm")
+               COLUMNS="120", TERM="xterm", PREFECT_LOGGING_LEVEL="INFO")  # INFO lines exist: the CLI hides them
     for name in ("TF_CPP_MIN_LOG_LEVEL", "IMGFLOW_VERBOSE", progress.MODE_ENV, progress.INTERVAL_ENV):
         env.pop(name, None)  # the command itself must keep TensorFlow quiet
     try:
