@@ -446,6 +446,7 @@ def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # this machine may be offline: no usage telemetry from a temporary Prefect server
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")  # nor from the client (and no first-run notice in the terminal)
     # the temporary server logs its shutdown after our last line; keep the cause of a
     # failure the last thing the user reads
     logging.getLogger("prefect").addFilter(
