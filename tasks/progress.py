@@ -102,7 +102,7 @@ class Tracker:
                 now = time.monotonic()
                 if now - self.last_log >= log_interval() and (self.total is None or self.done < self.total):
                     self.last_log = now
-                    LOGGER.info(progress_line(self.name, self.done, self.total, now - self.started, self.unit))
+                    _log(progress_line(self.name, self.done, self.total, now - self.started, self.unit))
 
     def add_total(self, n: int) -> None:
         """Grow the total by ``n`` (work discovered while it runs, e.g. a streamed scan)."""
@@ -114,7 +114,16 @@ class Tracker:
     def _close(self) -> None:
         seconds = time.monotonic() - self.started
         if self.how == "log" and seconds >= log_interval() and self.done:
-            LOGGER.info(progress_line(self.name, self.done, self.total, seconds, self.unit))
+            _log(progress_line(self.name, self.done, self.total, seconds, self.unit))
+
+
+def _log(line: str) -> None:
+    """A plain line on ``imgflow.progress`` when logging shows it (the CLI sets that up), else on stderr."""
+    if LOGGER.isEnabledFor(logging.INFO) and LOGGER.hasHandlers():
+        LOGGER.info(line)
+    else:  # a script or a Prefect run outside the CLI: INFO of this logger would be dropped
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
 
 
 def _new_display() -> Any:
@@ -212,7 +221,7 @@ def say(line: str) -> None:
     if how == "off":
         return
     if how == "log":
-        LOGGER.info(line)
+        _log(line)
         return
     with _lock:
         if _display is not None:
@@ -223,7 +232,7 @@ def say(line: str) -> None:
 
 
 def epoch_line(epoch: int, epochs: int, logs: dict[str, Any], seconds: float, best: bool) -> str:
-    """One line for a finished epoch: ``epoch  3/10  loss 0.512 acc 0.843 | val_loss ... 2.1s *best``.
+    """One line for a finished epoch: ``epoch  3/10  loss 0.5120  accuracy 0.8430  |  val_loss ...  2.1s  * best``.
 
     Args:
         epoch: the epoch number, counted from 1.
@@ -242,7 +251,7 @@ def epoch_line(epoch: int, epochs: int, logs: dict[str, Any], seconds: float, be
                 value = float(logs[key])
             except (TypeError, ValueError):
                 continue
-            label = key.replace("accuracy", "acc")
+            label = key  # Keras's own metric names, as in history.csv
             out.append(f"{label} {value:.4f}" if math.isfinite(value) else f"{label} {value}")
         return out
 

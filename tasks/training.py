@@ -255,7 +255,8 @@ class EpochLogger(keras.callbacks.Callback):
             best = self.best is None or (float(value) > self.best if higher else float(value) < self.best)
             self.best = float(value) if best else self.best
         line = progress.epoch_line(epoch + 1, self.epochs, logs, time.perf_counter() - self.started, best)
-        self.log(line)
+        if self.log is not print:  # print (the default) would show the line twice
+            self.log(line)
         progress.say(line)
 
 
@@ -356,7 +357,8 @@ def fit_model(
         from imgflow.tasks import progress
 
         resumed = f"resuming from the backup in {run_dir / BACKUP_DIR}: {resume_from} epoch(s) done, continuing at epoch {resume_from + 1}"
-        log(resumed)
+        if log is not print:  # print (the default) would show the line twice
+            log(resumed)
         progress.say(resumed)  # the user must see why the first epochs are missing
     monitor = None
     callbacks: list[keras.callbacks.Callback] = [

@@ -30,7 +30,7 @@ NOISE = ("absl::InitializeLog", "oneDNN custom operations", "cuda", "cuInit", "c
 def test_epoch_line_orders_loss_first_and_marks_the_best():
     logs = {"accuracy": 0.5, "loss": 1.25, "val_accuracy": 0.75, "val_loss": 0.5, "learning_rate": 0.001}
     line = progress.epoch_line(3, 10, logs, 2.04, best=True)
-    assert line == "epoch  3/10  loss 1.2500  acc 0.5000  |  val_loss 0.5000  val_acc 0.7500  2.0s  * best"
+    assert line == "epoch  3/10  loss 1.2500  accuracy 0.5000  |  val_loss 0.5000  val_accuracy 0.7500  2.0s  * best"
     assert not progress.epoch_line(1, 2, {"loss": float("nan")}, 0.5, best=False).endswith("best")
     assert "loss nan" in progress.epoch_line(1, 2, {"loss": float("nan")}, 0.5, best=False)
 
