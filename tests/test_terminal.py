@@ -229,3 +229,18 @@ def test_train_and_predict_read_well_piped_and_in_a_terminal(prefect_server, tmp
     bars = [line for line in screen_lines if line.lstrip().startswith("predict") and "18/18" in line]
     assert bars and "files" in bars[-1], screen  # the rich progress display, left at its final state
     assert screen_lines[-1] == "Classified 18 of 18 files", screen
+
+
+def test_verbose_is_a_global_option_that_sets_the_environment(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from imgflow.flows.cli import app
+
+    monkeypatch.delenv("IMGFLOW_VERBOSE", raising=False)
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))  # restored after
+    result = CliRunner().invoke(app, ["--verbose", "info", "--no-devices", "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert os.environ.get("IMGFLOW_VERBOSE") == "1" and console.verbose()
+    assert f"workdir     {tmp_path}" in result.output and "champion    none (no model promoted yet)" in result.output
+    monkeypatch.delenv("IMGFLOW_VERBOSE")
+    assert not console.verbose()
