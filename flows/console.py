@@ -38,12 +38,31 @@ class TerminalFilter(logging.Filter):
     (the model sees a smaller last batch): nothing a user can act on, kept in the log file.
     """
 
+    def __init__(self, quiet: bool = True):
+        super().__init__()
+        self.quiet = quiet
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "imgflow" or record.name.startswith("imgflow."):
+            return False  # imgflow's own lines are shown once, by its own handler (configure)
+        if not self.quiet:
+            return True
         if record.name == "tensorflow" and "triggered tf.function retracing" in str(record.msg):
             return False
         if record.levelno >= logging.WARNING:
             return True
         return "will start" in str(record.msg) and "Retry" in str(record.msg)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at the time (a test runner swaps it per command)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(self.format(record) + "\n")
+            sys.stderr.flush()
+        except Exception:  # noqa: BLE001 - logging must never break the command
+            self.handleError(record)
 
 
 class ImgflowFilter(logging.Filter):
@@ -80,17 +99,22 @@ def configure(workdir: Path | str | None) -> Path | None:
     """
     quiet = not verbose()
     for handler in _prefect_console_handlers():
-        if quiet and not any(isinstance(f, TerminalFilter) for f in handler.filters):
-            handler.addFilter(TerminalFilter())
+        for old in [f for f in handler.filters if isinstance(f, TerminalFilter)]:
+            handler.removeFilter(old)
+        handler.addFilter(TerminalFilter(quiet))
     own = logging.getLogger("imgflow")
     own.setLevel(logging.INFO)
-    if not any(getattr(h, "_imgflow_terminal", False) for h in own.handlers):
-        terminal = logging.StreamHandler(sys.stderr)
-        terminal.setFormatter(logging.Formatter("%(message)s"))
-        terminal.addFilter(ImgflowFilter())
-        terminal._imgflow_terminal = True  # type: ignore[attr-defined]
-        own.addHandler(terminal)
-        own.propagate = False  # its lines are shown once, by this handler
+    for old in [h for h in own.handlers if getattr(h, "_imgflow", False)]:  # an earlier command in this process
+        own.removeHandler(old)
+        old.close()
+    for old in [h for h in logging.getLogger("prefect").handlers if getattr(h, "_imgflow", False)]:
+        logging.getLogger("prefect").removeHandler(old)
+        old.close()
+    terminal = _StderrHandler()
+    terminal.setFormatter(logging.Formatter("%(message)s"))
+    terminal.addFilter(ImgflowFilter())
+    terminal._imgflow = True  # type: ignore[attr-defined]
+    own.addHandler(terminal)
     if workdir is None:
         return None
     path = log_file_for(workdir)
@@ -101,6 +125,7 @@ def configure(workdir: Path | str | None) -> Path | None:
         return None
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FILE_FORMAT))
+    handler._imgflow = True  # type: ignore[attr-defined]
     for name in ("prefect", "imgflow"):
         logging.getLogger(name).addHandler(handler)
     return path

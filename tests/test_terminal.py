@@ -80,6 +80,8 @@ def test_terminal_filter_keeps_warnings_and_retries_only():
 
     keep = console.TerminalFilter()
     assert not keep.filter(record(logging.INFO, "Finished in state Completed()"))
+    assert not keep.filter(record(logging.WARNING, "shown by imgflow's own handler", "imgflow.tasks.dataset"))
+    assert console.TerminalFilter(quiet=False).filter(record(logging.INFO, "Finished in state Completed()"))
     assert keep.filter(record(logging.WARNING, "class_imbalance: cats has 3x dogs"))
     assert keep.filter(record(logging.INFO, "Task run failed with %s: %r - Retry %s/%s will start %s"))
     assert not keep.filter(record(logging.WARNING, "5 out of the last 8 calls ... triggered tf.function retracing",
