@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from imgflow.tasks import inspection, paths, progress, scan
+from imgflow.tasks import inspection, paths, scan
+from imgflow.tasks import progress
 from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode checks live there
     COARSE_HASH_SIDE,
     FINE_HASH_SIDE,
