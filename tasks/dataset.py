@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from imgflow.tasks import inspection, paths, scan
-from imgflow.tasks import progress
 from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode checks live there
     COARSE_HASH_SIDE,
     FINE_HASH_SIDE,
@@ -41,6 +40,7 @@ from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode c
     thumbnail,
 )
 from imgflow.tasks.options import ValidationOptions
+from imgflow.tasks import progress
 from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
 
 # From this many files on, decoding runs in worker processes (batches of PROCESS_BATCH).
