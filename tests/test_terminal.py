@@ -246,3 +246,21 @@ def test_verbose_is_a_global_option_that_sets_the_environment(monkeypatch, tmp_p
     assert f"workdir     {tmp_path}" in result.output and "champion    none (no model promoted yet)" in result.output
     monkeypatch.delenv("IMGFLOW_VERBOSE")
     assert not console.verbose()
+
+
+def test_bars_show_counts_and_lines_said_above_them(monkeypatch):
+    import io
+
+    screen = io.StringIO()
+    monkeypatch.setattr(progress, "mode", lambda: "bars")
+    monkeypatch.setattr(sys, "stderr", screen)
+    with progress.track("predict", unit="files") as bar:
+        bar.add_total(5)
+        progress.say("epoch 1/1  loss 0.1000")
+        progress.advance("predict", 2)
+        progress.advance("other", 7)  # no such tracker: ignored
+        progress.advance("predict", 3)
+    lines = screen.getvalue().splitlines()
+    assert lines[0] == "epoch 1/1  loss 0.1000"
+    assert lines[-1].startswith("predict ") and " 5/5 files " in lines[-1] and "100%" in lines[-1]
+    assert progress._display is None  # the display stops with its last bar
