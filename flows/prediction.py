@@ -53,6 +53,9 @@ def predict_chunk_task(
     key: str, model_dir: str, input_dir: str, entries: list[list[Any]], part: str, batch_size: int
 ) -> dict[str, Any]:
     """Predict one chunk of files and write its part file atomically."""
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # a Dask worker runs only this task: keep its TensorFlow start-up quiet too
     return P.predict_chunk(model_dir, input_dir, entries, part, batch_size=batch_size)
 
 

@@ -108,6 +108,9 @@ def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, wor
 )
 def write_shard_task(plan_path: str, fingerprint: str, shard_file: str) -> dict[str, Any]:
     """Decode, resize and encode one shard's images into a TFRecord file."""
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()  # a Dask worker runs only this task: keep its TensorFlow start-up quiet too
     from imgflow.tasks import atomic, tfrecords
 
     plan = atomic.read_json(plan_path)
