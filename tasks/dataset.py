@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imgflow.tasks import shortcuts
 from imgflow.tasks.options import ValidationOptions
 
 # Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
@@ -97,6 +98,11 @@ class ImageInfo:
     pixel_hash: str | None = None
     coarse_hash: int | None = None
     fine_hash: int | None = None
+    # cheap properties for the shortcut test (see imgflow.tasks.shortcuts)
+    has_alpha: bool = False
+    brightness: float | None = None
+    border_rgb: tuple[float, float, float] | None = None
+    transparent_rgb: tuple[float, float, float] | None = None
     error_code: str | None = None
     error_message: str | None = None
     warnings: list[tuple[str, str]] = field(default_factory=list)
@@ -163,6 +169,8 @@ def inspect_image(path: Path) -> ImageInfo:
                 info.coarse_hash = difference_hash(gray, COARSE_HASH_SIDE)
                 info.fine_hash = difference_hash(gray, FINE_HASH_SIDE)
                 info.pixel_hash = f"{image.mode}{image.size}{zlib.crc32(small.tobytes()):08x}{info.fine_hash:x}"
+                info.has_alpha = shortcuts.has_alpha(image)
+                info.brightness, info.border_rgb, info.transparent_rgb = shortcuts.pixel_properties(image, small, gray)
         for warning in caught:
             if issubclass(warning.category, Image.DecompressionBombWarning):
                 info.warnings.append(("large_image", f"very large image ({info.width}x{info.height}): {warning.message}"))
@@ -547,6 +555,12 @@ def validate_dataset(
                                      f"{counts['train'][smallest]} ({ratio:.1f}x); a model can score well by "
                                      "predicting the big class — use class weights or collect more", False))
 
+    kept_set = set(kept)
+    shortcut_problems, shortcut_stats = shortcuts.find_shortcuts(
+        [(u.candidate.class_name, u.info) for u in usable
+         if u.candidate in kept_set and u.candidate.split == "train" and u.candidate.class_name in class_names],
+        data_root, options)
+    problems.extend(shortcut_problems)
     files = {
         split: [[c.relpath, c.class_name] for c in kept if c.split == split and c.class_name in class_names]
         for split in ("train", "val")
@@ -571,6 +585,7 @@ def validate_dataset(
             "modes": dict(sorted(modes.items())),
             "formats": dict(sorted(formats.items())),
             "sizes": sizes,
+            **shortcut_stats,
         },
     }
 
@@ -588,6 +603,7 @@ def report_markdown(report: dict[str, Any], max_problems: int = 200) -> str:
         f"- problems: {stats['errors']} errors, {stats['warnings']} warnings",
         f"- image modes: {', '.join(f'{k} {v}' for k, v in stats['modes'].items()) or 'none'}",
         f"- formats: {', '.join(f'{k} {v}' for k, v in stats['formats'].items()) or 'none'}",
+        *shortcuts.markdown_lines(stats),
         "",
         "| class | images | validation images |",
         "|---|---:|---:|",
