@@ -24,9 +24,12 @@ properties come from the decode pass of :func:`imgflow.tasks.dataset.inspect_ima
   files with the property (default 10). Classes with fewer such files are left out of that
   property's test; at least two classes must remain.
 
-Content can be a shortcut too: when the classes really differ by colour, ``brightness``
-and ``border_colour`` are reported, which is right when the colour is not what the model
-should use and harmless otherwise (a warning, never an error).
+``brightness`` and ``border_colour`` are partly content: when the classes really differ by
+colour (red apples, green pears; ink on paper), the image centre tells them apart too. These
+two are reported only when they also beat the *centre colour* (mean RGB of the central half
+of the thumbnail, the content baseline, tested the same way) by ``shortcut_content_gap``
+(default 0.2 balanced accuracy): a white backdrop for one class and a black one for another
+is reported; classes that simply have different colours are not.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from PIL import Image
@@ -60,6 +63,7 @@ class Property:
     words: str  # "the file format": completes "the class can be told from ... alone"
     kind: str  # "categorical" or "numeric"
     fix: str  # what to do about it
+    content: bool = False  # partly content: must beat the centre colour baseline as well
 
 
 PROPERTIES = (
@@ -72,13 +76,15 @@ PROPERTIES = (
     Property("aspect", "the aspect ratio", "numeric", "crop every class to similar shapes"),
     Property("file_size", "the file size", "numeric", "re-encode every class the same way (format, quality, size)"),
     Property("brightness", "the mean brightness", "numeric",
-             "check the classes were photographed under similar light, or that the colour is what tells them apart"),
+             "check the classes were photographed under similar light and on similar backgrounds", content=True),
     Property("border_colour", "the border colour", "numeric",
-             "check for frames or backgrounds that differ by class; crop or unify them"),
+             "check for frames or backgrounds that differ by class; crop or unify them", content=True),
     Property("transparent_colour", "the colour under transparent pixels", "numeric",
              "composite every image onto one background colour (the colour under transparent pixels is invisible "
              "to a person but not to a model)"),
 )
+# the content baseline of the properties marked ``content`` (never reported itself)
+CENTRE = Property("centre_colour", "the colour of the image centre", "numeric", "")
 
 
 class DecodedFile(Protocol):
@@ -92,6 +98,16 @@ class DecodedFile(Protocol):
     has_alpha: bool
     brightness: float | None
     border_rgb: tuple[float, float, float] | None
+    centre_rgb: tuple[float, float, float] | None
+    transparent_rgb: tuple[float, float, float] | None
+
+
+class PixelProperties(NamedTuple):
+    """The pixel statistics the shortcut test uses (None: not computable for the mode)."""
+
+    brightness: float | None
+    border_rgb: tuple[float, float, float] | None
+    centre_rgb: tuple[float, float, float] | None
     transparent_rgb: tuple[float, float, float] | None
 
 
@@ -105,10 +121,8 @@ def _mean_rgb(pixels: np.ndarray) -> tuple[float, float, float]:
     return (round(float(mean[0]), 1), round(float(mean[1]), 1), round(float(mean[2]), 1))
 
 
-def pixel_properties(
-    image: Image.Image, small: Image.Image, gray: Image.Image
-) -> tuple[float | None, tuple[float, float, float] | None, tuple[float, float, float] | None]:
-    """Brightness, border colour and colour under transparent pixels of a decoded image.
+def pixel_properties(image: Image.Image, small: Image.Image, gray: Image.Image) -> PixelProperties:
+    """Brightness, border and centre colour, and colour under transparent pixels of a decoded image.
 
     Args:
         image: the decoded image (already loaded).
@@ -116,18 +130,19 @@ def pixel_properties(
         gray: ``small`` in mode ``L``.
 
     Returns:
-        ``(brightness, border_rgb, transparent_rgb)``; ``transparent_rgb`` is None when no
-        pixel is fully transparent; a value that cannot be computed for the mode is None.
+        The statistics; ``transparent_rgb`` is None when no pixel is fully transparent.
     """
     brightness = round(float(np.asarray(gray, dtype=np.float32).mean()), 2)
     try:
         rgb = np.asarray(small.convert("RGB"), dtype=np.float32)
     except (ValueError, OSError):  # modes Pillow cannot turn into RGB (some 16-bit ones)
         rgb = None
-    border = None
+    border = centre = None
     if rgb is not None and rgb.size:
         edge = np.concatenate([rgb[0], rgb[-1], rgb[1:-1, 0], rgb[1:-1, -1]])
         border = _mean_rgb(edge)
+        h, w = rgb.shape[:2]
+        centre = _mean_rgb(rgb[h // 4: h - h // 4, w // 4: w - w // 4])
     transparent = None
     if has_alpha(image):
         sample = image
@@ -143,7 +158,7 @@ def pixel_properties(
             clear = rgba[..., 3] == 0
             if clear.any():
                 transparent = _mean_rgb(rgba[clear].astype(np.float32))
-    return brightness, border, transparent
+    return PixelProperties(brightness, border, centre, transparent)
 
 
 def file_properties(info: DecodedFile) -> dict[str, Any]:
@@ -159,6 +174,7 @@ def file_properties(info: DecodedFile) -> dict[str, Any]:
         "brightness": info.brightness,
         "border_colour": info.border_rgb,
         "transparent_colour": info.transparent_rgb,
+        "centre_colour": info.centre_rgb,
     }
 
 
@@ -284,6 +300,7 @@ def find_shortcuts(
     problems: list[dict[str, Any]] = []
     if not options.shortcuts:
         return problems, stats
+    centre = score_property(CENTRE, [row[CENTRE.name] for row in rows], names, options, seed)
     for prop in PROPERTIES:
         score = score_property(prop, [row[prop.name] for row in rows], names, options, seed)
         if score is None:
@@ -291,6 +308,9 @@ def find_shortcuts(
         stats["shortcuts"][prop.name] = {k: score[k] for k in ("balanced_accuracy", "chance", "files", "folds")}
         if score["balanced_accuracy"] < score["chance"] + options.shortcut_margin:
             continue
+        if prop.content and centre is not None:
+            if score["balanced_accuracy"] < centre["balanced_accuracy"] + options.shortcut_content_gap:
+                continue  # the content itself (the image centre) differs this way: not a shortcut
         problems.append({
             "path": str(root),
             "code": "shortcut",

@@ -132,6 +132,31 @@ def test_transparent_colour_survives_large_images(tmp_path):
     assert info.border_rgb == (0.0, 0.0, 0.0)
     opaque = Image.new("RGB", (40, 40), (100, 100, 100))
     opaque.paste((200, 200, 200), (1, 1, 39, 39))
-    brightness, border, transparent = pixel_properties(opaque, opaque, opaque.convert("L"))
-    assert border == (100.0, 100.0, 100.0) and transparent is None
-    assert brightness == round((100 * (40 * 40 - 38 * 38) + 200 * 38 * 38) / 1600, 2)
+    stats = pixel_properties(opaque, opaque, opaque.convert("L"))
+    assert stats.border_rgb == (100.0, 100.0, 100.0) and stats.transparent_rgb is None
+    assert stats.centre_rgb == (200.0, 200.0, 200.0)
+    assert stats.brightness == round((100 * (40 * 40 - 38 * 38) + 200 * 38 * 38) / 1600, 2)
+
+
+def backdrop_image(seed: int, backdrop: int, size: int = 32) -> Image.Image:
+    """A random-colour object over the central half, on a grey-level backdrop with noise."""
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(backdrop + rng.integers(-15, 15, (size, size, 3)), 0, 255).astype(np.uint8)
+    lo, hi = size // 4 - 2, size - size // 4 + 2
+    pixels[lo:hi, lo:hi] = rng.integers(0, 256, 3)
+    return Image.fromarray(pixels, "RGB")
+
+
+def test_backdrop_colour_is_a_shortcut_but_class_colours_are_not(tmp_path, shapes_dir):
+    for name, backdrop, seed in (("cats", 245, 1), ("dogs", 10, 2)):
+        (tmp_path / "data2" / name).mkdir(parents=True)
+        for i in range(12):
+            backdrop_image(seed * 100 + i, backdrop).save(tmp_path / "data2" / name / f"{i}.png")
+    found = shortcut_problems(validate_dataset(tmp_path / "data2"))
+    assert {"border_colour", "brightness"} <= set(found)
+    assert found["border_colour"]["balanced_accuracy"] == 1.0
+    assert "median per class — cats: #f" in found["border_colour"]["message"]
+    # classes of solid colours: colour is the content, and the centre tells them apart as well
+    solid = validate_dataset(shapes_dir)
+    assert solid["problems"] == []
+    assert solid["stats"]["shortcuts"]["border_colour"]["balanced_accuracy"] == 1.0

@@ -53,8 +53,7 @@ def test_cli_validate_exit_codes(prefect_server, shapes_dir, tmp_path):
 
     strict = runner.invoke(app, ["validate", str(shapes_dir), "--report", str(report), "--strict"])
     assert strict.exit_code == 1
-    # the copy, and the colour shortcuts of these solid-colour classes (brightness, border colour)
-    assert "--strict: 3 problems found" in strict.output
+    assert "--strict: 1 problems found" in strict.output
 
 
 def test_cli_validate_unusable_data_exits_1(prefect_server, tmp_path):
