@@ -103,6 +103,7 @@ class ImageInfo:
     brightness: float | None = None
     border_rgb: tuple[float, float, float] | None = None
     centre_rgb: tuple[float, float, float] | None = None
+    detail: float | None = None
     transparent_rgb: tuple[float, float, float] | None = None
     error_code: str | None = None
     error_message: str | None = None
@@ -171,7 +172,7 @@ def inspect_image(path: Path) -> ImageInfo:
                 info.fine_hash = difference_hash(gray, FINE_HASH_SIDE)
                 info.pixel_hash = f"{image.mode}{image.size}{zlib.crc32(small.tobytes()):08x}{info.fine_hash:x}"
                 info.has_alpha = shortcuts.has_alpha(image)
-                (info.brightness, info.border_rgb, info.centre_rgb,
+                (info.brightness, info.border_rgb, info.centre_rgb, info.detail,
                  info.transparent_rgb) = shortcuts.pixel_properties(image, small, gray)
         for warning in caught:
             if issubclass(warning.category, Image.DecompressionBombWarning):

@@ -28,7 +28,7 @@ class ValidationOptions(BaseModel):
         0.4, gt=0, le=1, description="report a property whose balanced accuracy is at least chance + this"
     )
     shortcut_content_gap: float = Field(
-        0.2, ge=0, le=1, description="brightness and border colour must beat the centre colour by this to count"
+        0.2, ge=0, le=1, description="brightness, border colour, file size must beat their content baseline by this"
     )
     shortcut_min_files: int = Field(10, ge=2, description="files per class a shortcut test needs")
     shortcut_folds: int = Field(5, ge=2, description="cross-validation folds of the shortcut test")

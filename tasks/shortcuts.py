@@ -24,12 +24,16 @@ properties come from the decode pass of :func:`imgflow.tasks.dataset.inspect_ima
   files with the property (default 10). Classes with fewer such files are left out of that
   property's test; at least two classes must remain.
 
-``brightness`` and ``border_colour`` are partly content: when the classes really differ by
-colour (red apples, green pears; ink on paper), the image centre tells them apart too. These
-two are reported only when they also beat the *centre colour* (mean RGB of the central half
-of the thumbnail, the content baseline, tested the same way) by ``shortcut_content_gap``
-(default 0.2 balanced accuracy): a white backdrop for one class and a black one for another
-is reported; classes that simply have different colours are not.
+``brightness``, ``border_colour`` and ``file_size`` partly measure content: when the classes
+really differ by colour (red apples, green pears) the image centre tells them apart too, and
+a "1" has less ink and compresses smaller than an "8". These are reported only when they
+also beat a content baseline, tested the same way, by ``shortcut_content_gap`` (default 0.2
+balanced accuracy): brightness and border colour the *centre colour* (mean RGB of the
+central half of the thumbnail), file size the *detail* (mean absolute difference of
+neighbouring pixels of the grey thumbnail). A white backdrop for one class and a black one
+for another is reported; classes that simply have different colours or amounts of detail
+are not. The price: one class saved at a much lower JPEG quality also loses detail, so its
+file size is not reported on its own.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ class Property:
     words: str  # "the file format": completes "the class can be told from ... alone"
     kind: str  # "categorical" or "numeric"
     fix: str  # what to do about it
-    content: bool = False  # partly content: must beat the centre colour baseline as well
+    baseline: str | None = None  # partly content: must beat this content baseline as well
 
 
 PROPERTIES = (
@@ -74,17 +78,23 @@ PROPERTIES = (
     Property("width", "the image width", "numeric", "bring every class to similar sizes"),
     Property("height", "the image height", "numeric", "bring every class to similar sizes"),
     Property("aspect", "the aspect ratio", "numeric", "crop every class to similar shapes"),
-    Property("file_size", "the file size", "numeric", "re-encode every class the same way (format, quality, size)"),
+    Property("file_size", "the file size", "numeric", "re-encode every class the same way (format, quality, size)",
+             baseline="detail"),
     Property("brightness", "the mean brightness", "numeric",
-             "check the classes were photographed under similar light and on similar backgrounds", content=True),
+             "check the classes were photographed under similar light and on similar backgrounds",
+             baseline="centre_colour"),
     Property("border_colour", "the border colour", "numeric",
-             "check for frames or backgrounds that differ by class; crop or unify them", content=True),
+             "check for frames or backgrounds that differ by class; crop or unify them",
+             baseline="centre_colour"),
     Property("transparent_colour", "the colour under transparent pixels", "numeric",
              "composite every image onto one background colour (the colour under transparent pixels is invisible "
              "to a person but not to a model)"),
 )
-# the content baseline of the properties marked ``content`` (never reported itself)
-CENTRE = Property("centre_colour", "the colour of the image centre", "numeric", "")
+# content baselines of the properties that name one (never reported themselves)
+BASELINES = (
+    Property("centre_colour", "the colour of the image centre", "numeric", ""),
+    Property("detail", "the amount of detail", "numeric", ""),
+)
 
 
 class DecodedFile(Protocol):
@@ -99,6 +109,7 @@ class DecodedFile(Protocol):
     brightness: float | None
     border_rgb: tuple[float, float, float] | None
     centre_rgb: tuple[float, float, float] | None
+    detail: float | None
     transparent_rgb: tuple[float, float, float] | None
 
 
@@ -108,6 +119,7 @@ class PixelProperties(NamedTuple):
     brightness: float | None
     border_rgb: tuple[float, float, float] | None
     centre_rgb: tuple[float, float, float] | None
+    detail: float | None
     transparent_rgb: tuple[float, float, float] | None
 
 
@@ -132,7 +144,10 @@ def pixel_properties(image: Image.Image, small: Image.Image, gray: Image.Image) 
     Returns:
         The statistics; ``transparent_rgb`` is None when no pixel is fully transparent.
     """
-    brightness = round(float(np.asarray(gray, dtype=np.float32).mean()), 2)
+    grey = np.asarray(gray, dtype=np.float32)
+    brightness = round(float(grey.mean()), 2)
+    steps = [np.abs(np.diff(grey, axis=axis)).ravel() for axis in (0, 1) if grey.shape[axis] > 1]
+    detail = round(float(np.concatenate(steps).mean()), 3) if steps else 0.0
     try:
         rgb = np.asarray(small.convert("RGB"), dtype=np.float32)
     except (ValueError, OSError):  # modes Pillow cannot turn into RGB (some 16-bit ones)
@@ -158,7 +173,7 @@ def pixel_properties(image: Image.Image, small: Image.Image, gray: Image.Image) 
             clear = rgba[..., 3] == 0
             if clear.any():
                 transparent = _mean_rgb(rgba[clear].astype(np.float32))
-    return PixelProperties(brightness, border, centre, transparent)
+    return PixelProperties(brightness, border, centre, detail, transparent)
 
 
 def file_properties(info: DecodedFile) -> dict[str, Any]:
@@ -175,6 +190,7 @@ def file_properties(info: DecodedFile) -> dict[str, Any]:
         "border_colour": info.border_rgb,
         "transparent_colour": info.transparent_rgb,
         "centre_colour": info.centre_rgb,
+        "detail": info.detail,
     }
 
 
@@ -300,7 +316,7 @@ def find_shortcuts(
     problems: list[dict[str, Any]] = []
     if not options.shortcuts:
         return problems, stats
-    centre = score_property(CENTRE, [row[CENTRE.name] for row in rows], names, options, seed)
+    baselines = {b.name: score_property(b, [row[b.name] for row in rows], names, options, seed) for b in BASELINES}
     for prop in PROPERTIES:
         score = score_property(prop, [row[prop.name] for row in rows], names, options, seed)
         if score is None:
@@ -308,9 +324,9 @@ def find_shortcuts(
         stats["shortcuts"][prop.name] = {k: score[k] for k in ("balanced_accuracy", "chance", "files", "folds")}
         if score["balanced_accuracy"] < score["chance"] + options.shortcut_margin:
             continue
-        if prop.content and centre is not None:
-            if score["balanced_accuracy"] < centre["balanced_accuracy"] + options.shortcut_content_gap:
-                continue  # the content itself (the image centre) differs this way: not a shortcut
+        baseline = baselines.get(prop.baseline or "")
+        if baseline is not None and score["balanced_accuracy"] < baseline["balanced_accuracy"] + options.shortcut_content_gap:
+            continue  # the content itself differs this way (see the module docstring): not a shortcut
         problems.append({
             "path": str(root),
             "code": "shortcut",

@@ -160,3 +160,13 @@ def test_backdrop_colour_is_a_shortcut_but_class_colours_are_not(tmp_path, shape
     solid = validate_dataset(shapes_dir)
     assert solid["problems"] == []
     assert solid["stats"]["shortcuts"]["border_colour"]["balanced_accuracy"] == 1.0
+
+
+def test_real_digits_have_no_shortcut(tmp_path):
+    from tests.imagefactory import make_digit_folder
+
+    report = validate_dataset(make_digit_folder(tmp_path / "digits", per_class=20))
+    # a "1" has less ink, so it compresses smaller: file size tells the classes apart,
+    # but so does the detail of the content, and that is what the model should learn
+    assert report["stats"]["shortcuts"]["file_size"]["balanced_accuracy"] >= 0.73
+    assert shortcut_problems(report) == {}
