@@ -6,9 +6,12 @@ that saw its label:
 
 1. every usable training image becomes a small feature vector (RGB downscaled to
    ``FEATURE_SIDE`` x ``FEATURE_SIDE``, scaled to 0-1, plus a 16-bin grey histogram);
-2. a standardised multinomial logistic regression (scikit-learn) predicts each image's
+2. a kernel support-vector classifier (scikit-learn: PCA to at most ``PCA_COMPONENTS``
+   dimensions, then an RBF ``SVC`` with Platt-scaled probabilities) predicts each image's
    class probabilities in stratified k-fold cross-validation (k = 5), trained on the other
-   folds — seconds on a CPU for thousands of images, no TensorFlow;
+   folds — seconds on a CPU for a few thousand images, no TensorFlow. It was chosen on
+   digits with 5% of labels flipped: its top candidates were 87-100% flipped ones, where a
+   logistic regression or k-nearest-neighbours reached 60-85%;
 3. each class ``j`` gets a threshold ``t_j``: the mean probability of ``j`` over the images
    labelled ``j`` (the model's average self-confidence on that class);
 4. an image labelled ``y`` is a candidate when another class ``j`` reaches its threshold
@@ -27,7 +30,9 @@ import base64
 import csv
 import html
 import io
+import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +47,7 @@ from imgflow.tasks import atomic
 FEATURE_SIDE = 16
 HISTOGRAM_BINS = 16
 DEFAULT_FOLDS = 5
+PCA_COMPONENTS = 64
 CSV_NAME, GALLERY_NAME = "label_issues.csv", "label_issues.html"
 CSV_COLUMNS = ["path", "given", "predicted", "given_prob", "predicted_prob"]
 GALLERY_LIMIT, GALLERY_SIDE = 60, 96
@@ -94,18 +100,25 @@ def out_of_fold_probabilities(
     Raises:
         LabelIssuesError: a class has fewer than 2 samples.
     """
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.decomposition import PCA
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
 
     smallest = int(np.bincount(labels).min())
     if smallest < 2:
         raise LabelIssuesError("every class needs at least 2 images for cross-validated label checks")
-    # a fairly strong L2 penalty: the features are many and the model must not memorise labels
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=2000))
-    splitter = StratifiedKFold(n_splits=min(folds, smallest), shuffle=True, random_state=seed)
-    return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
+    folds = min(folds, smallest)
+    # the smallest training part of a fold bounds the PCA; pixels stay on their 0-1 scale
+    # (standardising would blow up the noise of near-constant pixels)
+    components = max(1, min(PCA_COMPONENTS, features.shape[1], len(labels) - math.ceil(len(labels) / folds) - 1))
+    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); its
+        # pairwise-coupled Platt probabilities are what ranks label issues best here
+        warnings.simplefilter("ignore", FutureWarning)
+        model = make_pipeline(PCA(components, random_state=seed), SVC(probability=True, random_state=seed))
+        return cross_val_predict(model, features, labels, cv=splitter, method="predict_proba")
 
 
 def rank_label_issues(probabilities: np.ndarray, labels: np.ndarray) -> list[tuple[int, int, float]]:
@@ -222,7 +235,7 @@ def gallery_html(rows: Sequence[dict[str, Any]], root: Path | str, total: int, l
         "body{font-family:sans-serif;margin:1.5em}figure{display:inline-block;width:220px;margin:.5em;"
         "vertical-align:top}figcaption{font-size:.8em;word-break:break-all}</style></head><body>"
         f"<h1>Possible label issues</h1><p>{len(rows)} of {total} training images have a label that a quick "
-        "out-of-fold model (logistic regression on downscaled pixels, 5-fold) disputes with confidence; "
+        "out-of-fold model (a support-vector classifier on downscaled pixels, 5-fold) disputes with confidence; "
         f"{shown} are shown, most disputed first. Look at each one: fix the label by moving the file "
         "to the right class folder, or leave it.</p>"
         + "".join(cards)
