@@ -121,3 +121,28 @@ def test_cli_doctor_label_issues(prefect_server, digits_dir, tmp_path):
     assert "one/was_zero.png: labelled one" in result.output and (work / "label_issues.html").is_file()
     usage = CliRunner().invoke(app, ["doctor", "--workdir", str(work)])
     assert usage.exit_code == 2 and "doctor needs MODEL_OR_BUILDER and DATA_DIR" in usage.output
+
+
+def test_training_pipeline_runs_it_only_when_asked(prefect_server, digits_dir, tmp_path, monkeypatch):
+    import imgflow.flows.training as training_flow
+    from imgflow.flows.config import ImgflowConfig
+
+    class Stop(Exception):
+        pass
+
+    def stop_before_training(*args, **kwargs):
+        raise Stop  # the hook runs before training: no need to train to check it
+
+    monkeypatch.setattr(training_flow, "train_task", stop_before_training)
+    assert ImgflowConfig().validation.label_issues is False
+    plain = tmp_path / "plain"
+    with pytest.raises(Stop):
+        training_flow.training_pipeline(digits_dir, workdir=plain, config=ImgflowConfig.from_flat({"image_size": 16}))
+    assert not (plain / "label_issues.csv").exists()
+    asked = tmp_path / "asked"
+    config = ImgflowConfig.from_flat({"image_size": 16, "label_issues": True})
+    with pytest.raises(Stop):
+        training_flow.training_pipeline(digits_dir, workdir=asked, config=config)
+    assert (asked / "label_issues.csv").read_text().splitlines()[0] == ",".join(CSV_COLUMNS)
+    rows = read_rows(asked / "label_issues.csv")
+    assert all(row["given"] in {"zero", "one", "seven"} for row in rows) and (asked / "label_issues.html").is_file()
