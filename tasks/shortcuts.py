@@ -57,6 +57,8 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # sampling keeps the stored colours: the box reduction of the thumbnail premultiplies
 # alpha, which turns every transparent pixel black.
 TRANSPARENCY_SAMPLE = 64
+# a shortcut message names the typical value of this many classes at most
+DESCRIBED_CLASSES = 10
 
 
 @dataclass(frozen=True)
@@ -226,7 +228,8 @@ def _tree_predictions(
 def _describe(prop: Property, values: list[Any], names: list[str]) -> str:
     """Per class, the typical value: the most common one, or the median (colours as hex)."""
     parts = []
-    for name in sorted(set(names)):
+    classes = sorted(set(names))
+    for name in classes[:DESCRIBED_CLASSES]:
         own = [v for v, n in zip(values, names) if n == name]
         if prop.kind == "categorical":
             value, count = Counter(own).most_common(1)[0]
@@ -236,6 +239,8 @@ def _describe(prop: Property, values: list[Any], names: list[str]) -> str:
             parts.append(f"{name}: #{''.join(f'{int(round(c)):02x}' for c in median)}")
         else:
             parts.append(f"{name}: {float(np.median(own)):g}")
+    if len(classes) > DESCRIBED_CLASSES:
+        parts.append(f"… {len(classes) - DESCRIBED_CLASSES} more classes")
     return ("most common per class — " if prop.kind == "categorical" else "median per class — ") + ", ".join(parts)
 
 
