@@ -277,15 +277,25 @@ def predict(
 
 @app.command()
 def doctor(
-    model: str = typer.Argument(..., help="built-in model name, package.module:function, or a model directory"),
-    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    model: Optional[str] = typer.Argument(None, help="built-in model name, package.module:function, or a model directory"),
+    data_dir: Optional[Path] = typer.Argument(None, help="DATA_DIR/<class>/*.jpg"),
     workdir: Path = WorkdirOption,
     config: Optional[Path] = ConfigOption,
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer"),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
+    label_issues: Optional[Path] = typer.Option(
+        None, "--label-issues", metavar="DATA_DIR",
+        help="rank the images of DATA_DIR whose label a quick cross-validated model disputes "
+        "(WORKDIR/label_issues.csv and .html); MODEL and DATA_DIR are then optional"),
 ) -> None:
     """Check a model before a long run: preflight checks and a short probe training."""
+    if label_issues is not None:
+        _doctor_label_issues(require_dir(label_issues, "DATA_DIR"), workdir, build_config(config))
+        if model is None:
+            return
+    if model is None or data_dir is None:
+        fail("doctor needs MODEL_OR_BUILDER and DATA_DIR (or --label-issues DATA_DIR)", EXIT_USAGE)
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
@@ -303,6 +313,22 @@ def doctor(
 
         cause = root_cause(diagnosis)
         fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
+
+
+def _doctor_label_issues(data_dir: Path, workdir: Path, cfg: ImgflowConfig) -> None:
+    """``imgflow doctor --label-issues``: run the check, print the top candidates."""
+    from imgflow.flows.doctor import label_issues_flow
+    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
+    from imgflow.tasks.label_issues import LabelIssuesError
+
+    with exit_codes(usage=(DatasetError, LabelIssuesError, OSError), failed=(DatasetUnusable,)):
+        result = label_issues_flow(data_dir, workdir=workdir, config=cfg)
+    typer.echo(f"\n{result['candidates']} of {result['images']} training images may be mislabelled"
+               + (", most disputed first:" if result["top"] else "."))
+    for row in result["top"]:
+        typer.echo(f"  {row['path']}: labelled {row['given']} ({row['given_prob']:.2f}), "
+                   f"looks like {row['predicted']} ({row['predicted_prob']:.2f})")
+    typer.echo(f"All candidates: {result['csv']}; gallery: {result['html']}")
 
 
 @app.command()

@@ -239,6 +239,10 @@ def training_pipeline(
             "training needs validation images to stop early, evaluate and promote, and found none: "
             "give --val-dir, or a --val-fraction above 0 (the default is 0.1)"
         )
+    if config.validation.label_issues:  # opt-in: writes label_issues.csv/.html into the workdir
+        from imgflow.flows.doctor import label_issues_task
+
+        label_issues_task(prep["validation"]["report_path"], str(workdir), config.train.seed)
     manifest_path = Path(prep["manifest"])
     manifest = read_manifest(manifest_path)
 

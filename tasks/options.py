@@ -26,6 +26,18 @@ class ValidationOptions(BaseModel):
     aspect_outlier_factor: float = Field(2.0, gt=1, description="aspect ratio this many times off the median is an outlier")
     near_duplicates: bool = Field(True, description="report near-duplicates found by a perceptual hash")
     workers: int | None = Field(None, ge=1, description="parallel decoders (default: all cores)")
+    shortcuts: bool = Field(True, description="test whether one cheap file property alone predicts the class")
+    shortcut_margin: float = Field(
+        0.4, gt=0, le=1, description="report a property whose balanced accuracy is at least chance + this"
+    )
+    shortcut_content_gap: float = Field(
+        0.2, ge=0, le=1, description="brightness, border colour, file size must beat their content baseline by this"
+    )
+    shortcut_min_files: int = Field(10, ge=2, description="files per class a shortcut test needs")
+    shortcut_folds: int = Field(5, ge=2, description="cross-validation folds of the shortcut test")
+    label_issues: bool = Field(
+        False, description="rank training images whose label a quick out-of-fold model confidently disputes"
+    )
 
 
 class PreprocessOptions(BaseModel):
