@@ -14,11 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from imgflow.tasks.options import PreprocessOptions, TrainOptions, ValidationOptions
+from imgflow.tasks.errors import UsageError
 
 DEFAULT_WORKDIR = Path("imgflow-work")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or option value that cannot be used (CLI exit code 2)."""
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from imgflow.tasks.options import ValidationOptions
+from imgflow.tasks.errors import CheckFailed, UsageError
 
 # Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
 # rarely real photos and some need external programs: they are reported instead.
@@ -65,11 +66,11 @@ PROCESS_THRESHOLD, PROCESS_BATCH = 2000, 32
 ERROR, WARNING = "error", "warning"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """DATA_DIR (or VAL_DIR) cannot be scanned at all: missing, not a folder, unreadable."""
 
 
-class DatasetUnusable(RuntimeError):
+class DatasetUnusable(CheckFailed, RuntimeError):
     """Validation ran, and the data cannot be trained on (fewer than 2 usable classes)."""
 
 

@@ -28,6 +28,7 @@ import numpy as np
 
 from imgflow.tasks.atomic import atomic_open, read_json, write_json, write_text
 from imgflow.tasks.dataset import is_hidden
+from imgflow.tasks.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ _PREPROCESSING_LAYERS = (
 )
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """Input that cannot be evaluated (no images, unknown classes, bad model directory)."""
 
 

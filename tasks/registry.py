@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imgflow.tasks.atomic import read_json, write_json
+from imgflow.tasks.errors import UsageError
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"
@@ -30,7 +31,7 @@ MODEL_FILE = "model.keras"
 _RUN_ID_IGNORED_KEYS = frozenset({"dask_address", "workers", "promotion_tolerance"})
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError, ValueError):
     """A model directory or champion pointer that cannot be used."""
 
 
