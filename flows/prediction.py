@@ -32,7 +32,9 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
+from imgflow.tasks.errors import OptionError
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 
@@ -75,7 +77,7 @@ def _task_runner(dask_address: str | None) -> Any:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            raise ValueError(
+            raise OptionError(
                 f"dask_address {dask_address!r}: needs prefect-dask, which is not installed "
                 "(pip install 'imgflow[dask]')"
             ) from exc
@@ -98,11 +100,11 @@ def _window(runner: Any) -> int:
 
 def _check_options(batch_size: int, chunk_size: int, top_k: int | None) -> None:
     if batch_size < 1:
-        raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size}")
+        raise OptionError(f"--batch-size (batch_size): expected an integer >= 1, found {batch_size}")
     if chunk_size < 1:
-        raise ValueError(f"chunk_size: expected an integer >= 1, found {chunk_size}")
+        raise OptionError(f"chunk_size: expected an integer >= 1, found {chunk_size}")
     if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k: expected an integer >= 1 or none, found {top_k}")
+        raise OptionError(f"--top-k (top_k): expected an integer >= 1 or none, found {top_k}")
 
 
 def _publish(summary: dict[str, Any], input_dir: Path) -> None:
@@ -125,6 +127,7 @@ def _publish(summary: dict[str, Any], input_dir: Path) -> None:
 
 
 @flow(name="batch-predict")
+@with_workdir_lock("imgflow predict")
 def batch_predict(
     model: str | Path,
     input_dir: Path,
@@ -134,6 +137,7 @@ def batch_predict(
     dask_address: str | None = None,
     top_k: int | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Classify every file under INPUT_DIR into one CSV row each; resumable.
 
@@ -146,6 +150,8 @@ def batch_predict(
         dask_address: scheduler address of an existing Dask cluster to run chunks on.
         top_k: also write ``top<i>_label``/``top<i>_prob`` for the k best classes.
         chunk_size: target files per chunk task (chunks hold between half and twice this).
+        wait_for_lock: wait for another writer of ``workdir`` (the run holds its lock);
+            False raises ``imgflow.tasks.errors.LockHeld`` at once.
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",

@@ -18,18 +18,20 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import read_json
+from imgflow.tasks.errors import ImgflowError
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
 
 
 def _permanent_errors() -> tuple[type[BaseException], ...]:
-    from imgflow.tasks.models import ModelConfigError
-
-    return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
+    # every ImgflowError is a logic error (bad option, bad data, a full disk: the same
+    # again); the others are programming errors that a retry cannot fix either
+    return (ImgflowError, ValueError, TypeError, KeyError, ImportError)
 
 
 def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -162,12 +164,14 @@ def _publish(result: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
 
 
 @flow(name="training-pipeline", log_prints=True)
+@with_workdir_lock("imgflow train")
 def training_pipeline(
     data_dir: Path,
     val_dir: Path | None = None,
     workdir: Path = DEFAULT_WORKDIR,
     config: ImgflowConfig | None = None,
     force: bool = False,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Validate, preprocess, train, evaluate and promote; return a small summary.
 
@@ -178,6 +182,8 @@ def training_pipeline(
         config: every parameter; defaults when None.
         force: train a fresh attempt even when this data and configuration already
             produced a finished run (an interrupted run is always resumed).
+        wait_for_lock: wait for another writer of ``workdir`` (the whole run holds its
+            lock); False raises ``imgflow.tasks.errors.LockHeld`` at once.
 
     Returns:
         ``{"run_id", "model_dir", "val_accuracy", "healthy", "promoted", "reason",

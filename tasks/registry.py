@@ -187,7 +187,16 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
 
     path = Path(path)
     metadata = read_metadata(path)
-    model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:
+        # a hostile or foreign model.keras: unknown custom classes and Lambda layers are refused
+        cause = " ".join(str(exc).split())[:300]
+        raise RegistryError(
+            f"MODEL {path / MODEL_FILE} cannot be loaded safely: {cause}. imgflow loads models in Keras safe mode "
+            "(no Lambda layers, no unknown custom classes): use a model trained by imgflow, or register the custom "
+            "class with keras.saving.register_keras_serializable in a module you trust"
+        ) from exc
     return model, metadata
 
 
