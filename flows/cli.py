@@ -108,6 +108,26 @@ class ImgflowGroup(TyperGroup):
             return super().invoke(ctx)
 
 
+app = typer.Typer(
+    name="imgflow",
+    help="Validate a folder of class-labelled images, write TFRecords, train and evaluate a Keras CNN, "
+    "and classify new image folders into CSV — as Prefect flows.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    cls=ImgflowGroup,
+)
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also IMGFLOW_DEBUG=1)"),
+) -> None:
+    """Validate a folder of class-labelled images, train and evaluate a Keras CNN, classify new folders."""
+    ctx.meta["imgflow.debug"] = debug
+
+
 EXIT_OK = 0
 
 WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
