@@ -214,6 +214,13 @@ def training_pipeline(
         result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=True)
         print(result["reason"])
         return result
+    if force and state == "resume":
+        from imgflow.tasks.training import discard_resume_state
+
+        # --force always starts fresh: an interrupted attempt's backup is discarded, never trusted
+        logger.warning("force: discarding the interrupted attempt's backup in %s; starting it fresh", model_dir)
+        discard_resume_state(model_dir)
+        state = "new"
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
     summary = train_task(str(manifest_path), str(model_dir), config.train)

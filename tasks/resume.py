@@ -1,0 +1,231 @@
+"""Crash-safe resume and reproducible training (the parts of fit that survive a kill).
+
+Keras' ``BackupAndRestore`` writes its files in place: a full disk or a kill mid-write
+leaves half a file that the next attempt cannot load (it segfaulted in h5py, and every
+later run failed until ``backup/`` was deleted by hand). Here every generation is
+written to a temporary name, fsynced, checksummed and renamed; two generations are
+kept; the newest whose checksum still matches is resumed, a corrupt one is reported and
+skipped. The record also carries the best-so-far state of the checkpoint and
+early-stopping callbacks, so a resumed run never overwrites the best checkpoint with a
+worse epoch. Determinism: seeds everywhere, TensorFlow op determinism on a CPU, and the
+shuffle order of a resumed epoch fast-forwarded to the one an uninterrupted run sees.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from imgflow.tasks.atomic import read_json, write_json
+from imgflow.tasks.errors import disk_full, is_disk_full
+
+Logger = Callable[[str], None]
+
+BACKUP_DIR = "backup"
+BACKUP_RECORD = "training_metadata.json"
+_CALLBACK_STATE = ("best", "wait", "best_epoch", "stopped_epoch", "cooldown_counter")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def weights_bytes(model: keras.Model) -> int:
+    """Bytes of the model's and optimizer's variables: what one backup generation needs."""
+    variables = list(model.variables) + list(getattr(model.optimizer, "variables", []) or [])
+    return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def select_backup(run_dir: Path, log: Logger | None = None) -> dict[str, Any] | None:
+    """The newest verified backup generation of a run (None: start fresh).
+
+    A generation whose weights file is missing or fails its checksum (a write cut short
+    by a full disk, a kill, a bad sector) is reported through ``log`` and skipped.
+
+    Returns:
+        ``{"epoch", "weights", "sha256", "bytes", "callbacks"}`` or None.
+    """
+    backup = Path(run_dir) / BACKUP_DIR
+    record_path = backup / BACKUP_RECORD
+    if not record_path.is_file():
+        return None
+    try:
+        record = read_json(record_path)
+        generations = [record] + ([record["previous"]] if record.get("previous") else [])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        if log:
+            log(f"WARNING: the backup record {record_path} is unreadable ({exc}); starting this run fresh")
+        return None
+    for generation in generations:
+        weights = backup / str(generation.get("weights", ""))
+        if weights.is_file() and generation.get("sha256") and _sha256(weights) == generation["sha256"]:
+            return generation
+        if log:
+            log(f"WARNING: the backup of epoch {generation.get('epoch')} ({weights}) is missing or corrupt "
+                "(checksum mismatch: a write cut short?); skipping it")
+    if log:
+        log(f"WARNING: no usable backup in {backup}; starting this run fresh")
+    return None
+
+
+def _tmp_beside(path: str) -> str:
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".tmp-{os.getpid()}-{name}")  # keeps Keras' required .weights.h5 ending
+
+
+class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` whose file is written to a temporary name and renamed into place.
+
+    Keras writes the checkpoint in place; a kill or a full disk mid-write would leave a
+    half file where the best weights were.
+    """
+
+    _final_path: str | None = None
+
+    def _get_file_path(self, epoch: int, batch: int | None, logs: dict | None) -> str:
+        self._final_path = super()._get_file_path(epoch, batch, logs)
+        return _tmp_beside(self._final_path)
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict | None) -> None:
+        super()._save_model(epoch, batch, logs)
+        if self._final_path is not None:
+            tmp = Path(_tmp_beside(self._final_path))
+            if tmp.is_file():
+                _fsync_file(tmp)
+                os.replace(tmp, self._final_path)
+
+
+class AtomicBackupAndRestore(keras.callbacks.Callback):
+    """Back up the training state each epoch, atomically, in two generations; restore it.
+
+    Place it after the callbacks whose state it keeps (``stateful``: the best checkpoint,
+    early stopping, learning-rate plateau): their ``on_train_begin`` resets them, then
+    this one restores their best-so-far values; at an epoch's end they update first, then
+    this one records them. The weights file holds the model, the optimizer and the
+    random-generator states of augmentation and dropout layers.
+
+    Args:
+        backup_dir: the run's ``backup/`` folder (removed when fit ends).
+        start: the generation to resume (from :func:`select_backup`), or None.
+        stateful: callbacks whose best-so-far state survives a resume.
+        best_weights_path: the best checkpoint, to give early stopping its best weights back.
+    """
+
+    def __init__(
+        self,
+        backup_dir: Path,
+        start: dict[str, Any] | None,
+        stateful: list[keras.callbacks.Callback],
+        best_weights_path: Path | None = None,
+    ):
+        super().__init__()
+        self.backup_dir = Path(backup_dir)
+        self.start = start
+        self.stateful = stateful
+        self.best_weights_path = best_weights_path
+        self.previous: dict[str, Any] | None = start
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        if not self.start:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        states = self.start.get("callbacks", {})
+        for callback in self.stateful:
+            for name, value in states.get(type(callback).__name__, {}).items():
+                setattr(callback, name, value)
+            if getattr(callback, "restore_best_weights", False) and self.best_weights_path is not None:
+                if self.best_weights_path.is_file():
+                    self.model.load_weights(self.best_weights_path)
+                    callback.best_weights = self.model.get_weights()
+        self.model.load_weights(self.backup_dir / self.start["weights"])
+        self.model._initial_epoch = int(self.start["epoch"])
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.backup_dir.mkdir(parents=True, exist_ok=True)
+        name = f"epoch-{epoch + 1:04d}.weights.h5"
+        target = self.backup_dir / name
+        tmp = self.backup_dir / f".tmp-{os.getpid()}-{name}"  # Keras wants the .weights.h5 ending
+        try:
+            self.model.save_weights(tmp, overwrite=True)
+            _fsync_file(tmp)
+            os.replace(tmp, target)
+            states = {
+                type(c).__name__: {k: _plain(getattr(c, k)) for k in _CALLBACK_STATE if hasattr(c, k)}
+                for c in self.stateful
+            }
+            record = {"epoch": epoch + 1, "weights": name, "sha256": _sha256(target), "bytes": target.stat().st_size,
+                      "callbacks": states}
+            previous = dict(self.previous or {})
+            previous.pop("previous", None)
+            write_json(self.backup_dir / BACKUP_RECORD, {**record, "previous": previous or None})
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full(exc, target, 2 * weights_bytes(self.model)) from exc
+            raise
+        keep = {name, (previous or {}).get("weights")}
+        for old in self.backup_dir.glob("epoch-*.weights.h5"):
+            if old.name not in keep:
+                old.unlink(missing_ok=True)
+        self.previous = record
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        import shutil
+
+        shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+def _plain(value: Any) -> Any:
+    """A callback attribute as JSON (numpy scalars to Python; +-inf kept as floats)."""
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if hasattr(value, "numpy"):
+        return _plain(value.numpy())
+    return value if isinstance(value, (int, float, str, bool, type(None))) else None
+
+
+def enable_determinism(seed: int, on_gpu: bool) -> bool:
+    """Seed Python, NumPy and the backend; make TensorFlow ops deterministic on a CPU.
+
+    On a GPU some kernels have no deterministic implementation (TensorFlow then raises
+    instead of training), so a GPU run is seeded but not guaranteed bit-identical.
+
+    Returns:
+        True when op determinism is on.
+    """
+    keras.utils.set_random_seed(seed)
+    if on_gpu or keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+    return True
+
+
+def fast_forward_shuffle(dataset: Any, epochs_done: int) -> None:
+    """Advance a reshuffling tf.data dataset past ``epochs_done`` epochs without reading it.
+
+    ``shuffle(seed=..., reshuffle_each_iteration=True)`` draws the order of epoch ``e``
+    from a seeded generator that advances once per iterator; Keras makes one iterator
+    per epoch. Creating ``epochs_done`` iterators (no element is read) puts a resumed run
+    on the same order as a run that was never interrupted.
+    """
+    for _ in range(epochs_done):
+        iter(dataset)
