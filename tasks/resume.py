@@ -103,12 +103,17 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         return _tmp_beside(self._final_path)
 
     def _save_model(self, epoch: int, batch: int | None, logs: dict | None) -> None:
-        super()._save_model(epoch, batch, logs)
-        if self._final_path is not None:
-            tmp = Path(_tmp_beside(self._final_path))
-            if tmp.is_file():
-                _fsync_file(tmp)
-                os.replace(tmp, self._final_path)
+        try:
+            super()._save_model(epoch, batch, logs)
+            if self._final_path is not None and Path(_tmp_beside(self._final_path)).is_file():
+                _fsync_file(Path(_tmp_beside(self._final_path)))
+                os.replace(_tmp_beside(self._final_path), self._final_path)
+        except OSError as exc:
+            if self._final_path is not None:
+                Path(_tmp_beside(self._final_path)).unlink(missing_ok=True)
+            if is_disk_full(exc):
+                raise disk_full(exc, self._final_path or "the checkpoint", weights_bytes(self.model)) from exc
+            raise
 
 
 class AtomicBackupAndRestore(keras.callbacks.Callback):
