@@ -22,7 +22,7 @@ import keras
 import numpy as np
 
 from imgflow.tasks.atomic import read_json, write_json
-from imgflow.tasks.errors import disk_full, is_disk_full
+from imgflow.tasks.errors import disk_full, format_bytes, is_disk_full
 
 Logger = Callable[[str], None]
 
@@ -50,6 +50,39 @@ def weights_bytes(model: keras.Model) -> int:
     """Bytes of the model's and optimizer's variables: what one backup generation needs."""
     variables = list(model.variables) + list(getattr(model.optimizer, "variables", []) or [])
     return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
+
+
+def h5_bytes(model: keras.Model) -> int:
+    """Estimated size of a ``.weights.h5`` file of ``model`` (variables plus HDF5 overhead)."""
+    variables = len(model.variables) + len(getattr(model.optimizer, "variables", []) or [])
+    return weights_bytes(model) + 1536 * variables + 8192
+
+
+def free_bytes(folder: Path) -> int:
+    """Bytes one new file in ``folder`` may take: free disk space, capped by ``RLIMIT_FSIZE``."""
+    import resource
+
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    stats = os.statvfs(folder)
+    available = stats.f_bavail * stats.f_frsize
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        available = min(available, soft)
+    return int(available)
+
+
+def ensure_space(target: Path | str, needed: int) -> None:
+    """Raise :class:`~imgflow.tasks.errors.DiskFullError` before writing ``needed`` bytes that cannot fit.
+
+    HDF5 does not recover from a write that fails half way (it leaves open handles that
+    crash the interpreter at exit), so a weights file is never started without room.
+    """
+    available = free_bytes(Path(target).parent)
+    if available < needed:
+        error = disk_full(OSError(28, "No space left on device", str(target)), target, needed)
+        raise type(error)(f"{error} (about {format_bytes(available)} available)")
 
 
 def select_backup(run_dir: Path, log: Logger | None = None) -> dict[str, Any] | None:
@@ -103,6 +136,8 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
         return _tmp_beside(self._final_path)
 
     def _save_model(self, epoch: int, batch: int | None, logs: dict | None) -> None:
+        final = Path(self.filepath)
+        ensure_space(final, final.stat().st_size if final.is_file() else h5_bytes(self.model))
         try:
             super()._save_model(epoch, batch, logs)
             if self._final_path is not None and Path(_tmp_beside(self._final_path)).is_file():
@@ -112,7 +147,7 @@ class AtomicModelCheckpoint(keras.callbacks.ModelCheckpoint):
             if self._final_path is not None:
                 Path(_tmp_beside(self._final_path)).unlink(missing_ok=True)
             if is_disk_full(exc):
-                raise disk_full(exc, self._final_path or "the checkpoint", weights_bytes(self.model)) from exc
+                raise disk_full(exc, self._final_path or "the checkpoint", h5_bytes(self.model)) from exc
             raise
 
 
@@ -167,6 +202,8 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         name = f"epoch-{epoch + 1:04d}.weights.h5"
         target = self.backup_dir / name
         tmp = self.backup_dir / f".tmp-{os.getpid()}-{name}"  # Keras wants the .weights.h5 ending
+        last = self.backup_dir / str((self.previous or {}).get("weights", "-"))
+        ensure_space(target, last.stat().st_size if last.is_file() else h5_bytes(self.model))
         try:
             self.model.save_weights(tmp, overwrite=True)
             _fsync_file(tmp)
@@ -183,7 +220,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if is_disk_full(exc):
-                raise disk_full(exc, target, 2 * weights_bytes(self.model)) from exc
+                raise disk_full(exc, target, h5_bytes(self.model)) from exc
             raise
         keep = {name, (previous or {}).get("weights")}
         for old in self.backup_dir.glob("epoch-*.weights.h5"):

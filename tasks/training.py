@@ -37,8 +37,9 @@ from imgflow.tasks.resume import (
     AtomicModelCheckpoint,
     enable_determinism,
     fast_forward_shuffle,
+    ensure_space,
+    h5_bytes,
     select_backup,
-    weights_bytes,
 )
 from imgflow.tasks.models import build_model, compile_model
 
@@ -396,7 +397,7 @@ def fit_model(
         )
     except OSError as exc:  # history.csv, a checkpoint or a backup could not be written
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
-            raise disk_full(exc, run_dir, 2 * weights_bytes(model)) from exc
+            raise disk_full(exc, run_dir, h5_bytes(model)) from exc
         raise
     fit_seconds = time.perf_counter() - started
     history = read_history(run_dir)
@@ -434,12 +435,13 @@ def _backup_callback(run_dir: Path, start: dict[str, Any] | None,
 
 def save_model(model: keras.Model, target: Path) -> Path:
     """Save ``model`` as a ``.keras`` file atomically."""
+    ensure_space(target, h5_bytes(model))
     try:
         with atomic_path(target) as tmp:
             model.save(tmp)
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full(exc, target, weights_bytes(model)) from exc
+            raise disk_full(exc, target, h5_bytes(model)) from exc
         raise
     return Path(target)
 

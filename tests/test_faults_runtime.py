@@ -315,35 +315,36 @@ def test_flows_take_the_lock_so_cli_no_wait_exits_2(tmp_path, prefect_server, di
 # ----------------------------------------------------------------------------- backups
 
 
-def _tiny_fit_script(run_dir: Path, epochs: int, crash_after: int = 0, extra: str = "") -> str:
-    return textwrap.dedent(
-        f"""
-        import sys
-        from pathlib import Path
-        import keras, numpy as np, tensorflow as tf
-        from imgflow.flows.config import TrainOptions
-        from imgflow.tasks import training
-        from imgflow.tasks.models import build_model
-        from imgflow.tasks.resume import enable_determinism
-        {extra}
-        enable_determinism(7, on_gpu=False)
-        rng = np.random.default_rng(0)
-        x = rng.integers(0, 255, (48, 32, 32, 3)).astype("uint8")
-        y = (x[:, :16].mean(axis=(1, 2, 3)) > x[:, 16:].mean(axis=(1, 2, 3))).astype("int32")
-        train = tf.data.Dataset.from_tensor_slices((x[:36], y[:36])).shuffle(64, seed=1).batch(12)
-        val = tf.data.Dataset.from_tensor_slices((x[36:], y[36:])).batch(12)
-        model = build_model("default", 32, 2, architecture={{"filters": [8, 16]}}, augment=False)
-        result = training.fit_model(model, train, val, Path({str(run_dir)!r}), TrainOptions(epochs={epochs},
-                                    early_stopping_patience=10, augment=False), [18, 18], log=print)
-        print("RESULT", result["epochs_run"], result["initial_epoch"])
-        """
-    )
+_FIT_SCRIPT = """
+import sys
+from pathlib import Path
+import keras, numpy as np, tensorflow as tf
+from imgflow.flows.config import TrainOptions
+from imgflow.tasks import training
+from imgflow.tasks.models import build_model
+from imgflow.tasks.resume import enable_determinism
+{extra}
+enable_determinism(7, on_gpu=False)
+rng = np.random.default_rng(0)
+x = rng.integers(0, 255, (48, 32, 32, 3)).astype("uint8")
+y = (x[:, :16].mean(axis=(1, 2, 3)) > x[:, 16:].mean(axis=(1, 2, 3))).astype("int32")
+train = tf.data.Dataset.from_tensor_slices((x[:36], y[:36])).shuffle(64, seed=1).batch(12)
+val = tf.data.Dataset.from_tensor_slices((x[36:], y[36:])).batch(12)
+model = build_model("default", 32, 2, architecture={{"filters": [8, 16]}}, augment=False)
+result = training.fit_model(model, train, val, Path({run_dir!r}), TrainOptions(epochs={epochs},
+                            early_stopping_patience=10, augment=False), [18, 18], log=print)
+print("RESULT", result["epochs_run"], result["initial_epoch"])
+"""
+
+
+def _tiny_fit_script(run_dir: Path, epochs: int, extra: str = "") -> str:
+    """A child process that fits a tiny model on 48 random images into ``run_dir``."""
+    return _FIT_SCRIPT.format(run_dir=str(run_dir), epochs=epochs, extra=extra)
 
 
 def test_corrupt_newest_backup_is_skipped_and_the_older_one_resumed(tmp_path):
     from imgflow.tasks import training
     from imgflow.tasks.resume import select_backup
-    from tests.test_training import _Crash  # noqa: F401 - same stand-in for a killed worker
 
     run_dir = tmp_path / "run"
     crash = _tiny_fit_script(run_dir, 4, extra=textwrap.dedent(
@@ -438,10 +439,7 @@ def test_disk_full_during_training_is_one_line_exit_1_and_resumable(tmp_path):
     import resource
 
     run_dir = tmp_path / "run"
-    script = _tiny_fit_script(run_dir, 3) + textwrap.dedent(
-        """
-        """
-    )
+    script = _tiny_fit_script(run_dir, 3)
     wrapped = textwrap.dedent(
         """
         import sys
@@ -466,7 +464,7 @@ def test_disk_full_during_training_is_one_line_exit_1_and_resumable(tmp_path):
     line = _last_line(proc.stderr)
     assert line.startswith(f"imgflow: the disk is full writing {run_dir}"), line
     assert "it needs about" in line and "KiB free" in line
-    assert "Segmentation" not in proc.stderr
+    assert "Segmentation" not in proc.stderr and "Traceback" not in proc.stderr
     # no half file is left under a real name; the next run (disk freed) starts or resumes cleanly
     assert not list(run_dir.rglob(".tmp-*"))
     again = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
