@@ -44,11 +44,29 @@ def exit_code_for(exc: BaseException) -> int | None:
     return None
 
 
-def message_for(exc: BaseException) -> str:
-    """The one line a user reads for an expected failure."""
-    if isinstance(exc, OSError) and not isinstance(exc, ImgflowError) and exc.filename is not None:
-        return describe_os_error(exc)
+def message_for(exc: BaseException, outputs: tuple[Path, ...] = ()) -> str:
+    """The one line a user reads for an expected failure.
+
+    Args:
+        exc: the exception.
+        outputs: where the command writes (workdir, ``--out``): named when a full disk
+            gives an ``OSError`` without a file name (a failed ``write`` has none).
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, ImgflowError):
+        if exc.filename is not None:
+            return describe_os_error(exc)
+        if is_disk_full(exc):
+            where = " or ".join(str(p) for p in outputs) or "the output folder"
+            return (f"the disk is full writing to {where} ({exc.strerror or exc}): free space there or choose "
+                    "another --workdir/--out, and run the same command again")
     return str(exc) or type(exc).__name__
+
+
+def note_outputs(*paths: Optional[Path]) -> None:
+    """Record where the running command writes, for the message of a full disk."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["imgflow.outputs"] = tuple(p for p in paths if p is not None)
 
 
 _expected_quiet = False
@@ -95,7 +113,7 @@ def map_errors(ctx: click.Context | None = None) -> Iterator[None]:
             raise
         if debug_requested(ctx):
             traceback.print_exception(exc, file=sys.stderr)
-        fail(message_for(exc), code)
+        fail(message_for(exc, ctx.meta.get("imgflow.outputs", ()) if ctx is not None else ()), code)
     finally:
         _expected_quiet = False
 
@@ -294,6 +312,7 @@ def train(
 ) -> None:
     """Run the whole training pipeline: validate, preprocess, train, evaluate, promote."""
     require_workdir(workdir)
+    note_outputs(workdir)
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -352,6 +371,7 @@ def predict(
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_workdir(workdir)
     require_output_file(out, "--out")
+    note_outputs(out, workdir)
     require_dir(input_dir, "INPUT_DIR")
     dask_address = build_config(config, dask_address=dask_address).preprocess.dask_address
     from imgflow.flows.prediction import batch_predict

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -51,6 +52,14 @@ def with_workdir_lock(command: str, workdir_arg: str = "workdir", wait_arg: str 
             with workdir_lock(workdir, command, wait=wait, log=_log):
                 return fn(*args, **kwargs)
 
+        # Prefect validates parameters from the annotations; under `from __future__ import
+        # annotations` they are strings that only resolve in the flow module's globals
+        hints = typing.get_type_hints(fn)
+        locked.__annotations__ = hints
+        locked.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in signature.parameters.values()],
+            return_annotation=hints.get("return", signature.return_annotation),
+        )
         return locked  # type: ignore[return-value]
 
     return decorate

@@ -470,3 +470,58 @@ def test_disk_full_during_training_is_one_line_exit_1_and_resumable(tmp_path):
     again = subprocess.run([sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "RESULT 3" in again.stdout
+
+
+def _limited(limit: int):
+    import resource
+
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_disk_full_while_training_through_the_cli_keeps_the_champion(tmp_path, prefect_server, digits_dir):
+    """`imgflow train` on a full disk: exit 1, one line with the path and the space needed, champion untouched."""
+    from tests.modelfactory import make_champion, make_digit_model_dir
+
+    workdir = tmp_path / "work"
+    champion_dir = make_digit_model_dir(workdir / "models" / "old-champion", per_class=10, epochs=8, conv=False)
+    make_champion(workdir, champion_dir)
+    pointer = (workdir / "champion.json").read_bytes()
+    # shards of 180 tiny JPEGs fit under 1 MiB; the default model's 3.4 MiB checkpoint does not
+    proc = subprocess.run(_cli("train", str(digits_dir), "--workdir", str(workdir), "--epochs", "2",
+                               "--image-size", "32"), env=_api_env(), capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, preexec_fn=_limited(1 << 20))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    line = _last_line(output)
+    assert line.startswith("imgflow: the disk is full writing ") and str(workdir / "models") in line, output[-8000:]
+    assert "it needs about" in line and "MiB free" in line and "available" in line
+    assert "Traceback" not in output and "Segmentation" not in output
+    assert output.count("the disk is full writing") <= 4  # logged by Prefect and printed once; never retried
+    assert (workdir / "champion.json").read_bytes() == pointer
+    assert not [p for p in workdir.rglob(".tmp-*")]
+
+
+def test_disk_full_during_predict_is_one_line_and_no_half_csv(tmp_path, prefect_server):
+    from PIL import Image
+
+    from tests.modelfactory import make_digit_model_dir
+
+    model_dir = make_digit_model_dir(tmp_path / "model", per_class=10, epochs=8, conv=False)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    for i in range(40):
+        Image.new("RGB", (32, 32), (i * 6, 0, 0)).save(inbox / f"image-with-a-long-name-{i:03d}.png")
+    out = tmp_path / "out" / "p.csv"
+    proc = subprocess.run(_cli("predict", str(model_dir), str(inbox), "--workdir", str(tmp_path / "w"),
+                               "--out", str(out)), env=_api_env(), capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, preexec_fn=_limited(2048))
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output[-3000:]
+    line = _last_line(output)
+    assert line.startswith("imgflow: the disk is full writing"), line
+    assert "Traceback" not in output
+    assert not out.exists()  # the CSV is written atomically: no half file
