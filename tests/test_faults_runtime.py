@@ -43,6 +43,19 @@ def _api_env(**extra: str) -> dict[str, str]:
     return _env(PREFECT_API_URL=str(PREFECT_API_URL.value()), **extra)
 
 
+@pytest.fixture
+def flow_logging(prefect_server):
+    """Prefect's log handlers bind the streams of the first flow run in the process: make
+    that pytest's, not a CliRunner's (closed after invoke), when these tests run alone."""
+    from prefect import flow
+
+    @flow(name="warm-up")
+    def warm_up() -> int:
+        return 1
+
+    assert warm_up() == 1
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from imgflow.flows.cli import main; main()", *args]
 
@@ -188,7 +201,7 @@ def test_model_with_an_unknown_custom_class_is_refused_with_one_line(tmp_path, p
     assert "Traceback" in debug.stderr and _last_line(debug.stdout + debug.stderr).startswith("imgflow: MODEL")
 
 
-def test_bad_option_inside_a_flow_is_one_line_and_debug_env_shows_the_traceback(tmp_path, prefect_server):
+def test_bad_option_inside_a_flow_is_one_line_and_debug_env_shows_the_traceback(tmp_path, flow_logging):
     from tests.modelfactory import make_digit_model_dir
 
     model_dir = make_digit_model_dir(tmp_path / "model", per_class=10, epochs=8, conv=False)
@@ -289,7 +302,7 @@ def test_lock_is_reentrant_within_one_process(tmp_path):
     assert read_holder(tmp_path / "w") is None
 
 
-def test_flows_take_the_lock_so_cli_no_wait_exits_2(tmp_path, prefect_server, digits_dir):
+def test_flows_take_the_lock_so_cli_no_wait_exits_2(tmp_path, flow_logging, digits_dir):
     """The lock is taken in the flow (deployments too); --no-wait makes the CLI exit 2 at once."""
     from imgflow.flows.training import training_pipeline
 
