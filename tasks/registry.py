@@ -191,7 +191,12 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
         model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
     except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:
         # a hostile or foreign model.keras: unknown custom classes and Lambda layers are refused
-        cause = " ".join(str(exc).split())[:300]
+        chain, link = [], exc
+        while link is not None and len(chain) < 8:  # Keras wraps the real cause in a generic TypeError
+            chain.append(" ".join(str(link).split()))
+            link = link.__cause__ or link.__context__
+        named = re.search(r"Could not locate (?:class|function) '[^']+'", " ".join(chain))
+        cause = named.group(0) if named else chain[-1][:300]
         raise RegistryError(
             f"MODEL {path / MODEL_FILE} cannot be loaded safely: {cause}. imgflow loads models in Keras safe mode "
             "(no Lambda layers, no unknown custom classes): use a model trained by imgflow, or register the custom "
