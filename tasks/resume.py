@@ -157,8 +157,9 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
     Place it after the callbacks whose state it keeps (``stateful``: the best checkpoint,
     early stopping, learning-rate plateau): their ``on_train_begin`` resets them, then
     this one restores their best-so-far values; at an epoch's end they update first, then
-    this one records them. The weights file holds the model, the optimizer and the
-    random-generator states of augmentation and dropout layers.
+    this one records them. The weights file holds the model and the optimizer; the
+    record adds the random-generator states of dropout and augmentation layers, which
+    ``save_weights`` leaves out (without them a resumed epoch drops other units).
 
     Args:
         backup_dir: the run's ``backup/`` folder (removed when fit ends).
@@ -195,6 +196,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
                     self.model.load_weights(self.best_weights_path)
                     callback.best_weights = self.model.get_weights()
         self.model.load_weights(self.backup_dir / self.start["weights"])
+        restore_seed_states(self.model, self.start.get("seed_states") or [])
         self.model._initial_epoch = int(self.start["epoch"])
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -213,7 +215,7 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
                 for c in self.stateful
             }
             record = {"epoch": epoch + 1, "weights": name, "sha256": _sha256(target), "bytes": target.stat().st_size,
-                      "callbacks": states}
+                      "callbacks": states, "seed_states": seed_states(self.model)}
             previous = dict(self.previous or {})
             previous.pop("previous", None)
             write_json(self.backup_dir / BACKUP_RECORD, {**record, "previous": previous or None})
@@ -232,6 +234,28 @@ class AtomicBackupAndRestore(keras.callbacks.Callback):
         import shutil
 
         shutil.rmtree(self.backup_dir, ignore_errors=True)
+
+
+def _seed_generators(model: keras.Model) -> list[Any]:
+    """Every layer's random-generator (dropout, augmentation), in a fixed order."""
+    generators = []
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        generators.extend(getattr(layer, "_seed_generators", []) or [])
+    return generators
+
+
+def seed_states(model: keras.Model) -> list[list[int]]:
+    """The random-generator states of ``model``'s layers (``save_weights`` leaves them out)."""
+    return [np.asarray(keras.ops.convert_to_numpy(g.state.value)).tolist() for g in _seed_generators(model)]
+
+
+def restore_seed_states(model: keras.Model, states: list[list[int]]) -> None:
+    """Give ``model``'s layers back the random-generator states of :func:`seed_states`."""
+    generators = _seed_generators(model)
+    if len(generators) != len(states):
+        return  # another architecture: nothing sensible to restore (the weights load would fail first)
+    for generator, state in zip(generators, states):
+        generator.state.assign(np.asarray(state, dtype=generator.state.dtype))
 
 
 def _plain(value: Any) -> Any:
@@ -261,13 +285,23 @@ def enable_determinism(seed: int, on_gpu: bool) -> bool:
     return True
 
 
-def fast_forward_shuffle(dataset: Any, epochs_done: int) -> None:
+def fast_forward_shuffle(dataset: Any, epochs_done: int) -> int:
     """Advance a reshuffling tf.data dataset past ``epochs_done`` epochs without reading it.
 
-    ``shuffle(seed=..., reshuffle_each_iteration=True)`` draws the order of epoch ``e``
-    from a seeded generator that advances once per iterator; Keras makes one iterator
-    per epoch. Creating ``epochs_done`` iterators (no element is read) puts a resumed run
-    on the same order as a run that was never interrupted.
+    ``shuffle(seed=..., reshuffle_each_iteration=True)`` draws the order of each new
+    iterator from a seeded generator that advances once per iterator. Keras 3
+    (``keras/src/trainers/epoch_iterator.py``, ``_enumerate_iterator``) creates one
+    iterator per epoch when the dataset's length is unknown (TFRecord shards), and two
+    when it is known (one at the start of the epoch, one prepared at its end). Creating
+    as many iterators (no element is read) puts a resumed run on the order an
+    uninterrupted run sees; ``test_training.py`` checks the result on this Keras.
+
+    Returns:
+        The number of iterators created.
     """
-    for _ in range(epochs_done):
+    if not epochs_done or not hasattr(dataset, "cardinality"):
+        return 0
+    per_epoch = 2 if int(dataset.cardinality()) > 0 else 1
+    for _ in range(epochs_done * per_epoch):
         iter(dataset)
+    return epochs_done * per_epoch
