@@ -48,13 +48,13 @@ def _fsync_file(path: Path) -> None:
 
 def weights_bytes(model: keras.Model) -> int:
     """Bytes of the model's and optimizer's variables: what one backup generation needs."""
-    variables = list(model.variables) + list(getattr(model.optimizer, "variables", []) or [])
+    variables = list(model.variables) + list(getattr(getattr(model, "optimizer", None), "variables", []) or [])
     return int(sum(np.prod(v.shape) * np.dtype(v.dtype).itemsize for v in variables))
 
 
 def h5_bytes(model: keras.Model) -> int:
     """Estimated size of a ``.weights.h5`` file of ``model`` (variables plus HDF5 overhead)."""
-    variables = len(model.variables) + len(getattr(model.optimizer, "variables", []) or [])
+    variables = len(model.variables) + len(getattr(getattr(model, "optimizer", None), "variables", []) or [])
     return weights_bytes(model) + 1536 * variables + 8192
 
 
