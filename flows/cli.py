@@ -155,7 +155,8 @@ DaskOption = typer.Option(None, "--dask-address", help="run mapped tasks on this
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``imgflow: message`` on stderr and exit with ``code``."""
+    """Print ``imgflow: message`` on stderr, as one line, and exit with ``code``."""
+    message = " ".join(str(message).split())  # a YAML or Keras error may span lines
     typer.echo(f"imgflow: {message}", err=True)
     raise typer.Exit(code)
 

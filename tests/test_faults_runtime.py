@@ -538,3 +538,17 @@ def test_disk_full_during_predict_is_one_line_and_no_half_csv(tmp_path, prefect_
     assert line.startswith("imgflow: the disk is full writing"), line
     assert "Traceback" not in output
     assert not out.exists()  # the CSV is written atomically: no half file
+
+
+def test_yaml_python_tags_are_refused_and_never_run(tmp_path):
+    """Config files are user input: only plain YAML (safe_load), a Python tag is a usage error."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f'epochs: !!python/object/apply:os.system ["touch {marker}"]\n')
+    result = CliRunner().invoke(app, ["train", str(data), "--workdir", str(tmp_path / "w"), "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    line = _last_line(result.output)
+    assert line.startswith("imgflow: ") and str(config) in line
+    assert not marker.exists() and "Traceback" not in result.output
