@@ -146,7 +146,6 @@ def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, d
     assert summary["deterministic"] is True
 
 
-
 def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_server, monkeypatch, tmp_path):
     from prefect import flow
 
