@@ -100,6 +100,6 @@ def describe_os_error(exc: OSError, what: str = "") -> str:
         return f"{label} already exists and is in the way: move it or choose another path"
     if exc.errno in DISK_FULL_ERRNOS:
         return f"the disk is full writing {path}: free space on that disk or choose another path"
-    if exc.errno == getattr(__import__("errno"), "EROFS", 30):
+    if exc.errno == errno.EROFS:
         return f"{label} is on a read-only file system: choose a writable path"
     return f"{label}: {exc.strerror or exc}"
