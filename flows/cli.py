@@ -11,13 +11,120 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
+from imgflow.tasks.errors import EXIT_FAILED_CHECK, EXIT_USAGE, ImgflowError, describe_os_error, is_disk_full
+
+DEBUG_ENV = "IMGFLOW_DEBUG"
+
+
+def debug_requested(ctx: click.Context | None = None) -> bool:
+    """True when ``--debug`` was given or ``IMGFLOW_DEBUG`` is set to a true value."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return bool(ctx is not None and ctx.meta.get("imgflow.debug"))
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of an expected failure (None for a bug, which keeps its traceback)."""
+    if isinstance(exc, ImgflowError):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        # a full disk means the pipeline ran and could not finish; any other OSError is a
+        # path the user gave that cannot be read or written
+        return EXIT_FAILED_CHECK if is_disk_full(exc) else EXIT_USAGE
+    return None
+
+
+def message_for(exc: BaseException, outputs: tuple[Path, ...] = ()) -> str:
+    """The one line a user reads for an expected failure.
+
+    Args:
+        exc: the exception.
+        outputs: where the command writes (workdir, ``--out``): named when a full disk
+            gives an ``OSError`` without a file name (a failed ``write`` has none).
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, ImgflowError):
+        if exc.filename is not None:
+            return describe_os_error(exc)
+        if is_disk_full(exc):
+            where = " or ".join(str(p) for p in outputs) or "the output folder"
+            return (f"the disk is full writing to {where} ({exc.strerror or exc}): free space there or choose "
+                    "another --workdir/--out, and run the same command again")
+    return str(exc) or type(exc).__name__
+
+
+def note_outputs(*paths: Optional[Path]) -> None:
+    """Record where the running command writes, for the message of a full disk."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["imgflow.outputs"] = tuple(p for p in paths if p is not None)
+
+
+_expected_quiet = False
+
+
+def _quiet_record_factory(factory: Any) -> Any:
+    """Wrap the log record factory: expected failures are logged without their traceback.
+
+    Prefect logs a failed task or flow run with its traceback; for an error the user can
+    act on that buries the one line that matters. ``--debug`` keeps the tracebacks.
+    """
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        info = record.exc_info
+        if _expected_quiet and info and info[1] is not None and exit_code_for(info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    make.imgflow_quiet = True  # type: ignore[attr-defined]
+    return make
+
+
+@contextlib.contextmanager
+def map_errors(ctx: click.Context | None = None) -> Iterator[None]:
+    """The one place expected failures become ``imgflow: <message>`` and an exit code.
+
+    :class:`~imgflow.tasks.errors.UsageError` exits 2, :class:`~imgflow.tasks.errors.CheckFailed`
+    exits 1, an ``OSError`` on a path exits 2 (1 for a full disk). Anything else is a bug
+    and keeps its traceback. ``--debug`` or ``IMGFLOW_DEBUG=1`` prints the traceback of an
+    expected failure too, before its line.
+    """
+    global _expected_quiet
+    if not getattr(logging.getLogRecordFactory(), "imgflow_quiet", False):
+        logging.setLogRecordFactory(_quiet_record_factory(logging.getLogRecordFactory()))
+    _expected_quiet = not debug_requested(ctx)
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised unchanged
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        if debug_requested(ctx):
+            traceback.print_exception(exc, file=sys.stderr)
+        fail(message_for(exc, ctx.meta.get("imgflow.outputs", ()) if ctx is not None else ()), code)
+    finally:
+        _expected_quiet = False
+
+
+class ImgflowGroup(TyperGroup):
+    """Runs every command inside :func:`map_errors`, so ``main()`` and ``CliRunner`` map alike."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with map_errors(ctx):
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="imgflow",
@@ -26,9 +133,20 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ImgflowGroup,
 )
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also IMGFLOW_DEBUG=1)"),
+) -> None:
+    """Validate a folder of class-labelled images, train and evaluate a Keras CNN, classify new folders."""
+    ctx.meta["imgflow.debug"] = debug
+
+
+EXIT_OK = 0
 
 WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
 ConfigOption = typer.Option(None, "--config", help="YAML file with the same keys as the options")
@@ -37,7 +155,8 @@ DaskOption = typer.Option(None, "--dask-address", help="run mapped tasks on this
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``imgflow: message`` on stderr and exit with ``code``."""
+    """Print ``imgflow: message`` on stderr, as one line, and exit with ``code``."""
+    message = " ".join(str(message).split())  # a YAML or Keras error may span lines
     typer.echo(f"imgflow: {message}", err=True)
     raise typer.Exit(code)
 
@@ -53,27 +172,36 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def exit_codes(
-    usage: tuple[type[BaseException], ...] = (), failed: tuple[type[BaseException], ...] = ()
-) -> Iterator[None]:
-    """Turn the errors a user can act on into one line and an exit code (2 usage, 1 failed check)."""
-    try:
-        yield
-    except failed as exc:
-        fail(str(exc), EXIT_FAILED_CHECK)
-    except usage as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
 def check_paths(inputs: dict[str, Optional[Path]], workdir: Optional[Path], outputs: dict[str, Optional[Path]]) -> None:
     """Exit 2 with one line when an output would land on or inside an input (imgflow.tasks.paths)."""
-    from imgflow.tasks.paths import PathConflict, check_run
+    from imgflow.tasks.paths import check_run
 
-    try:
-        check_run(inputs, workdir, outputs)
-    except PathConflict as exc:
-        fail(str(exc), EXIT_USAGE)
+    check_run(inputs, workdir, outputs)  # a PathConflict is a UsageError: exit 2, one line
+def require_workdir(workdir: Path) -> Path:
+    """Exit 2 with one line when ``--workdir`` exists but is not a writable folder."""
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir} is a file, not a folder: give a folder (it is created when missing)", EXIT_USAGE)
+    if workdir.is_dir() and not os.access(workdir, os.W_OK | os.X_OK):
+        fail(f"--workdir {workdir} is not writable: choose a folder you can write to", EXIT_USAGE)
+    return workdir
+
+
+def require_output_file(path: Optional[Path], option: str) -> Optional[Path]:
+    """Exit 2 with one line when an output file option names a folder or an unwritable place."""
+    if path is None:
+        return None
+    if path.is_dir():
+        fail(f"{option} {path} is a folder: give a file name inside it, for example {path / 'predictions.csv'}",
+             EXIT_USAGE)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a folder: choose another path", EXIT_USAGE)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{option} {path} is not writable (read-only file or folder {parent}): choose a writable path",
+             EXIT_USAGE)
+    return path
 
 
 def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
@@ -99,6 +227,8 @@ def validate(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Check every image of a class-folder dataset and report what would hurt training."""
+    require_workdir(workdir)
+    require_output_file(report, "--report")
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -106,10 +236,8 @@ def validate(
     options = build_config(config).validation
     from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
-    from imgflow.tasks.dataset import DatasetError
 
-    with exit_codes(usage=(DatasetError, OSError)):
-        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -143,6 +271,7 @@ def preprocess(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Validate, then write TFRecord shards and manifest.json (cached: unchanged data does no work)."""
+    require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -151,11 +280,8 @@ def preprocess(
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     from imgflow.flows.preprocessing import preprocess_flow
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.tfrecords import ShardSourceError
 
-    with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
-        result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
+    result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
                f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
@@ -176,8 +302,11 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     force: bool = typer.Option(False, "--force", help="train even if data and config are unchanged since the champion"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="exit 2 at once when another imgflow writes to this workdir"),
 ) -> None:
     """Run the whole training pipeline: validate, preprocess, train, evaluate, promote."""
+    require_workdir(workdir)
+    note_outputs(workdir)
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -185,14 +314,8 @@ def train(
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     from imgflow.flows.training import training_pipeline
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.models import ModelConfigError
-    from imgflow.tasks.registry import RegistryError
-    from imgflow.tasks.tfrecords import ShardSourceError
-
-    usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
-    with exit_codes(usage=usage, failed=(DatasetUnusable,)):
-        result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
+    result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
+                               wait_for_lock=not no_wait)
     typer.echo("")
     if result.get("val_accuracy") is not None:
         typer.echo(f"Validation accuracy: {result['val_accuracy']:.4f}")
@@ -225,15 +348,15 @@ def evaluate(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
+    require_workdir(workdir)
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: evaluate writes a report folder; give a folder path", EXIT_USAGE)
     require_dir(data_dir, "DATA_DIR")
     options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
     check_paths({"DATA_DIR": data_dir}, workdir, {"--out": out})
     from imgflow.flows.evaluation import evaluate_flow
-    from imgflow.tasks.evaluation import EvaluationError
-    from imgflow.tasks.registry import RegistryError
 
-    with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
+    result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
         typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
@@ -256,8 +379,12 @@ def predict(
     csv_neutralise: Optional[bool] = typer.Option(
         None, "--csv-neutralise/--no-csv-neutralise",
         help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="exit 2 at once when another imgflow writes to this workdir"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
+    require_workdir(workdir)
+    require_output_file(out, "--out")
+    note_outputs(out, workdir)
     require_dir(input_dir, "INPUT_DIR")
     options = build_config(config, predict={"out": out, "batch_size": batch_size, "top_k": top_k,
                                             "chunk_size": chunk_size, "dask_address": dask_address,
@@ -265,9 +392,8 @@ def predict(
     check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
     from imgflow.flows.prediction import batch_predict
 
-    # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
-    with exit_codes(usage=(FileNotFoundError, ValueError)):
-        result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options)
+    result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
+                           dask_address=dask_address, top_k=top_k, wait_for_lock=not no_wait)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
@@ -296,16 +422,13 @@ def doctor(
             return
     if model is None or data_dir is None:
         fail("doctor needs MODEL_OR_BUILDER and DATA_DIR (or --label-issues DATA_DIR)", EXIT_USAGE)
+    require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
     from imgflow.flows.doctor import doctor_flow
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.models import ModelConfigError
-    from imgflow.tasks.registry import RegistryError
 
-    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
-        diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
+    diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
     print_findings(diagnosis["findings"], limit=10)
     if not diagnosis["healthy"]:
@@ -318,11 +441,8 @@ def doctor(
 def _doctor_label_issues(data_dir: Path, workdir: Path, cfg: ImgflowConfig) -> None:
     """``imgflow doctor --label-issues``: run the check, print the top candidates."""
     from imgflow.flows.doctor import label_issues_flow
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.label_issues import LabelIssuesError
 
-    with exit_codes(usage=(DatasetError, LabelIssuesError, OSError), failed=(DatasetUnusable,)):
-        result = label_issues_flow(data_dir, workdir=workdir, config=cfg)
+    result = label_issues_flow(data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\n{result['candidates']} of {result['images']} training images may be mislabelled"
                + (", most disputed first:" if result["top"] else "."))
     for row in result["top"]:
@@ -344,20 +464,20 @@ def serve(
     limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
 ) -> None:
     """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
-    from imgflow.flows.serve import NoServerError, check_api_url, serve_deployments
+    from imgflow.flows.serve import check_api_url, serve_deployments
 
-    with exit_codes(usage=(NoServerError, FileNotFoundError, ValueError)):
-        url = check_api_url()
-        typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
-                   f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
-                   "Ctrl-C stops and pauses the schedules")
-        serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
-                          train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
+    url = check_api_url()
+    typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+               f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+               "Ctrl-C stops and pauses the schedules")
+    serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
+                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
 
 
 @app.command()
 def demo(workdir: Path = WorkdirOption) -> None:
     """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
+    require_workdir(workdir)
     from imgflow.flows.demo import run_demo
 
     result = run_demo(workdir=workdir)

@@ -32,8 +32,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import paths
+from imgflow.tasks.errors import OptionError
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 from imgflow.tasks.options import PredictOptions, with_overrides
@@ -76,7 +78,7 @@ def _task_runner(dask_address: str | None) -> Any:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            raise ValueError(
+            raise OptionError(
                 f"dask_address {dask_address!r}: needs prefect-dask, which is not installed "
                 "(pip install 'imgflow[dask]')"
             ) from exc
@@ -117,6 +119,7 @@ def _publish(summary: dict[str, Any], input_dir: Path) -> None:
 
 
 @flow(name="batch-predict")
+@with_workdir_lock("imgflow predict")
 def batch_predict(
     model: str | Path,
     input_dir: Path,
@@ -128,6 +131,7 @@ def batch_predict(
     chunk_size: int | None = None,
     csv_neutralise: bool | None = None,
     options: PredictOptions | None = None,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Classify every file under INPUT_DIR into one CSV row each; resumable.
 
@@ -143,6 +147,8 @@ def batch_predict(
         csv_neutralise: prefix cells starting with ``=``, ``+``, ``-``, ``@``, tab or CR
             with ``'`` so spreadsheets show them as text (False: raw paths and names; default True).
         options: the ``predict`` section of the config; the arguments above, when given, win over it.
+        wait_for_lock: wait for another writer of ``workdir`` (the run holds its lock);
+            False raises ``imgflow.tasks.errors.LockHeld`` at once.
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",

@@ -18,19 +18,21 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import read_json
 from imgflow.tasks.records import EvaluationSummary, read_manifest
+from imgflow.tasks.errors import ImgflowError
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
 
 
 def _permanent_errors() -> tuple[type[BaseException], ...]:
-    from imgflow.tasks.models import ModelConfigError
-
-    return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
+    # every ImgflowError is a logic error (bad option, bad data, a full disk: the same
+    # again); the others are programming errors that a retry cannot fix either
+    return (ImgflowError, ValueError, TypeError, KeyError, ImportError)
 
 
 def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -202,12 +204,14 @@ def _finish_unevaluated(model_dir: Path, workdir: Path, metadata: dict[str, Any]
 
 
 @flow(name="training-pipeline", log_prints=True)
+@with_workdir_lock("imgflow train")
 def training_pipeline(
     data_dir: Path,
     val_dir: Path | None = None,
     workdir: Path = DEFAULT_WORKDIR,
     config: ImgflowConfig | None = None,
     force: bool = False,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Validate, preprocess, train, evaluate and promote; return a small summary.
 
@@ -218,6 +222,8 @@ def training_pipeline(
         config: every parameter; defaults when None.
         force: train a fresh attempt even when this data and configuration already
             produced a finished run (an interrupted run is always resumed).
+        wait_for_lock: wait for another writer of ``workdir`` (the whole run holds its
+            lock); False raises ``imgflow.tasks.errors.LockHeld`` at once.
 
     Returns:
         ``{"run_id", "model_dir", "val_accuracy", "healthy", "promoted", "reason",
@@ -253,6 +259,13 @@ def training_pipeline(
         result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=True)
         print(result["reason"])
         return result
+    if force and state == "resume":
+        from imgflow.tasks.training import discard_resume_state
+
+        # --force always starts fresh: an interrupted attempt's backup is discarded, never trusted
+        logger.warning("force: discarding the interrupted attempt's backup in %s; starting it fresh", model_dir)
+        discard_resume_state(model_dir)
+        state = "new"
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
     summary = train_task(str(manifest_path), str(model_dir), config.train)

@@ -41,17 +41,18 @@ from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode c
 )
 from imgflow.tasks.options import ValidationOptions
 from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
+from imgflow.tasks.errors import CheckFailed, UsageError
 
 # From this many files on, decoding runs in worker processes (batches of PROCESS_BATCH).
 PROCESS_THRESHOLD, PROCESS_BATCH = 2000, 32
 ERROR, WARNING = "error", "warning"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """DATA_DIR (or VAL_DIR) cannot be scanned at all: missing, not a folder, unreadable."""
 
 
-class DatasetUnusable(RuntimeError):
+class DatasetUnusable(CheckFailed, RuntimeError):
     """Validation ran, and the data cannot be trained on (fewer than 2 usable classes)."""
 
 

@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks import atomic
+from imgflow.tasks.csvcells import safe_row
+from imgflow.tasks.errors import UsageError
 
 FEATURE_SIDE = 16
 HISTOGRAM_BINS = 16
@@ -54,7 +55,7 @@ CSV_COLUMNS = ["path", "given", "predicted", "given_prob", "predicted_prob"]
 GALLERY_LIMIT, GALLERY_SIDE = 60, 96
 
 
-class LabelIssuesError(ValueError):
+class LabelIssuesError(UsageError, ValueError):
     """The data cannot be checked for label issues (too few images in a class)."""
 
 

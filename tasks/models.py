@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import keras
 import numpy as np
+from imgflow.tasks.errors import UsageError
 
 # Canonical names of the built-in models; lookups ignore case, "-" and "_".
 BUILTIN_MODELS = ("default", "conv_blocks", "efficientnetv2b0", "mobilenetv3small", "resnet50")
@@ -63,7 +64,7 @@ AUGMENT_DEFAULTS: dict[str, Any] = {"translate": 0.1, "rotate": 0.05, "zoom": 0.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UsageError, ValueError):
     """A model name, builder or architecture option that cannot be used."""
 
 

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from imgflow.tasks.errors import OptionError
 from imgflow.tasks.records import DEFAULT_ASPECT, Aspect, describe_error
 
 
@@ -113,7 +114,7 @@ def with_overrides(options: _Options, **values: Any) -> _Options:
     """``options`` with the given values on top (``None`` means not given), validated.
 
     Raises:
-        ValueError: a value the option does not accept; the message names the option.
+        OptionError: a value the option does not accept (a ValueError); the message names the option.
     """
     given = {key: value for key, value in values.items() if value is not None}
     if not given:
@@ -121,4 +122,4 @@ def with_overrides(options: _Options, **values: Any) -> _Options:
     try:
         return type(options).model_validate({**options.model_dump(), **given})
     except ValidationError as exc:
-        raise ValueError(describe_error(exc)) from None
+        raise OptionError(describe_error(exc)) from None

@@ -21,6 +21,7 @@ from typing import Any
 
 from imgflow.tasks.atomic import read_json, write_json
 from imgflow.tasks.records import METADATA_FILE, Manifest, check_metadata, read_model_metadata
+from imgflow.tasks.errors import UsageError
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"
@@ -34,7 +35,7 @@ _RUN_ID_IGNORED_KEYS = frozenset({
 MIN_CLASS_IMAGES_FOR_RECALL_GATE = 10
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError, ValueError):
     """A model directory or champion pointer that cannot be used."""
 
 
@@ -240,7 +241,21 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
 
     path = Path(path)
     metadata = read_metadata(path)
-    model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:
+        # a hostile or foreign model.keras: unknown custom classes and Lambda layers are refused
+        chain, link = [], exc
+        while link is not None and len(chain) < 8:  # Keras wraps the real cause in a generic TypeError
+            chain.append(" ".join(str(link).split()))
+            link = link.__cause__ or link.__context__
+        named = re.search(r"Could not locate (?:class|function) '[^']+'", " ".join(chain))
+        cause = named.group(0) if named else chain[-1][:300]
+        raise RegistryError(
+            f"MODEL {path / MODEL_FILE} cannot be loaded safely: {cause}. imgflow loads models in Keras safe mode "
+            "(no Lambda layers, no unknown custom classes): use a model trained by imgflow, or register the custom "
+            "class with keras.saving.register_keras_serializable in a module you trust"
+        ) from exc
     return model, metadata
 
 

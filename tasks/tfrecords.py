@@ -48,6 +48,7 @@ from PIL import Image, ImageOps
 
 from imgflow.tasks.options import PreprocessOptions
 from imgflow.tasks import atomic, records
+from imgflow.tasks.errors import UsageError
 from imgflow.tasks.scan import decode_path
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
@@ -63,7 +64,7 @@ _RECORD_OVERHEAD = 200
 _RESAMPLE = Image.Resampling.BILINEAR
 
 
-class ShardSourceError(ValueError):
+class ShardSourceError(UsageError, ValueError):
     """A planned source file could not be read or decoded while writing a shard.
 
     A ValueError (bad input data), not an OSError: retrying will not help.

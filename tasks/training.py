@@ -2,7 +2,8 @@
 
 A run directory holds everything one training writes::
 
-    backup/          BackupAndRestore state (deleted when fit ends; a killed run resumes from it)
+    backup/          two verified generations of the training state (tasks/resume.py; deleted
+                     when fit ends; a killed run resumes from the newest intact one)
     checkpoints/     ModelCheckpoint of the best epoch (val loss)
     logs/            TensorBoard
     history.csv      one row per finished epoch (CSVLogger, appended across resumes)
@@ -16,6 +17,7 @@ saved summary without training again.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,12 +30,22 @@ import numpy as np
 from imgflow.tasks.options import TrainOptions
 from imgflow.tasks import doctor
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
+from imgflow.tasks.errors import DiskFullError, disk_full, is_disk_full
+from imgflow.tasks.resume import (
+    BACKUP_DIR,
+    AtomicBackupAndRestore,
+    AtomicModelCheckpoint,
+    enable_determinism,
+    fast_forward_shuffle,
+    ensure_space,
+    h5_bytes,
+    select_backup,
+)
 from imgflow.tasks.models import build_model, compile_model
 from imgflow.tasks.records import read_manifest
 
 Logger = Callable[[str], None]
 
-BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "logs"
 HISTORY_FILE = "history.csv"
@@ -191,14 +203,9 @@ def _trim_history(run_dir: Path, keep_epochs: int) -> None:
 
 
 def backup_epoch(run_dir: Path) -> int:
-    """The number of epochs a killed run had finished, from its BackupAndRestore state (0 if none)."""
-    meta = Path(run_dir) / BACKUP_DIR / "training_metadata.json"
-    if not meta.is_file():
-        return 0
-    try:
-        return int(read_json(meta)["epoch"])
-    except (ValueError, KeyError, OSError):
-        return 0
+    """The number of epochs a killed run had finished, from its newest verified backup (0 if none)."""
+    start = select_backup(run_dir)
+    return int(start["epoch"]) if start else 0
 
 
 def save_learning_curves(run_dir: Path) -> Path | None:
@@ -265,6 +272,16 @@ def _fallback_diagnosis(history: list[dict[str, float]]) -> dict[str, Any]:
     return {"healthy": not findings, "findings": findings}
 
 
+def discard_resume_state(run_dir: Path) -> None:
+    """Remove the backup, best checkpoint and history of an interrupted run (``--force``)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for name in (BACKUP_DIR, CHECKPOINT_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / HISTORY_FILE).unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -314,7 +331,8 @@ def fit_model(
             "has no XLA kernel; training runs as a TensorFlow graph instead")
 
     findings: list[dict[str, Any]] = []
-    resume_from = backup_epoch(run_dir)
+    start = select_backup(run_dir, log)
+    resume_from = int(start["epoch"]) if start else 0
     _trim_history(run_dir, resume_from)
     facts = doctor.model_facts(model, num_classes, options.batch_size, class_counts, class_names)
     if probe is not None and resume_from == 0:
@@ -345,9 +363,8 @@ def fit_model(
         # the history row of an epoch is written before its backup: a kill in between
         # leaves one row too many (trimmed on resume), never a missing one
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
         # weights only: a light per-epoch write (the full model.keras is saved once at the end)
-        keras.callbacks.ModelCheckpoint(
+        AtomicModelCheckpoint(
             str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor="val_loss", save_best_only=True,
             save_weights_only=True,
         ),
@@ -363,6 +380,7 @@ def fit_model(
         log("TensorBoard is not installed: no TensorBoard logs (pip install tensorboard)")
     if options.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6))
+    callbacks.append(_backup_callback(run_dir, start, callbacks))
     if probe is not None:
         monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts, facts=facts)
         callbacks.append(monitor)
@@ -373,14 +391,20 @@ def fit_model(
         log("class weights (imbalanced data): " + ", ".join(f"{k}: {v:.2f}" for k, v in weights.items()))
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
     started = time.perf_counter()
-    keras_history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=options.epochs,
-        callbacks=callbacks,
-        class_weight=weights,
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
+    fast_forward_shuffle(train_ds, resume_from)
+    try:
+        keras_history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=options.epochs,
+            callbacks=callbacks,
+            class_weight=weights,
+            verbose=1 if sys.stdout.isatty() else 2,
+        )
+    except OSError as exc:  # history.csv, a checkpoint or a backup could not be written
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(exc, run_dir, h5_bytes(model)) from exc
+        raise
     fit_seconds = time.perf_counter() - started
     history = read_history(run_dir)
     early = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
@@ -407,10 +431,24 @@ def fit_model(
     }
 
 
+def _backup_callback(run_dir: Path, start: dict[str, Any] | None,
+                     callbacks: list[keras.callbacks.Callback]) -> AtomicBackupAndRestore:
+    """The backup callback; it goes after the callbacks whose best-so-far state it keeps."""
+    kinds = (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)
+    stateful = [c for c in callbacks if isinstance(c, kinds)]
+    return AtomicBackupAndRestore(run_dir / BACKUP_DIR, start, stateful, run_dir / CHECKPOINT_DIR / "best.weights.h5")
+
+
 def save_model(model: keras.Model, target: Path) -> Path:
     """Save ``model`` as a ``.keras`` file atomically."""
-    with atomic_path(target) as tmp:
-        model.save(tmp)
+    ensure_space(target, h5_bytes(model))
+    try:
+        with atomic_path(target) as tmp:
+            model.save(tmp)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(exc, target, h5_bytes(model)) from exc
+        raise
     return Path(target)
 
 
@@ -464,7 +502,7 @@ def train_from_manifest(
     previous_policy = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(plan["precision"])
     try:
-        keras.utils.set_random_seed(options.seed)
+        deterministic = enable_determinism(options.seed, on_gpu=bool(plan["devices"] != ["CPU"]))
         batch = plan["global_batch_size"]
         train_ds = make_dataset(manifest_path, "train", batch, training=True, seed=options.seed)
         val_ds = make_dataset(manifest_path, "val", batch, training=False, seed=options.seed)
@@ -489,6 +527,7 @@ def train_from_manifest(
         "aspect": manifest["aspect"],
         "fingerprint": manifest.get("fingerprint"),
         "device_plan": {k: v for k, v in plan.items() if k != "log"},
+        "deterministic": deterministic,
         **fit,
     }
     write_json(summary_path, summary)

@@ -174,3 +174,46 @@ def test_critical_preflight_finding_skips_training(tmp_path, digits_data):
     assert any("not training" in line for line in logs)
     assert training.read_json(tmp_path / "diagnosis.json")["healthy"] is False
     assert training.read_history(tmp_path) == []  # the model folder still has its history.csv: no epochs
+
+
+# ----------------------------------------------------------------------------- determinism and resume
+
+
+def _seeded_fit(run_dir, data, epochs, extra_callbacks=None, augment=True):
+    """One training as a fresh process would run it: seeds, new datasets, a new model."""
+    from imgflow.tasks.resume import enable_determinism
+
+    assert enable_determinism(11, on_gpu=False) is True
+    train, val = _datasets(data)
+    model = build_model("default", 32, 3, augment=augment, seed=11)
+    options = TrainOptions(epochs=epochs, early_stopping_patience=10, augment=augment, seed=11)
+    vx, vy = data[2], data[3]
+    result = training.fit_model(model, train, val, run_dir, options, [55, 55, 55], probe=(vx[:32], vy[:32]),
+                                log=lambda _: None, extra_callbacks=extra_callbacks)
+    return model, result
+
+
+def _max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_same_seed_gives_identical_weights_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path, digits_data
+):
+    """CPU + op determinism + the same seed: bit-identical weights, interrupted or not (augmentation on)."""
+    first, first_result = _seeded_fit(tmp_path / "a", digits_data, 4)
+    second, _ = _seeded_fit(tmp_path / "b", digits_data, 4)
+    assert _max_abs_diff(first, second) == 0.0
+    assert all(np.array_equal(x, y) for x, y in zip(first.get_weights(), second.get_weights()))
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        _seeded_fit(tmp_path / "c", digits_data, 4, extra_callbacks=[_Crash(2)])
+    resumed, resumed_result = _seeded_fit(tmp_path / "c", digits_data, 4)
+    assert resumed_result["resumed"] and resumed_result["initial_epoch"] == 2
+    assert _max_abs_diff(first, resumed) == 0.0
+    history_a = training.read_history(tmp_path / "a")
+    history_c = training.read_history(tmp_path / "c")
+    for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [r[column] for r in history_c] == [r[column] for r in history_a], column
+    assert resumed_result["best_epoch"] == first_result["best_epoch"]
+    assert (tmp_path / "c" / "checkpoints" / "best.weights.h5").read_bytes() != b""
