@@ -20,7 +20,7 @@ import click
 import typer
 from typer.core import TyperGroup
 
-from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
+from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig, load_config
 from imgflow.tasks.errors import EXIT_FAILED_CHECK, EXIT_USAGE, ImgflowError, describe_os_error, is_disk_full
 
 DEBUG_ENV = "IMGFLOW_DEBUG"
@@ -205,11 +205,8 @@ def require_output_file(path: Optional[Path], option: str) -> Optional[Path]:
 
 
 def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
-    """The YAML file's values overridden by the options given; exit 2 on a bad value."""
-    try:
-        return load_config(config_file, overrides)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
+    """The YAML file's values overridden by the options given (a bad value is a ConfigError: exit 2)."""
+    return load_config(config_file, overrides)
 
 
 def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
@@ -392,8 +389,8 @@ def predict(
     check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
     from imgflow.flows.prediction import batch_predict
 
-    result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
-                           dask_address=dask_address, top_k=top_k, wait_for_lock=not no_wait)
+    result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options,
+                           wait_for_lock=not no_wait)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():

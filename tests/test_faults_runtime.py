@@ -210,10 +210,16 @@ def test_bad_option_inside_a_flow_is_one_line_and_debug_env_shows_the_traceback(
     args = ["predict", str(model_dir), str(inbox), "--workdir", str(tmp_path / "w"), "--top-k", "0"]
     quiet = CliRunner().invoke(app, args)
     assert quiet.exit_code == 2, quiet.output
-    assert _last_line(quiet.output) == "imgflow: --top-k (top_k): expected an integer >= 1 or none, found 0"
+    assert _last_line(quiet.output) == "imgflow: options: 'predict.top_k': input should be greater than or equal to 1, found 0"
     assert "Traceback" not in quiet.output
     loud = CliRunner().invoke(app, args, env={"IMGFLOW_DEBUG": "1"})
-    assert loud.exit_code == 2 and "Traceback" in loud.output and "OptionError" in loud.output
+    assert loud.exit_code == 2 and "Traceback" in loud.output and "ConfigError" in loud.output
+    # the same bad value reaching the flow from Python is an OptionError, one line too
+    from imgflow.flows.prediction import batch_predict
+    from imgflow.tasks.errors import OptionError
+
+    with pytest.raises(OptionError, match="top_k"):
+        batch_predict(model_dir, inbox, workdir=tmp_path / "w", top_k=0)
 
 
 # ----------------------------------------------------------------------------- workdir lock
