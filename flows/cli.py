@@ -202,19 +202,26 @@ def evaluate(
     csv_neutralise: bool = typer.Option(
         True, "--csv-neutralise/--no-csv-neutralise",
         help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them"),
+    ood_dir: Optional[Path] = typer.Option(
+        None, "--ood-dir", help="images known to be none of the classes: report the novelty AUROC against them"),
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_dir(data_dir, "DATA_DIR")
+    if ood_dir is not None:
+        require_dir(ood_dir, "--ood-dir")
     from imgflow.flows.evaluation import evaluate_flow
     from imgflow.tasks.evaluation import EvaluationError
     from imgflow.tasks.registry import RegistryError
 
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, csv_neutralise=csv_neutralise)
+        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, csv_neutralise=csv_neutralise,
+                               ood_dir=ood_dir)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
         typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
                    "(counted wrong; the model cannot be promoted)")
+    if result.get("novelty_auroc") is not None:
+        typer.echo(f"Novelty AUROC against --ood-dir: {result['novelty_auroc']:.4f}")
     typer.echo(f"Report: {result['report_html']}")
     typer.echo(f"Metrics: {result['metrics_json']}")
 
@@ -232,6 +239,8 @@ def predict(
     csv_neutralise: Optional[bool] = typer.Option(
         None, "--csv-neutralise/--no-csv-neutralise",
         help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
+    unknown_label: Optional[str] = typer.Option(
+        None, "--unknown-label", help="write this label instead of the most likely class for unknown files"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_dir(input_dir, "INPUT_DIR")
@@ -242,12 +251,16 @@ def predict(
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
     with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, out=out, batch_size=batch_size,
-                               dask_address=dask_address, top_k=top_k, csv_neutralise=settings.train.csv_neutralise)
+                               dask_address=dask_address, top_k=top_k, csv_neutralise=settings.train.csv_neutralise,
+                               unknown_label=unknown_label)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
         typer.echo(f"  {label:<24} {count:>7}")
+    typer.echo(f"Unknown (novelty above the calibrated threshold): {result.get('unknown', 0)}")
     typer.echo(f"Predictions: {result['csv']}")
+    if result.get("drift"):
+        typer.echo(f"Warning: this inbox drifted from the training data, see {result['drift_json']}")
 
 
 @app.command()

@@ -81,6 +81,7 @@ def _check_rows(rows: list[dict[str, str]], truth: dict[str, str], broken: set[s
     for row in rows:
         if row["path"] in broken:
             assert row["error"] and row["label"] == "" and row["confidence"] == ""
+            assert row["novelty"] == "" and row["unknown"] == ""
             continue
         assert row["error"] == ""
         probs = [float(row[f"prob_{name}"]) for name in CLASS_NAMES]
@@ -152,13 +153,14 @@ def test_to_probabilities_renormalises_or_applies_softmax():
     expected = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
     np.testing.assert_allclose(logits[0], expected)
     assert P.csv_header(["a", "b"], top_k=5) == [
-        "path", "label", "confidence", "prob_a", "prob_b", "top1_label", "top1_prob", "top2_label", "top2_prob",
+        "path", "label", "confidence", "novelty", "unknown", "prob_a", "prob_b", "top1_label", "top1_prob", "top2_label", "top2_prob",
         "error",
     ]
 
 
 def test_part_files_round_trip_and_stale_cleanup(tmp_path):
-    rows = [["a,b.png", "one", "0.9", "0.9", "0.05", "0.05", ""], ['q"x.png', "", "", "", "", "", "OSError: bad"]]
+    rows = [["a,b.png", "one", "0.9", "1.5", "false", "0.9", "0.05", "0.05", ""],
+            ['q"x.png', "", "", "", "", "", "", "", "OSError: bad"]]
     part = P.write_part(P.part_path(tmp_path, "k1"), CLASS_NAMES, rows)
     assert list(P.read_part(part, CLASS_NAMES)) == rows
     with pytest.raises(ValueError, match="expected header"):
@@ -172,7 +174,8 @@ def test_part_files_round_trip_and_stale_cleanup(tmp_path):
     assert P.remove_stale_parts(tmp_path, keep=["k1"]) == 1
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-k1.csv"]
     summary = P.assemble_csv(tmp_path / "out.csv", [part], CLASS_NAMES, top_k=1)
-    assert summary == {"csv": str(tmp_path / "out.csv"), "rows": 2, "errors": 1, "label_counts": {"one": 1}}
+    assert summary == {"csv": str(tmp_path / "out.csv"), "rows": 2, "errors": 1, "label_counts": {"one": 1},
+                       "unknown": 0, "scored": 1, "predicted_counts": {"one": 1}}
     header, read = _read_csv(tmp_path / "out.csv")
     assert header[-3:] == ["top1_label", "top1_prob", "error"]
     assert read[0]["top1_label"] == "one" and read[1]["top1_label"] == "" and read[1]["error"] == "OSError: bad"
@@ -207,7 +210,7 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
     assert result["csv"] == str(out)
     header, rows = _read_csv(out)
     assert header == [
-        "path", "label", "confidence", "prob_one", "prob_seven", "prob_zero",
+        "path", "label", "confidence", "novelty", "unknown", "prob_one", "prob_seven", "prob_zero",
         "top1_label", "top1_prob", "top2_label", "top2_prob", "error",
     ]
     accuracy = _check_rows(rows, truth, broken)
@@ -341,7 +344,8 @@ def test_champion_and_a_folder_holding_only_the_workdir(prefect_server, model_di
     assert result["model_dir"] == str(Path(model_dir).resolve())
     assert result["csv"] == str(workdir / "predictions" / "inbox.csv")
     header, rows = _read_csv(Path(result["csv"]))
-    assert header == ["path", "label", "confidence", "prob_one", "prob_seven", "prob_zero", "error"] and rows == []
+    assert header == ["path", "label", "confidence", "novelty", "unknown", "prob_one", "prob_seven", "prob_zero",
+                      "error"] and rows == []
     again = batch_predict(model="champion", input_dir=inbox, workdir=workdir)
     assert again["rows"] == 0
 
