@@ -20,7 +20,7 @@ _SUMMARY_KEYS = (
     "out_dir", "accuracy", "loss", "count", "skipped", "report_html", "report_md", "metrics_json",
     "macro", "per_class", "prediction_distribution", "class_names", "class_notes", "saliency_method",
     "expected_calibration_error", "top_k", "top_k_accuracy", "plots", "non_finite_outputs", "promotion",
-    "predictions_csv",
+    "predictions_csv", "calibration", "novelty",
 )
 
 
@@ -42,6 +42,7 @@ def evaluate_folder_task(
     tolerance: float = 0.0,
     min_class_images_for_recall_gate: int = 10,
     csv_neutralise: bool = True,
+    ood_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
@@ -49,7 +50,7 @@ def evaluate_folder_task(
     result = evaluate_folder(Path(model_dir), Path(data_dir), Path(out_dir),
                              Path(champion_dir) if champion_dir else None, tolerance=tolerance,
                              min_class_images_for_recall_gate=min_class_images_for_recall_gate,
-                             csv_neutralise=csv_neutralise)
+                             csv_neutralise=csv_neutralise, ood_dir=Path(ood_dir) if ood_dir else None)
     return _summary(result)
 
 
@@ -99,6 +100,7 @@ def evaluate_flow(
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
     csv_neutralise: bool = True,
+    ood_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
 
@@ -107,6 +109,9 @@ def evaluate_flow(
     champion other than MODEL is promoted in ``workdir``, it is evaluated on the same
     images and shown side by side. ``csv_neutralise=False`` writes ``predictions.csv``
     cells raw (no ``'`` before a leading ``=``, ``+``, ``-``, ``@``, tab or CR).
+    ``ood_dir`` (images known to be none of the classes) adds the novelty AUROC and a
+    histogram of novelty scores; a model directory without novelty statistics (or a
+    calibration temperature) gets them fitted first.
 
     Returns:
         {"out_dir", "accuracy", "report_html", "metrics_json", "skipped"} plus
@@ -135,7 +140,8 @@ def evaluate_flow(
     tolerance = float(config.get("promotion_tolerance", 0.0))
     min_images = int(config.get("min_class_images_for_recall_gate", 10))
     summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir),
-                                   str(champion_dir) if champion_dir else None, tolerance, min_images, csv_neutralise)
+                                   str(champion_dir) if champion_dir else None, tolerance, min_images, csv_neutralise,
+                                   str(ood_dir) if ood_dir else None)
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",
@@ -144,4 +150,6 @@ def evaluate_flow(
                                             "report_md", "count", "non_finite_outputs", "promotion")}
     if "comparison" in summary:
         result["comparison"] = {k: summary["comparison"][k] for k in ("decision", "reason", "champion_run_id")}
+    result["calibration"] = summary.get("calibration")
+    result["novelty_auroc"] = (summary.get("novelty") or {}).get("auroc")
     return result

@@ -7,8 +7,8 @@ The training profile is stored with the model (``drift_profile.json``); each pre
 run builds the inbox's profile chunk by chunk and compares the two with the
 Jensen-Shannon distance (base 2, in [0, 1]).
 
-A property is flagged when its distance exceeds both :data:`MIN_DISTANCE` and twice the
-distance two samples of the inbox's size would show by chance. The overall ``drift``
+A property is flagged when its distance exceeds both :data:`MIN_DISTANCE` and :data:`NOISE_FACTOR` times the
+distance two samples of these sizes (training profile, inbox) would show by chance. The overall ``drift``
 flag is raised when any property is flagged or when the share of ``unknown`` files is
 clearly above the model's calibrated ``unknown_rate``. Predicted class shares are
 reported against the training shares but do not raise the flag (the class mix of an
@@ -29,12 +29,14 @@ from imgflow.tasks.atomic import read_json, write_json
 PROFILE_FILE = "drift_profile.json"
 PROPERTIES = ("format", "mode", "has_alpha", "width", "height", "aspect", "brightness")
 #: a property distance below this is never drift, whatever the sample size
-MIN_DISTANCE = 0.15
+MIN_DISTANCE = 0.2
+#: a property distance must also exceed this many times the distance expected by chance
+NOISE_FACTOR = 3.0
 #: training images read for the stored profile (a seeded sample beyond this)
 PROFILE_SAMPLE = 2000
 _SIZE_EDGES = [16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 _ASPECT_EDGES = [0.5, 0.67, 0.8, 0.95, 1.05, 1.25, 1.5, 2.0]
-_BRIGHTNESS_BINS = 16
+_BRIGHTNESS_BINS = 8
 
 
 def _bucket(value: float, edges: Sequence[float]) -> str:
@@ -176,9 +178,11 @@ def compare(
     for name in PROPERTIES:
         t_bins = (training.get("properties") or {}).get(name) or {}
         i_bins = (inbox.get("properties") or {}).get(name) or {}
-        n_prop = sum(i_bins.values())
+        n_in, n_train = sum(i_bins.values()), sum(t_bins.values())
+        # both are samples: the chance distance is that of one sample of the "effective" size
+        n_eff = n_in * n_train / (n_in + n_train) if n_in and n_train else 0
         distance = js_distance(t_bins, i_bins)
-        threshold = max(MIN_DISTANCE, 2.0 * noise_distance(len(set(t_bins) | set(i_bins)), n_prop))
+        threshold = max(MIN_DISTANCE, NOISE_FACTOR * noise_distance(len(set(t_bins) | set(i_bins)), int(n_eff)))
         flagged = bool(t_bins and i_bins and distance > threshold)
         properties[name] = {"distance": round(distance, 4), "threshold": round(threshold, 4), "drift": flagged,
                             "training": _shares(t_bins), "inbox": _shares(i_bins)}
