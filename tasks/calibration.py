@@ -42,14 +42,17 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         labels: true class indices, shape [N].
 
     Returns:
-        ``T`` in ``[1/T_RANGE, T_RANGE]``; 1.0 for an empty set, a single class, or
-        non-finite logits.
+        ``T`` in ``[1/T_RANGE, T_RANGE]``; 1.0 for an empty set, a single class,
+        non-finite logits, or a set the model gets entirely right (the NLL then falls
+        without bound as T shrinks: the data cannot say how sharp to be).
     """
     from scipy.optimize import minimize_scalar
 
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0 or logits.ndim != 2 or logits.shape[1] < 2 or not np.isfinite(logits).all():
+        return 1.0
+    if (logits.argmax(axis=1) == labels).all():
         return 1.0
     # search log T: the NLL is smooth and unimodal in it for all practical purposes
     result = minimize_scalar(lambda log_t: nll(logits, labels, float(np.exp(log_t))),

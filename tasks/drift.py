@@ -46,32 +46,35 @@ def _bucket(value: float, edges: Sequence[float]) -> str:
     return f"[{low},{high})"
 
 
-def image_properties(path: Path | str, pixels: np.ndarray | None = None) -> dict[str, str]:
+def image_properties(path: Path | str, pixels: np.ndarray | None = None, info: dict | None = None) -> dict[str, str]:
     """The binned properties of one image file (header read only; brightness from ``pixels``).
 
     Args:
         path: the image file.
         pixels: the decoded model input (uint8 RGB) for the brightness; None leaves it out.
+        info: what ``load_image(..., info=)`` recorded when it opened the file (then the
+            file is not opened again); None or empty: the header is read here.
 
     Returns:
         ``{property: bin label}``; an unreadable header gives ``format``/``mode`` ``"unreadable"``.
     """
-    from PIL import Image
+    if not info or "format" not in info:
+        from PIL import Image
 
-    props: dict[str, str] = {}
-    try:
-        with Image.open(path) as img:
-            width, height = img.size
-            props["format"] = str(img.format or "unknown")
-            props["mode"] = str(img.mode)
-            props["has_alpha"] = str(img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info).lower()
-    except Exception:  # noqa: BLE001 - an unreadable file is counted as such, never fatal
-        return {"format": "unreadable", "mode": "unreadable"}
+        try:
+            with Image.open(path) as img:
+                info = {"format": img.format, "mode": img.mode, "width": img.size[0], "height": img.size[1],
+                        "has_alpha": img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info}
+        except Exception:  # noqa: BLE001 - an unreadable file is counted as such, never fatal
+            return {"format": "unreadable", "mode": "unreadable"}
+    width, height = int(info["width"]), int(info["height"])
+    props = {"format": str(info["format"] or "unknown"), "mode": str(info["mode"]),
+             "has_alpha": str(bool(info["has_alpha"])).lower()}
     props["width"] = _bucket(width, _SIZE_EDGES)
     props["height"] = _bucket(height, _SIZE_EDGES)
     props["aspect"] = _bucket(width / max(height, 1), _ASPECT_EDGES)
     if pixels is not None:
-        level = float(np.asarray(pixels, dtype=np.float32).mean())
+        level = float(pixels.mean())
         props["brightness"] = str(min(int(level * _BRIGHTNESS_BINS / 256.0), _BRIGHTNESS_BINS - 1))
     return props
 
@@ -112,11 +115,12 @@ def profile_files(paths: Sequence[Path], image_size: int, aspect: str = "squash"
         paths = [paths[i] for i in sorted(chosen)]
     profile = new_profile()
     for path in paths:
+        info: dict[str, Any] = {}
         try:
-            pixels = load_image(path, image_size, aspect)
+            pixels = load_image(path, image_size, aspect, info)
         except Exception:  # noqa: BLE001 - the header may still be readable
             pixels = None
-        add(profile, image_properties(path, pixels))
+        add(profile, image_properties(path, pixels, info))
     return profile
 
 
@@ -268,8 +272,9 @@ PROFILE_SUFFIX = ".profile.json"
 
 def decode_profiled(decode: Any, path: Path, image_size: int, aspect: str) -> tuple[Any, str, dict[str, str]]:
     """``decode(path, image_size, aspect)`` plus the file's properties (header, brightness of the decoded pixels)."""
-    pixels, error = decode(path, image_size, aspect)
-    return pixels, error, image_properties(path, pixels)
+    info: dict[str, Any] = {}
+    pixels, error = decode(path, image_size, aspect, info)
+    return pixels, error, image_properties(path, pixels, info)
 
 
 def profile_path(part: Path | str) -> Path:

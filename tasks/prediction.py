@@ -280,11 +280,11 @@ def _short(message: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _decode(path: Path, image_size: int, aspect: str) -> tuple[np.ndarray | None, str]:
+def _decode(path: Path, image_size: int, aspect: str, info: dict | None = None) -> tuple[np.ndarray | None, str]:
     from imgflow.tasks.tfrecords import load_image
 
     try:
-        return load_image(path, image_size, aspect), ""
+        return load_image(path, image_size, aspect, info), ""
     except Exception as exc:  # any unreadable file becomes an error row, never stops the run
         return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
 
