@@ -62,9 +62,13 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
 def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_rate: float) -> dict[str, Any]:
     """Fit novelty statistics, the temperature and the training image profile; return the metadata keys."""
     from imgflow.tasks.drift import profile_training
-    from imgflow.tasks.novelty import fit_from_manifest
+    from imgflow.tasks.novelty import NoveltyError, fit_from_manifest
 
-    keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
+    try:
+        keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
+    except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
+        get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
+        return {}
     metadata = registry.read_metadata(Path(model_dir))
     profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
                      str(metadata.get("aspect", "squash")))

@@ -62,12 +62,14 @@ def run_batch(model: Any, x: np.ndarray, n_classes: int, lock: Any,
         ValueError: the model's output width is not ``n_classes``, or a plain model has several outputs.
     """
     if novelty is not None:
+        from imgflow.tasks.novelty import split_outputs
+
         predictor = novelty.predictor(model)
         with lock:
-            outputs, features = predictor.predict_on_batch(x)
-        outputs = np.asarray(outputs).reshape(len(x), -1)
+            raw = predictor.predict_on_batch(x)
+        outputs, features = split_outputs(raw, len(x))
         _check_width(outputs.shape[1], n_classes)
-        return novelty.score(np.asarray(features).reshape(len(x), -1), outputs)
+        return novelty.score(features, outputs)
     with lock:
         raw = model.predict_on_batch(x)
     if isinstance(raw, (list, tuple, dict)):

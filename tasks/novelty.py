@@ -96,12 +96,20 @@ def head_weights(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return kernel, bias
 
 
+def split_outputs(raw: Any, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(outputs, features)`` of one call of a predictor; a one-output model (no Dense head)
+    gives its log-probabilities as features."""
+    if isinstance(raw, (list, tuple)) and len(raw) == 2:
+        return np.asarray(raw[0]).reshape(count, -1), np.asarray(raw[1]).reshape(count, -1)
+    outputs = np.asarray(raw[0] if isinstance(raw, (list, tuple)) else raw).reshape(count, -1)
+    return outputs, np.log(np.clip(outputs.astype(np.float64), 1e-12, None))
+
+
 def extract(predictor: Any, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """``(outputs, features)`` of a :func:`two_output_model` over in-memory images."""
+    """``(outputs, features)`` of a :func:`two_output_model` (or a plain model) over in-memory images."""
     from imgflow.tasks.inference import predict_outputs
 
-    outputs, features = predict_outputs(predictor, np.asarray(images, dtype=np.float32), batch_size)
-    return outputs, features.reshape(len(features), -1)
+    return split_outputs(predict_outputs(predictor, np.asarray(images, dtype=np.float32), batch_size), len(images))
 
 
 def extract_batches(predictor: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]],
@@ -216,10 +224,10 @@ class NoveltyModel:
         return softmax(logits, self.temperature), novelty, novelty > self.threshold
 
     def predictor(self, model: Any) -> Any:
-        """The two-output model of ``model`` (built once per model object)."""
+        """The two-output model of ``model`` (built once per model object); ``model`` itself without a Dense head."""
         with self._lock:
             if id(model) not in self._predictors:
-                self._predictors[id(model)] = two_output_model(model)
+                self._predictors[id(model)] = two_output_model(model) if dense_head(model) is not None else model
             return self._predictors[id(model)]
 
 
@@ -381,26 +389,13 @@ def fit_model_dir(
     if model is None:
         model, _ = registry.load_model_dir(Path(model_dir))
     if dense_head(model) is None:
-        method = "energy"  # no penultimate features to fit Gaussians on: logits only
+        method = "energy"  # no penultimate features to fit Gaussians on: the top log-probability only
         predictor = model
-        log.warning("%s: the last layer is not a Dense head; novelty uses the energy of log-probabilities", model_dir)
+        log.warning("%s: the last layer is not a Dense head; novelty uses the top log-probability", model_dir)
     else:
         predictor = two_output_model(model)
-
-    def run(batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if predictor is model:
-            from imgflow.tasks.inference import predict
-
-            outs, labels = [], []
-            for images, y in batches:
-                outs.append(predict(model, images))
-                labels.append(np.asarray(y, dtype=np.int64))
-            out = np.concatenate(outs)
-            return out, np.log(np.clip(out, 1e-12, None)), np.concatenate(labels)
-        return extract_batches(predictor, batches)
-
-    _, train_features, train_labels = run(_subsample(train_batches(), MAX_FIT_IMAGES))
-    val_outputs, val_features, val_labels = run(val_batches())
+    _, train_features, train_labels = extract_batches(predictor, _subsample(train_batches(), MAX_FIT_IMAGES))
+    val_outputs, val_features, val_labels = extract_batches(predictor, val_batches())
     fitted = fit_novelty(train_features, train_labels, val_features, val_outputs, val_labels,
                          head_weights(model), unknown_rate, method)
     save(model_dir, fitted)

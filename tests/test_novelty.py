@@ -236,3 +236,33 @@ def test_evaluate_backfills_a_model_directory_without_statistics(tmp_path):
     meta = json.loads((model_dir / "metadata.json").read_text())
     assert stats is not None and meta["novelty"]["train_count"] == 45 and meta["novelty"]["val_count"] == 45
     assert meta["calibration"]["count"] == 45
+
+
+def test_a_model_without_a_dense_head_falls_back_to_the_top_log_probability(tmp_path):
+    import keras
+
+    from imgflow.tasks import prediction as P
+
+    keras.utils.set_random_seed(0)
+    samples = digit_images(DIGIT_CLASSES.values(), per_class=40)
+    label_of = {digit: CLASS_NAMES.index(name) for name, digit in DIGIT_CLASSES.items()}
+    x = np.stack([p for _, p in samples]).astype("float32")
+    y = np.array([label_of[d] for d, _ in samples])
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Rescaling(1 / 255.0), keras.layers.Flatten(),
+                              keras.layers.Dense(3), keras.layers.Activation("softmax")])
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3, verbose=0)
+    model_dir = tmp_path / "activation-head"
+    model_dir.mkdir()
+    model.save(model_dir / "model.keras")
+    (model_dir / "metadata.json").write_text(json.dumps({
+        "run_id": "a", "class_names": CLASS_NAMES, "image_size": 32, "metrics": {}, "fingerprint": "t", "config": {},
+        "versions": {}, "created": "", "healthy": True}))
+    assert N.dense_head(model) is None
+    keys = N.fit_from_arrays(model_dir, x, y, model=model)
+    assert keys["novelty"]["method"] == "energy" and "whiten" not in N.load(model_dir).arrays
+    for i, (_, pixels) in enumerate(samples[:6]):
+        Image.fromarray(pixels).save(tmp_path / f"{i}.png")
+    rows = P.predict_files(model, json.loads((model_dir / "metadata.json").read_text()), tmp_path,
+                           [P.FileEntry(f"{i}.png", 1, 1) for i in range(6)], novelty=N.load(model_dir))
+    assert all(r[4] in ("true", "false") and float(r[3]) >= 0 for r in rows)
