@@ -266,3 +266,11 @@ def test_a_model_without_a_dense_head_falls_back_to_the_top_log_probability(tmp_
     rows = P.predict_files(model, json.loads((model_dir / "metadata.json").read_text()), tmp_path,
                            [P.FileEntry(f"{i}.png", 1, 1) for i in range(6)], novelty=N.load(model_dir))
     assert all(r[4] in ("true", "false") and float(r[3]) >= 0 for r in rows)
+
+
+def test_backfill_command_names_the_missing_shards(tmp_path, capsys):
+    (tmp_path / "model.keras").write_bytes(b"")
+    (tmp_path / "metadata.json").write_text(json.dumps({"class_names": ["a", "b"], "image_size": 32}))
+    assert N.main([str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert "no shards to fit novelty statistics on" in out and "--manifest" in out and "imgflow evaluate" in out
