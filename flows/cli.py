@@ -343,6 +343,8 @@ def evaluate(
         help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per model call (default 64)"),
     config: Optional[Path] = ConfigOption,
+    ood_dir: Optional[Path] = typer.Option(
+        None, "--ood-dir", help="images known to be none of the classes: report the novelty AUROC against them"),
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
     require_workdir(workdir)
@@ -351,13 +353,17 @@ def evaluate(
     require_dir(data_dir, "DATA_DIR")
     options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
     check_paths({"DATA_DIR": data_dir}, workdir, {"--out": out})
+    if ood_dir is not None:
+        require_dir(ood_dir, "--ood-dir")
     from imgflow.flows.evaluation import evaluate_flow
 
-    result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
+    result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options, ood_dir=ood_dir)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
         typer.echo(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
                    "(counted wrong; the model cannot be promoted)")
+    if result.get("novelty_auroc") is not None:
+        typer.echo(f"Novelty AUROC against --ood-dir: {result['novelty_auroc']:.4f}")
     typer.echo(f"Report: {result['report_html']}")
     typer.echo(f"Metrics: {result['metrics_json']}")
 
@@ -377,6 +383,8 @@ def predict(
         None, "--csv-neutralise/--no-csv-neutralise",
         help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
     no_wait: bool = typer.Option(False, "--no-wait", help="exit 2 at once when another imgflow writes to this workdir"),
+    unknown_label: Optional[str] = typer.Option(
+        None, "--unknown-label", help="write this label instead of the most likely class for unknown files"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
     require_workdir(workdir)
@@ -390,12 +398,15 @@ def predict(
     from imgflow.flows.prediction import batch_predict
 
     result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options,
-                           wait_for_lock=not no_wait)
+                           unknown_label=unknown_label, wait_for_lock=not no_wait)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
                f"{result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
         typer.echo(f"  {label:<24} {count:>7}")
+    typer.echo(f"Unknown (novelty above the calibrated threshold): {result.get('unknown', 0)}")
     typer.echo(f"Predictions: {result['csv']}")
+    if result.get("drift"):
+        typer.echo(f"Warning: this inbox drifted from the training data, see {result['drift_json']}")
 
 
 @app.command()

@@ -60,6 +60,27 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
     return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
 
 
+@task(name="fit-novelty", tags={"gpu"}, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
+def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_rate: float) -> dict[str, Any]:
+    """Fit novelty statistics, the temperature and the training image profile; return the metadata keys."""
+    from imgflow.tasks.drift import profile_training
+    from imgflow.tasks.novelty import NoveltyError, fit_from_manifest
+
+    try:
+        keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
+    except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
+        get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
+        return {}
+    metadata = registry.read_metadata(Path(model_dir))
+    profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
+                     str(metadata.get("aspect", "squash")))
+    get_run_logger().info("novelty threshold %.4g (%s, unknown rate %s); temperature %.3f",
+                          keys["novelty"]["threshold"], keys["novelty"]["method"], unknown_rate,
+                          keys["calibration"]["temperature"])
+    return keys
+
+
 @task(name="evaluate-model", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
 def evaluate_task(
@@ -274,6 +295,7 @@ def training_pipeline(
                                        data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
+    metadata.update(fit_novelty_task(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
 
     skip_reason = _skip_evaluation_reason(summary["diagnosis"])
     if skip_reason:

@@ -26,6 +26,7 @@ from imgflow.tasks import registry
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
+from imgflow.tasks.ood import novelty_section
 from imgflow.tasks.plots import plot_confusion_matrix, plot_image_grid, plot_learning_curves, plot_reliability, plot_saliency
 from imgflow.tasks.report import write_report
 from imgflow.tasks.saliency import saliency_maps
@@ -191,6 +192,7 @@ def _render(
     fetch: Callable[[list[int]], np.ndarray],
     history_csv: Path | None,
     best_epoch: int | None = None,
+    calibrated: np.ndarray | None = None,
 ) -> tuple[dict[str, Path], str | None]:
     """Write every PNG plot; returns (plots, saliency method).
 
@@ -200,7 +202,7 @@ def _render(
     names = metrics["class_names"]
     plots: dict[str, Path] = {
         "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], names, out_dir / "confusion_matrix.png"),
-        "reliability": plot_reliability(labels, probs, out_dir / "reliability.png"),
+        "reliability": plot_reliability(labels, probs, out_dir / "reliability.png", calibrated=calibrated),
     }
     if history_csv is not None:
         curves = plot_learning_curves(history_csv, out_dir / "learning_curves.png", best_epoch=best_epoch)
@@ -385,6 +387,8 @@ def _evaluate(
     tolerance: float,
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
+    ood_dir: Path | None = None,
+    fit_missing: bool = False,
 ) -> dict[str, Any]:
     """Predict with the candidate (and the champion), decide promotion, write metrics, plots and reports."""
     model_dir = Path(model_dir)
@@ -405,11 +409,15 @@ def _evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     training = training_info(model_dir, metadata)
     keep = np.flatnonzero(finite)
+    novelty_keys, novelty_plots, calibrated = novelty_section(model_dir, model, y[keep], probs[keep], batches, size,
+                                                              aspect, out_dir, ood_dir, fit_missing)
+    metrics.update(novelty_keys)
     plots, method = _render(
         out_dir, model, metrics, y[keep], probs[keep], [names_in_order[k] for k in keep],
         lambda ks: fetch([order[keep[k]] for k in ks], size, aspect), model_dir / "history.csv",
-        best_epoch=training.get("best_epoch"),
+        best_epoch=training.get("best_epoch"), calibrated=calibrated,
     )
+    plots.update(novelty_plots)
     run_id = str(metadata.get("run_id", model_dir.name))
     champion_metrics = compute_metrics(y, champion_raw, names) if champion_raw is not None else None
     candidate_meta = {**metadata, "metrics": {**(metadata.get("metrics") or {}), "val_accuracy": metrics["accuracy"]}}
@@ -544,6 +552,7 @@ def evaluate_folder(
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
     exclude: Sequence[Path | str] = (),
+    ood_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
@@ -563,6 +572,8 @@ def evaluate_folder(
         csv_neutralise: prefix ``predictions.csv`` cells that a spreadsheet would run as
             formulas with ``'`` (False: raw paths and class names).
         exclude: folders never scanned (imgflow's work folder inside ``data_dir``).
+        ood_dir: images known to be none of the classes: adds ``novelty`` (AUROC) and
+            ``novelty.png``. A model directory without novelty statistics gets them here.
 
     Returns:
         As :func:`evaluate_split`; ``skipped`` counts the skipped files.
@@ -584,6 +595,8 @@ def evaluate_folder(
             indices, images, labels = [], [], []
             for index in range(start, min(start + batch_size, len(files))):
                 rel, label = files[index]
+                if index in bad:  # batches run again for novelty features: report a bad file once
+                    continue
                 try:
                     images.append(load_image(data_dir / rel, size, aspect))  # the training resize
                 except Exception as exc:  # any decode failure: skip and report, never fatal
@@ -600,4 +613,5 @@ def evaluate_folder(
 
     info = {"data": str(data_dir.resolve())}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],
-                     champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise)
+                     champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise,
+                     ood_dir=ood_dir, fit_missing=True)

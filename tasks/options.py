@@ -79,6 +79,8 @@ class TrainOptions(BaseModel):
     min_class_images_for_recall_gate: int = Field(
         10, ge=1, description="a candidate with recall 0 on a class with this many validation images is never "
         "promoted over a champion that recognises the class")
+    unknown_rate: float = Field(
+        0.05, gt=0, lt=1, description="share of validation images flagged unknown: sets the novelty threshold")
 
 
 class PredictOptions(BaseModel):

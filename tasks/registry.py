@@ -30,6 +30,7 @@ MODEL_FILE = "model.keras"
 # Config keys that do not change what a run trains (so they do not change the run id).
 _RUN_ID_IGNORED_KEYS = frozenset({
     "dask_address", "workers", "promotion_tolerance", "min_class_images_for_recall_gate", "csv_neutralise",
+    "unknown_rate",
 })
 #: a class needs this many validation images before a recall of 0 on it blocks promotion
 MIN_CLASS_IMAGES_FOR_RECALL_GATE = 10

@@ -83,7 +83,7 @@ def code_version() -> str:
 # --------------------------------------------------------------------------- images
 
 
-def load_image(path: Path | str, image_size: int, aspect: str = "squash") -> np.ndarray:
+def load_image(path: Path | str, image_size: int, aspect: str = "squash", info: dict | None = None) -> np.ndarray:
     """Decode an image file the way every imgflow stage does, as ``image_size`` square RGB.
 
     Pillow decodes (JPEGs at a reduced DCT scale when they are at least twice the target
@@ -96,6 +96,8 @@ def load_image(path: Path | str, image_size: int, aspect: str = "squash") -> np.
         aspect: ``squash`` (resize, ignoring the aspect ratio), ``crop`` (scale the short
             side to ``image_size`` and cut the centre) or ``pad`` (scale the long side to
             ``image_size`` and pad the rest with black).
+        info: when given, filled with the file's ``format``, ``mode``, ``width``, ``height``
+            and ``has_alpha`` as opened (the drift report reads them without a second open).
 
     Returns:
         uint8 array of shape ``(image_size, image_size, 3)``.
@@ -110,6 +112,9 @@ def load_image(path: Path | str, image_size: int, aspect: str = "squash") -> np.
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     size = (image_size, image_size)
     with Image.open(path) as img:
+        if info is not None:
+            info.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1],
+                        has_alpha=img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info)
         if img.format in ("JPEG", "MPO"):
             # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
             img.draft("RGB", size)
