@@ -55,8 +55,36 @@ SPLIT_SEED = 0
 # ----------------------------------------------------------------------------- datasets
 
 
+def _usable(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Drop files Pillow cannot decode and byte-identical copies (all copies, whatever their class).
+
+    Both contenders then see exactly the same files: imgflow's validation would otherwise
+    exclude them from its split (corrupt files, train/val leaks, label conflicts) while the
+    plain script trains and scores on them.
+    """
+    import hashlib
+
+    from PIL import Image
+
+    owners: dict[str, list[tuple[str, Path]]] = {}
+    for cls, paths in files.items():
+        for path in paths:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, ValueError):
+                continue
+            owners.setdefault(hashlib.sha256(path.read_bytes()).hexdigest(), []).append((cls, path))
+    kept: dict[str, list[Path]] = {cls: [] for cls in files}
+    for copies in owners.values():
+        if len(copies) == 1:
+            kept[copies[0][0]].append(copies[0][1])
+    return kept
+
+
 def _split_copy(name: str, files: dict[str, list[Path]]) -> Path:
     """Write a fixed stratified split of ``files`` (class -> source files) as train/ and val/ folders."""
+    files = _usable(files)
     target = DATA_ROOT / name
     tmp = DATA_ROOT / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -136,6 +136,7 @@ def _result_from_metadata(metadata: dict[str, Any], model_dir: Path, workdir: Pa
         "findings": top_findings(findings),
         "champion_dir": pointer.get("model_dir") if pointer else None,
         "skipped": skipped,
+        "outcome": metadata.get("outcome"),
     }
 
 
@@ -229,6 +230,10 @@ def training_pipeline(
         "manifest": str(manifest_path.resolve()),
         "device_plan": summary.get("device_plan"),
         "resumed": summary.get("resumed", False),
+        # which epoch's weights were kept and why training stopped (issue 13: say it out loud)
+        **{k: summary.get(k) for k in ("monitor", "best_epoch", "best_value", "epochs_run", "epochs_planned",
+                                       "stopped_early", "stop_reason")},
+        "outcome": summary.get("outcome"),
     }
     if (model_dir / "metadata.json").is_file():
         metadata["created"] = registry.read_metadata(model_dir).get("created", metadata["created"])

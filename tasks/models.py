@@ -78,6 +78,20 @@ def bn_momentum_for(steps_per_epoch: int | None) -> float:
     return float(min(0.99, max(0.5, 1.0 - 4.0 / steps_per_epoch)))
 
 
+def filters_for(image_size: int) -> list[int]:
+    """Conv block widths for ``filters: auto``: one block per halving down to ~4-8 px; pure.
+
+    32 -> [32, 64, 128]; 48 and 64 -> [32, 64, 128]; 128 -> [32, 64, 128, 128];
+    256 -> [32, 64, 128, 128, 256]. Beyond the third block the width grows only every
+    other block, so the compute per image stays near the plain three-block script's.
+    """
+    blocks = 3
+    while image_size // (2**blocks) > 8 and blocks < 6:
+        blocks += 1
+    widths = [32, 64, 128, 128, 256, 256]
+    return widths[:blocks]
+
+
 def _canonical(name: str) -> str:
     return name.strip().lower().replace("-", "").replace("_", "")
 
@@ -160,7 +174,8 @@ def build_conv_blocks(
     Args:
         image_size: side of the square input images.
         num_classes: number of output classes (softmax units).
-        architecture: overrides of ``filters`` (one block per entry), ``convs_per_block``,
+        architecture: overrides of ``filters`` (one block per entry, or ``auto``: see
+            :func:`filters_for`), ``convs_per_block``,
             ``kernel_size``, ``batch_norm``, ``bn_momentum``, ``activation``, ``pooling`` (max|avg|none),
             ``global_pool`` (avg|max|flatten), ``dense`` (list of units), ``dropout``,
             and ``augmentation`` (see :func:`augmentation_block`).
@@ -180,6 +195,8 @@ def build_conv_blocks(
     elif not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ModelConfigError(f"architecture.bn_momentum: expected auto or a number in [0, 1), found {momentum!r}")
     filters = arch["filters"]
+    if filters == "auto":
+        filters = filters_for(image_size)
     if isinstance(filters, int):
         filters = [filters]
     if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
@@ -420,9 +437,13 @@ def make_optimizer(
     learning_rate: float,
     schedule: str = "none",
     total_steps: int | None = None,
+    warmup_steps: int = 0,
 ) -> keras.optimizers.Optimizer:
     """An optimizer by name (adam, adamw, sgd, rmsprop), optionally with a cosine decay schedule.
 
+    ``schedule="cosine"`` decays from ``learning_rate`` to 1% of it over the training
+    steps; with ``warmup_steps`` the rate first rises linearly from 1% to ``learning_rate``
+    over those steps (Keras ``CosineDecay`` warm-up), then decays over the rest.
     ``schedule="plateau"`` is a callback (ReduceLROnPlateau), so the optimizer gets a
     constant rate here.
 
@@ -432,7 +453,14 @@ def make_optimizer(
     if schedule == "cosine":
         if not total_steps:
             raise ModelConfigError("schedule: cosine decay needs the total number of training steps")
-        lr: Any = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(total_steps), alpha=0.01)
+        warmup = max(0, min(int(warmup_steps), int(total_steps) - 1))
+        if warmup:
+            lr: Any = keras.optimizers.schedules.CosineDecay(
+                learning_rate * 0.01, decay_steps=int(total_steps) - warmup, alpha=0.01,
+                warmup_target=learning_rate, warmup_steps=warmup,
+            )
+        else:
+            lr = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(total_steps), alpha=0.01)
     elif schedule in ("none", "plateau"):
         lr = learning_rate
     else:
@@ -460,6 +488,7 @@ def compile_model(
     schedule: str = "none",
     total_steps: int | None = None,
     jit_compile: bool | str = "auto",
+    warmup_steps: int = 0,
 ) -> keras.Model:
     """Compile ``model`` with sparse categorical cross-entropy and accuracy, unless it already is.
 
@@ -470,7 +499,7 @@ def compile_model(
     if keras.backend.backend() == "jax":
         _mark_augmentation_jit_safe(model)
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate, schedule, total_steps),
+        optimizer=make_optimizer(optimizer, learning_rate, schedule, total_steps, warmup_steps),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

@@ -51,7 +51,11 @@ class TrainOptions(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     learning_rate: float = Field(1e-3, gt=0)
     schedule: Literal["none", "cosine", "plateau"] = "none"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up before the cosine decay")
     class_weights: Literal["auto", "on", "off"] = "auto"
+    monitor: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="the validation metric that picks the kept epoch and stops training early"
+    )
     early_stopping_patience: int = Field(5, ge=1)
     augment: bool = True
     mixed_precision: Literal["auto", "on", "off"] = "auto"

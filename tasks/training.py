@@ -303,7 +303,9 @@ def fit_model(
     run_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
-    compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile)
+    warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
+    compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile,
+                  warmup_steps=warmup_steps)
     if jit_compile is True and getattr(model, "jit_compile", True) is False:
         log("XLA requested but off for this model: one of its layers (TensorFlow image augmentation) "
             "has no XLA kernel; training runs as a TensorFlow graph instead")
@@ -322,10 +324,14 @@ def fit_model(
                 write_text(run_dir / HISTORY_FILE, "epoch,loss,accuracy,val_loss,val_accuracy\n")  # no epoch ran
             return {
                 "epochs_run": 0,
+                "epochs_planned": options.epochs,
                 "initial_epoch": 0,
                 "resumed": False,
                 "stopped_early": False,
+                "stop_reason": "not trained: the preflight checks found a critical problem",
+                "monitor": options.monitor,
                 "best_epoch": None,
+                "best_value": None,
                 "final": {},
                 "diagnosis": diagnosis,
                 "fit_seconds": 0.0,
@@ -342,11 +348,13 @@ def fit_model(
         keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
         # weights only: a light per-epoch write (the full model.keras is saved once at the end)
         keras.callbacks.ModelCheckpoint(
-            str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor="val_loss", save_best_only=True,
+            str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor=options.monitor, save_best_only=True,
             save_weights_only=True,
         ),
+        # the kept weights are those of the best epoch by `monitor` (restored at the end of
+        # fit whether or not training stopped early); the summary says which epoch that was
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True
+            monitor=options.monitor, patience=options.early_stopping_patience, restore_best_weights=True
         ),
         keras.callbacks.TerminateOnNaN(),
         EpochLogger(log, options.epochs),
@@ -385,19 +393,81 @@ def fit_model(
         diagnosis = _fallback_diagnosis(history)
     write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
     save_learning_curves(run_dir)
-    best_epoch = None
-    if history and "val_loss" in history[0]:
-        best_epoch = int(min(history, key=lambda r: r["val_loss"])["epoch"]) + 1
+    outcome = training_outcome(history, options.monitor, options.epochs, options.early_stopping_patience,
+                               early.best_epoch + 1 if early.best is not None else None, bool(early.stopped_epoch))
+    log(outcome["sentence"])
     final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
     return {
-        "epochs_run": len(history),
         "initial_epoch": resume_from,
         "resumed": resume_from > 0,
-        "stopped_early": bool(early.stopped_epoch),
-        "best_epoch": best_epoch,
+        **{k: v for k, v in outcome.items() if k != "sentence"},
+        "outcome": outcome["sentence"],
         "final": final,
         "diagnosis": diagnosis,
         "fit_seconds": round(fit_seconds, 2),
+    }
+
+
+def training_outcome(
+    history: list[dict[str, float]],
+    monitor: str,
+    epochs_planned: int,
+    patience: int,
+    kept_epoch: int | None = None,
+    stopped_early: bool = False,
+) -> dict[str, Any]:
+    """Which epoch's weights were kept and why training stopped, as figures and one sentence; pure.
+
+    Args:
+        history: the ``history.csv`` rows (``epoch`` counts from 0).
+        monitor: the validation metric that chose the kept epoch (``val_accuracy`` or ``val_loss``).
+        epochs_planned: the epochs asked for.
+        patience: the early-stopping patience (epochs without improvement).
+        kept_epoch: the epoch (from 1) whose weights EarlyStopping restored; when None the
+            best epoch of ``history`` by ``monitor`` (the first one on ties, as Keras).
+        stopped_early: whether EarlyStopping ended the run before ``epochs_planned``.
+
+    Returns:
+        ``{"epochs_run", "epochs_planned", "best_epoch", "best_value", "monitor",
+        "stopped_early", "stop_reason", "sentence"}``; the sentence reads like "kept the
+        weights of epoch 7 of 11 (best val_accuracy 0.8300); stopped early after epoch 11
+        of 20: val_accuracy did not improve for 4 epochs" or "kept the weights of epoch 9 of
+        10 (best val_accuracy 0.8100); ran all 10 epochs".
+    """
+    epochs_run = len(history)
+    values = [(int(r["epoch"]) + 1, float(r[monitor])) for r in history if monitor in r and math.isfinite(float(r[monitor]))]
+    best_value = None
+    if kept_epoch is None and values:
+        pick = max if monitor.endswith("accuracy") else min
+        target = pick(v for _, v in values)
+        kept_epoch = next(e for e, v in values if v == target)
+    if kept_epoch is not None:
+        best_value = next((v for e, v in values if e == kept_epoch), None)
+    last_epoch = values[-1][0] if values else epochs_run
+    if stopped_early:
+        stop_reason = f"{monitor} did not improve for {last_epoch - (kept_epoch or 0)} epochs"
+    elif epochs_run >= epochs_planned:
+        stop_reason = f"ran all {epochs_planned} epochs"
+    else:
+        stop_reason = f"stopped after {epochs_run} of {epochs_planned} epochs (the loss became NaN or training was interrupted)"
+    if kept_epoch is None:
+        sentence = f"no epoch had a {monitor}; {stop_reason}"
+    else:
+        shown = f" (best {monitor} {best_value:.4f})" if best_value is not None else ""
+        sentence = f"kept the weights of epoch {kept_epoch} of {epochs_run}{shown}; "
+        if stopped_early:
+            sentence += f"stopped early after epoch {last_epoch} of {epochs_planned}: {stop_reason}"
+        else:
+            sentence += stop_reason
+    return {
+        "epochs_run": epochs_run,
+        "epochs_planned": epochs_planned,
+        "best_epoch": kept_epoch,
+        "best_value": best_value,
+        "monitor": monitor,
+        "stopped_early": stopped_early,
+        "stop_reason": stop_reason,
+        "sentence": sentence,
     }
 
 
