@@ -218,6 +218,7 @@ def training_pipeline(
         "class_names": summary["class_names"],
         "image_size": summary["image_size"],
         "aspect": summary.get("aspect", "squash"),
+        "background": summary.get("background"),
         "metrics": _metrics(summary, {}),
         "fingerprint": manifest["fingerprint"],
         "data_fingerprint": manifest.get("data_fingerprint"),

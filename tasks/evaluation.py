@@ -1469,8 +1469,8 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
-    Images are read with ``imgflow.tasks.tfrecords.load_image`` at the model's recorded
-    ``image_size`` and ``aspect`` (the training resize). Unreadable files, and files in
+    Images are read with ``imgflow.tasks.images.load_image`` at the model's recorded
+    ``image_size``, ``aspect`` and ``background`` (the training preparation). Unreadable files, and files in
     folders that are not model classes, are skipped and listed in the report.
 
     Args:
@@ -1487,11 +1487,12 @@ def evaluate_folder(
     Raises:
         EvaluationError: no class folder the model knows, or no readable image.
     """
+    from imgflow.tasks.images import load_image
     from imgflow.tasks.registry import read_metadata
-    from imgflow.tasks.tfrecords import load_image
 
     data_dir = Path(data_dir)
     metadata = read_metadata(Path(model_dir))
+    background = metadata.get("background")  # as in training; None (older models): alpha dropped
     files, skipped = scan_class_folders(data_dir, metadata["class_names"])
     if not files:
         raise EvaluationError(f"DATA_DIR {data_dir}: no files in the class folders {metadata['class_names']}")
@@ -1503,7 +1504,7 @@ def evaluate_folder(
             for index in range(start, min(start + batch_size, len(files))):
                 rel, label = files[index]
                 try:
-                    images.append(load_image(data_dir / rel, size, aspect))  # the training resize
+                    images.append(load_image(data_dir / rel, size, aspect, background))  # the training resize
                 except Exception as exc:  # any decode failure: skip and report, never fatal
                     bad.add(index)
                     skipped.append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:300]})
@@ -1514,7 +1515,7 @@ def evaluate_folder(
                 yield indices, np.stack(images), np.asarray(labels)
 
     def fetch(indices: list[int], size: int, aspect: str) -> np.ndarray:
-        return np.stack([load_image(data_dir / files[i][0], size, aspect) for i in indices])
+        return np.stack([load_image(data_dir / files[i][0], size, aspect, background) for i in indices])
 
     info = {"data": str(data_dir.resolve())}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],

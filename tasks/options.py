@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class ValidationOptions(BaseModel):
@@ -34,10 +34,22 @@ class PreprocessOptions(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
     aspect: Literal["squash", "crop", "pad"] = "squash"
+    background: str = Field(
+        "white", description="colour under transparent pixels: black, white or a hex colour such as #808080"
+    )
     encoding: Literal["jpeg", "png", "raw"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size_mb: float = Field(128.0, gt=0)
     dask_address: str | None = None
+
+
+    @field_validator("background")
+    @classmethod
+    def _known_background(cls, value: str) -> str:
+        from imgflow.tasks.images import parse_background
+
+        parse_background(value)  # raises ValueError naming the accepted forms
+        return value.strip().lower()
 
 
 class TrainOptions(BaseModel):

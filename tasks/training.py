@@ -551,6 +551,7 @@ def train_from_manifest(
         "class_names": class_names,
         "image_size": image_size,
         "aspect": manifest.get("aspect", "squash"),
+        "background": manifest.get("background"),
         "fingerprint": manifest.get("fingerprint"),
         "device_plan": {k: v for k, v in plan.items() if k != "log"},
         **fit,

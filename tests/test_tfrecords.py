@@ -88,7 +88,7 @@ def test_load_image_applies_exif_orientation_and_converts_modes(tmp_path):
 
     rgba = tmp_path / "rgba.png"
     Image.new("RGBA", (8, 8), (10, 20, 30, 128)).save(rgba)
-    assert tfrecords.load_image(rgba, 8)[0, 0].tolist() == [10, 20, 30]
+    assert tfrecords.load_image(rgba, 8, background=None)[0, 0].tolist() == [10, 20, 30]  # alpha dropped
 
     cmyk = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk, quality=100)  # pure red
