@@ -190,6 +190,12 @@ def test_optimizers_by_name_and_cosine_schedule():
     schedule = cosine.learning_rate if callable(cosine.learning_rate) else cosine._learning_rate
     assert float(schedule(0)) == pytest.approx(0.01)
     assert float(schedule(100)) == pytest.approx(0.0001, rel=1e-3)
+    warm = make_optimizer("adamw", 0.01, "cosine", total_steps=100, warmup_steps=10)
+    schedule = warm.learning_rate if callable(warm.learning_rate) else warm._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.0001)  # warm-up starts at 1% of the rate
+    assert float(schedule(5)) == pytest.approx(0.0001 + 0.5 * (0.01 - 0.0001), rel=1e-3)
+    assert float(schedule(10)) == pytest.approx(0.01)  # peak after the warm-up
+    assert float(schedule(100)) == pytest.approx(0.0001, rel=1e-2)
     with pytest.raises(ModelConfigError, match="optimizer: expected adam"):
         make_optimizer("lbfgs", 0.1)
     with pytest.raises(ModelConfigError, match="total number of training steps"):
@@ -204,6 +210,16 @@ def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):
     model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     np.testing.assert_allclose(loaded.predict(raw, verbose=0), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_filters_auto_scale_blocks_with_image_size():
+    from imgflow.tasks.models import filters_for
+
+    assert filters_for(32) == [32, 64, 128] and filters_for(48) == [32, 64, 128]
+    assert filters_for(128) == [32, 64, 128, 128]
+    assert filters_for(256) == [32, 64, 128, 128, 256]
+    model = build_model("conv_blocks", 128, 3, architecture={"filters": "auto"})
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 128, 128]
 
 
 def test_batchnorm_momentum_follows_epoch_length():

@@ -107,7 +107,56 @@ def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_dat
     assert diagnosis["healthy"] is True
     assert not [f for f in diagnosis["findings"] if f["severity"] == "critical"]
     assert sum(line.startswith("epoch ") for line in logs) == 6
-    assert logs[-1].startswith("epoch 6/6") and "val_accuracy" in logs[-1]
+    assert logs[-2].startswith("epoch 6/6") and "val_accuracy" in logs[-2]
+    # the kept epoch is the best by val_accuracy (the default monitor), said out loud
+    best = max(history, key=lambda r: r["val_accuracy"])
+    assert result["monitor"] == "val_accuracy" and result["best_epoch"] == int(best["epoch"]) + 1
+    assert result["best_value"] == pytest.approx(best["val_accuracy"])
+    assert result["stopped_early"] is False and result["stop_reason"] == "ran all 6 epochs"
+    assert logs[-1] == result["outcome"] and logs[-1].startswith(f"kept the weights of epoch {result['best_epoch']} of 6")
+    # and those weights are what the model holds now
+    kept = model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
+    assert kept == pytest.approx(best["val_accuracy"], abs=1e-6)
+
+
+def _rows(values, monitor="val_accuracy"):
+    return [{"epoch": i, monitor: v} for i, v in enumerate(values)]
+
+
+def test_training_outcome_says_which_epoch_was_kept_and_why_it_stopped():
+    ran_all = training.training_outcome(_rows([0.5, 0.8, 0.7]), "val_accuracy", 3, 5)
+    assert ran_all["best_epoch"] == 2 and ran_all["best_value"] == 0.8 and not ran_all["stopped_early"]
+    assert ran_all["sentence"] == "kept the weights of epoch 2 of 3 (best val_accuracy 0.8000); ran all 3 epochs"
+
+    early = training.training_outcome(_rows([0.5, 0.83, 0.8, 0.8, 0.81, 0.82]), "val_accuracy", 20, 4,
+                                      kept_epoch=2, stopped_early=True)
+    assert early["epochs_run"] == 6 and early["epochs_planned"] == 20
+    assert early["stop_reason"] == "val_accuracy did not improve for 4 epochs"
+    assert early["sentence"] == ("kept the weights of epoch 2 of 6 (best val_accuracy 0.8300); "
+                                 "stopped early after epoch 6 of 20: val_accuracy did not improve for 4 epochs")
+
+    by_loss = training.training_outcome(_rows([1.0, 0.4, 0.4, 0.6], "val_loss"), "val_loss", 4, 5)
+    assert by_loss["best_epoch"] == 2  # the first of equal values, as Keras keeps it
+    nan = training.training_outcome(_rows([0.5, 0.6]), "val_accuracy", 10, 5)
+    assert nan["stop_reason"].startswith("stopped after 2 of 10 epochs")
+
+
+def test_monitor_val_loss_keeps_the_lowest_loss_epoch_and_stops_early(tmp_path, digits_data):
+    keras.utils.set_random_seed(4)
+    train, val = _datasets(digits_data)
+    # a learning rate far too high: val_loss cannot keep improving for long
+    options = TrainOptions(epochs=8, early_stopping_patience=1, monitor="val_loss", learning_rate=0.3,
+                           augment=False)
+    model = build_model("default", 32, 3, augment=False)
+    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=lambda _: None)
+    history = training.read_history(tmp_path)
+    assert result["monitor"] == "val_loss"
+    assert result["best_epoch"] == int(min(history, key=lambda r: r["val_loss"])["epoch"]) + 1
+    if result["stopped_early"]:
+        assert result["epochs_run"] < 8 and "val_loss did not improve for" in result["stop_reason"]
+        assert result["epochs_run"] - result["best_epoch"] >= 1
+    else:
+        assert result["epochs_run"] == 8
 
 
 class _Crash(keras.callbacks.Callback):
