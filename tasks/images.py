@@ -25,7 +25,7 @@ ASPECTS = ("squash", "crop", "pad")
 # Named backgrounds; any "#rrggbb" or "#rgb" hex colour works too.
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
 # The background when an option or a model's metadata names none (chosen by bench/recipe.py).
-DEFAULT_BACKGROUND = "white"
+DEFAULT_BACKGROUND = "black"
 _RESAMPLE = Image.Resampling.BILINEAR
 _HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# `augment: auto` turns augmentation on from this many epochs: on bench/recipe.py (10 epochs,
+# 250-1,350 images) it cost 10 points of validation accuracy, because a short run spends its
+# epochs learning the augmented variety instead of fitting; longer runs need the regulariser.
+AUGMENT_FROM_EPOCHS = 30
 
 
 class ValidationOptions(BaseModel):
@@ -35,7 +40,7 @@ class PreprocessOptions(BaseModel):
     seed: int = 42
     aspect: Literal["squash", "crop", "pad"] = "squash"
     background: str = Field(
-        "white", description="colour under transparent pixels: black, white or a hex colour such as #808080"
+        "black", description="colour under transparent pixels: black, white or a hex colour such as #808080"
     )
     encoding: Literal["jpeg", "png", "raw"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
@@ -61,7 +66,9 @@ class TrainOptions(BaseModel):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: float | None = Field(
+        None, gt=0, description="the optimizer's rate; unset: the model's recipe rate (3e-3 default model, else 1e-3)"
+    )
     schedule: Literal["none", "cosine", "plateau"] = "none"
     warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up before the cosine decay")
     class_weights: Literal["auto", "on", "off"] = "auto"
@@ -69,10 +76,18 @@ class TrainOptions(BaseModel):
         "val_accuracy", description="the validation metric that picks the kept epoch and stops training early"
     )
     early_stopping_patience: int = Field(5, ge=1)
-    augment: bool = True
+    augment: bool | Literal["auto"] = Field(
+        "auto", description=f"augmentation layers in the model; auto: on from {AUGMENT_FROM_EPOCHS} epochs"
+    )
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     architecture: dict[str, Any] = Field(default_factory=dict, description="options for the chosen model builder")
     weights: str | None = Field(None, description="local weights file for keras.applications backbones")
     seed: int = 42
     promotion_tolerance: float = Field(0.01, ge=0)
+
+    @model_validator(mode="after")
+    def _resolve_augment(self) -> "TrainOptions":
+        if self.augment == "auto":
+            self.augment = self.epochs >= AUGMENT_FROM_EPOCHS
+        return self

@@ -28,7 +28,7 @@ import numpy as np
 from imgflow.tasks.options import TrainOptions
 from imgflow.tasks import doctor
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
-from imgflow.tasks.models import build_model, compile_model
+from imgflow.tasks.models import build_model, compile_model, recipe_learning_rate
 
 Logger = Callable[[str], None]
 
@@ -304,7 +304,8 @@ def fit_model(
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
     warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
-    compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile,
+    learning_rate = options.learning_rate or recipe_learning_rate(options.model)
+    compile_model(model, options.optimizer, learning_rate, options.schedule, total_steps, jit_compile,
                   warmup_steps=warmup_steps)
     if jit_compile is True and getattr(model, "jit_compile", True) is False:
         log("XLA requested but off for this model: one of its layers (TensorFlow image augmentation) "
