@@ -165,6 +165,8 @@ def _env() -> dict[str, str]:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # on a loaded machine the temporary server takes longer than Prefect's default 20 s to answer
+    env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -232,7 +234,24 @@ def main() -> None:
     parser.add_argument("--contenders", default="imgflow,plain")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset folders")
     parser.add_argument("--log", type=Path, default=None, help="append each run as a JSON line")
+    parser.add_argument("--table-from", type=Path, default=None,
+                        help="print the table of the runs in this --log file (several invocations merged), run nothing")
     args = parser.parse_args()
+    if args.table_from is not None:
+        runs_by_dataset: dict[str, dict[str, list[dict]]] = {}
+        for line in args.table_from.read_text(encoding="utf-8").splitlines():
+            r = json.loads(line)
+            runs_by_dataset.setdefault(r["dataset"], {"imgflow": [], "plain": []})[r["contender"]].append(r)
+        rows = []
+        every = [r for d in runs_by_dataset.values() for rs in d.values() for r in rs]
+        for name, runs in runs_by_dataset.items():
+            folder = DATA_ROOT / name
+            size = next(r["image_size"] for rs in runs.values() for r in rs)
+            rows.append((name, sum(1 for _ in (folder / "train").rglob("*.png")),
+                         sum(1 for _ in (folder / "val").rglob("*.png")), size, runs))
+        seeds = ",".join(map(str, sorted({r["seed"] for r in every})))
+        print_table(rows, every[0]["epochs"] if every else 0, args.batch_size, seeds, ["imgflow", "plain"])
+        return
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BUILDERS))
     if unknown:
@@ -265,23 +284,30 @@ def main() -> None:
                             fh.write(json.dumps({**r, "config": str(config) if config else None}) + "\n")
         rows.append((name, n_train, n_val, size, runs))
 
-    print(f"\n{args.epochs} epochs, batch {args.batch_size}, seeds {args.seeds}, {os.cpu_count()} CPUs "
+    print_table(rows, args.epochs, args.batch_size, args.seeds, contenders)
+
+
+def print_table(rows: list, epochs: int, batch_size: int, seeds: str, contenders: list[str]) -> None:
+    """Print the markdown tables: per contender, then imgflow against plain."""
+    print(f"\n{epochs} epochs, batch {batch_size}, seeds {seeds}, {os.cpu_count()} CPUs "
           f"(shared: read the ratios); wall and s/epoch are medians")
-    header = (f"| dataset (train/val, px) | contender | val accuracy | min class recall | wall s | s/epoch |")
-    print(header)
-    print("|---|---|---:|---:|---:|---:|")
+    print("| dataset (train/val, px) | contender | val accuracy | min class recall | wall s | s/epoch | epochs run |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for name, n_train, n_val, size, runs in rows:
         for who, rs in runs.items():
             if not rs:
                 continue
             print(f"| {name} ({n_train}/{n_val}, {size}) | {who} | {_mean_sd([r['val_accuracy'] for r in rs])} | "
                   f"{statistics.mean(r['min_recall'] for r in rs):.3f} | {statistics.median(r['wall'] for r in rs):.1f} | "
-                  f"{statistics.median(r['epoch_seconds'] for r in rs):.2f} |")
+                  f"{statistics.median(r['epoch_seconds'] for r in rs):.2f} | "
+                  f"{statistics.median(r['epochs_run'] for r in rs):.0f} |")
     if set(contenders) >= {"imgflow", "plain"}:
         print("\n| dataset | accuracy gain (points) | val errors vs plain | wall ratio | s/epoch ratio |")
         print("|---|---:|---:|---:|---:|")
         for name, _, _, _, runs in rows:
             ours, plain = runs["imgflow"], runs["plain"]
+            if not ours or not plain:
+                continue
             acc_o = statistics.mean(r["val_accuracy"] for r in ours)
             acc_p = statistics.mean(r["val_accuracy"] for r in plain)
             errors = (1 - acc_o) / (1 - acc_p) if acc_p < 1 else float("nan")
