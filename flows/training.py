@@ -235,6 +235,8 @@ def training_pipeline(
         **{k: summary.get(k) for k in ("monitor", "best_epoch", "best_value", "epochs_run", "epochs_planned",
                                        "stopped_early", "stop_reason")},
         "outcome": summary.get("outcome"),
+        "learning_rate": summary.get("learning_rate"),
+        "lr_finder": summary.get("lr_finder"),
     }
     if (model_dir / "metadata.json").is_file():
         metadata["created"] = registry.read_metadata(model_dir).get("created", metadata["created"])

@@ -7,7 +7,7 @@ reads them from YAML.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -66,8 +66,10 @@ class TrainOptions(BaseModel):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    learning_rate: float | None = Field(
-        None, gt=0, description="the optimizer's rate; unset: the model's recipe rate (3e-3 default model, else 1e-3)"
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None,
+        description="the optimizer's rate; unset: the model's recipe rate (3e-3 default model, else 1e-3); "
+        "auto: a learning-rate range test picks it (lr_finder.png in the run folder)",
     )
     schedule: Literal["none", "cosine", "plateau"] = "none"
     warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up before the cosine decay")

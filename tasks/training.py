@@ -28,7 +28,7 @@ import numpy as np
 from imgflow.tasks.options import TrainOptions
 from imgflow.tasks import doctor
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
-from imgflow.tasks.models import build_model, compile_model, recipe_learning_rate
+from imgflow.tasks.models import build_model, compile_model, is_compiled, recipe_learning_rate
 
 Logger = Callable[[str], None]
 
@@ -304,7 +304,12 @@ def fit_model(
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
     warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
-    learning_rate = options.learning_rate or recipe_learning_rate(options.model)
+    lr_finder = None
+    if options.learning_rate == "auto":
+        lr_finder = _find_learning_rate(model, train_ds, run_dir, options, log)
+        learning_rate = lr_finder["suggested"] or recipe_learning_rate(options.model)
+    else:
+        learning_rate = options.learning_rate or recipe_learning_rate(options.model)
     compile_model(model, options.optimizer, learning_rate, options.schedule, total_steps, jit_compile,
                   warmup_steps=warmup_steps)
     if jit_compile is True and getattr(model, "jit_compile", True) is False:
@@ -403,10 +408,37 @@ def fit_model(
         "resumed": resume_from > 0,
         **{k: v for k, v in outcome.items() if k != "sentence"},
         "outcome": outcome["sentence"],
+        "learning_rate": learning_rate,
+        "lr_finder": lr_finder,
         "final": final,
         "diagnosis": diagnosis,
         "fit_seconds": round(fit_seconds, 2),
     }
+
+
+LR_FINDER_FILE = "lr_finder.json"
+
+
+def _find_learning_rate(model: keras.Model, train_ds: Any, run_dir: Path, options: TrainOptions,
+                        log: Logger) -> dict[str, Any]:
+    """``learning_rate: auto``: a range test's pick, saved so that a resumed run keeps the same rate."""
+    from imgflow.tasks.lr_finder import lr_range_test
+
+    saved = run_dir / LR_FINDER_FILE
+    if saved.is_file():
+        return read_json(saved)
+    if is_compiled(model):
+        log("learning_rate auto: the model came compiled by its builder; its optimizer's rate is kept")
+        return {"suggested": None, "reason": "model compiled by its builder"}
+    found = lr_range_test(model, train_ds, options.optimizer, steps=100, run_dir=run_dir, seed=options.seed)
+    record = {k: found[k] for k in ("suggested", "min_loss_lr", "steepest_lr", "steps", "plot")}
+    if record["suggested"] is None:
+        log("learning_rate auto: the range test found no usable loss curve; using the recipe's rate")
+    else:
+        log(f"learning_rate auto: range test over {record['steps']} steps suggests {record['suggested']:.2g} "
+            f"(lowest loss at {record['min_loss_lr']:.2g}; plot {record['plot']})")
+    write_json(saved, record)
+    return record
 
 
 def training_outcome(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -223,3 +225,40 @@ def test_critical_preflight_finding_skips_training(tmp_path, digits_data):
     assert any("not training" in line for line in logs)
     assert training.read_json(tmp_path / "diagnosis.json")["healthy"] is False
     assert training.read_history(tmp_path) == []  # the model folder still has its history.csv: no epochs
+
+
+# ----------------------------------------------------------------------------- learning-rate finder
+
+
+def test_pick_learning_rate_from_a_range_test_curve():
+    from imgflow.tasks.lr_finder import pick_learning_rate, smooth
+
+    lrs = [10 ** (-6 + 6 * i / 99) for i in range(100)]
+    # a textbook curve: flat, falling steeply around 1e-3, lowest at ~1e-2, then exploding
+    losses = [2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) + (50 * (lr - 0.01) if lr > 0.01 else 0)
+              for lr in lrs]
+    pick = pick_learning_rate(lrs, losses)
+    assert 5e-3 < pick["min_loss_lr"] < 2e-2
+    assert 5e-4 < pick["steepest_lr"] < 2e-3
+    assert pick["suggested"] == pytest.approx(max(pick["min_loss_lr"], pick["steepest_lr"]) / 10)
+    assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected from the first step
+    assert pick_learning_rate(lrs[:6], losses[:6])["suggested"] is None
+
+
+def test_learning_rate_auto_runs_a_range_test_and_records_the_pick(tmp_path, digits_data):
+    keras.utils.set_random_seed(6)
+    train, val = _datasets(digits_data)
+    model = build_model("default", 32, 3, augment=False)
+    before = [w.copy() for w in model.get_weights()]
+    logs: list[str] = []
+    options = TrainOptions(epochs=1, learning_rate="auto")
+    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=logs.append)
+    finder = result["lr_finder"]
+    assert 1e-6 < finder["suggested"] < 1.0 and result["learning_rate"] == finder["suggested"]
+    assert 10 <= finder["steps"] <= 100
+    assert (tmp_path / "lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert training.read_json(tmp_path / "lr_finder.json")["suggested"] == finder["suggested"]
+    assert any(line.startswith("learning_rate auto: range test over") for line in logs)
+    # the sweep trained a copy: the model started its real training from its own initial weights
+    assert float(model.optimizer.iterations) == len(list(train))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # and then trained
