@@ -523,7 +523,7 @@ def is_compiled(model: keras.Model) -> bool:
 def compile_model(
     model: keras.Model,
     optimizer: str = "adam",
-    learning_rate: float = 1e-3,
+    learning_rate: float | str | None = 1e-3,
     schedule: str = "none",
     total_steps: int | None = None,
     jit_compile: bool | str = "auto",
@@ -531,10 +531,14 @@ def compile_model(
 ) -> keras.Model:
     """Compile ``model`` with sparse categorical cross-entropy and accuracy, unless it already is.
 
-    A model that a user builder compiled keeps its optimizer, loss and metrics.
+    A model that a user builder compiled keeps its optimizer, loss and metrics. A
+    ``learning_rate`` of None (or ``auto`` here, where no range test runs) is the model's
+    recipe rate (see :func:`recipe_learning_rate`).
     """
     if is_compiled(model):
         return model
+    if not isinstance(learning_rate, (int, float)):
+        learning_rate = recipe_learning_rate("default" if model.name == "imgflow_default" else model.name)
     if keras.backend.backend() == "jax":
         _mark_augmentation_jit_safe(model)
     model.compile(

@@ -219,6 +219,11 @@ def test_recipe_learning_rate_and_batchnorm_placement_options():
 
     assert recipe_learning_rate("default") == 3e-3 and recipe_learning_rate("conv_blocks") == 1e-3
     assert recipe_learning_rate("mymod:build") == 1e-3
+    # an unset rate (or auto, where no range test runs, as in the doctor) is the model's recipe rate
+    default = compile_model(build_model("default", 32, 3), "adam", None)
+    assert float(default.optimizer.learning_rate.numpy()) == pytest.approx(3e-3)
+    plain = compile_model(build_model("conv_blocks", 32, 3), "adam", "auto")
+    assert float(plain.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
     before = build_model("conv_blocks", 32, 3, architecture={"batch_norm": "after_first"})
     assert [layer.name for layer in before.layers if isinstance(layer, keras.layers.BatchNormalization)] == [
         "block2_bn1", "block3_bn1"]
