@@ -468,6 +468,8 @@ def training_outcome(
         10 (best val_accuracy 0.8100); ran all 10 epochs".
     """
     epochs_run = len(history)
+    # Keras marks a stop on the last planned epoch too; that run did not end early
+    stopped_early = stopped_early and epochs_run < epochs_planned
     values = [(int(r["epoch"]) + 1, float(r[monitor])) for r in history if monitor in r and math.isfinite(float(r[monitor]))]
     best_value = None
     if kept_epoch is None and values:

@@ -137,6 +137,9 @@ def test_training_outcome_says_which_epoch_was_kept_and_why_it_stopped():
     assert early["sentence"] == ("kept the weights of epoch 2 of 6 (best val_accuracy 0.8300); "
                                  "stopped early after epoch 6 of 20: val_accuracy did not improve for 4 epochs")
 
+    last = training.training_outcome(_rows([0.9, 0.5, 0.5]), "val_accuracy", 3, 2, kept_epoch=1, stopped_early=True)
+    assert last["stopped_early"] is False and last["stop_reason"] == "ran all 3 epochs"
+
     by_loss = training.training_outcome(_rows([1.0, 0.4, 0.4, 0.6], "val_loss"), "val_loss", 4, 5)
     assert by_loss["best_epoch"] == 2  # the first of equal values, as Keras keeps it
     nan = training.training_outcome(_rows([0.5, 0.6]), "val_accuracy", 10, 5)
