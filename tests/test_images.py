@@ -82,3 +82,21 @@ def test_pad_uses_the_background_colour(tmp_path):
     Image.new("RGB", (16, 8), (200, 0, 0)).save(tmp_path / "wide.png")
     out = images.load_image(tmp_path / "wide.png", 16, "pad", background="white")
     assert out[0, 8].tolist() == [255, 255, 255] and out[8, 8].tolist() == [200, 0, 0]
+
+
+def test_validation_keeps_large_palette_and_one_bit_pngs(tmp_path):
+    """Pillow's reduce() rejects P and 1 modes: validation used to call such stamps corrupt."""
+    from imgflow.tasks.dataset import thumbnail, validate_dataset
+
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(3):
+            pixels = rng.integers(0, 255, (200, 200, 3)).astype(np.uint8)
+            image = Image.fromarray(pixels).convert("P", palette=Image.Palette.ADAPTIVE)
+            image.save(tmp_path / cls / f"p{i}.png", transparency=0)
+            Image.fromarray(pixels[..., 0] > 128).save(tmp_path / cls / f"bit{i}.png")
+    assert 64 <= min(thumbnail(Image.open(tmp_path / "a" / "p0.png")).size) < 70
+    report = validate_dataset(tmp_path)
+    assert [p for p in report["problems"] if p["code"] == "corrupt"] == []
+    assert report["classes"] == {"a": 6, "b": 6}
