@@ -480,7 +480,7 @@ def training_outcome(
         best_value = next((v for e, v in values if e == kept_epoch), None)
     last_epoch = values[-1][0] if values else epochs_run
     if stopped_early:
-        stop_reason = f"{monitor} did not improve for {last_epoch - (kept_epoch or 0)} epochs"
+        stop_reason = f"{monitor} did not improve for {last_epoch - kept_epoch if kept_epoch else patience} epochs"
     elif epochs_run >= epochs_planned:
         stop_reason = f"ran all {epochs_planned} epochs"
     else:
