@@ -316,6 +316,8 @@ def train(
     typer.echo("")
     if result.get("val_accuracy") is not None:
         typer.echo(f"Validation accuracy: {result['val_accuracy']:.4f}")
+    if result.get("outcome"):
+        typer.echo(f"Training: {result['outcome']}")
     if result.get("model_dir"):
         typer.echo(f"Model: {result['model_dir']}")
     if result.get("findings"):

@@ -74,7 +74,7 @@ def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_
         return {}
     metadata = registry.read_metadata(Path(model_dir))
     profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
-                     str(metadata.get("aspect", "squash")))
+                     metadata["aspect"], metadata.get("background"))
     get_run_logger().info("novelty threshold %.4g (%s, unknown rate %s); temperature %.3f",
                           keys["novelty"]["threshold"], keys["novelty"]["method"], unknown_rate,
                           keys["calibration"]["temperature"])
@@ -172,6 +172,7 @@ def _result_from_metadata(metadata: dict[str, Any], model_dir: Path, workdir: Pa
         "findings": top_findings(findings),
         "champion_dir": pointer.get("model_dir") if pointer else None,
         "skipped": skipped,
+        "outcome": metadata.get("outcome"),
     }
 
 

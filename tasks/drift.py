@@ -112,9 +112,9 @@ def merge(profiles: Iterable[dict[str, Any]]) -> dict[str, Any]:
 
 
 def profile_files(paths: Sequence[Path], image_size: int, aspect: str = "squash",
-                  limit: int = PROFILE_SAMPLE, seed: int = 0) -> dict[str, Any]:
+                  limit: int = PROFILE_SAMPLE, seed: int = 0, background: str | None = None) -> dict[str, Any]:
     """The profile of image files (a seeded sample of ``limit``), decoded as the model sees them."""
-    from imgflow.tasks.tfrecords import load_image
+    from imgflow.tasks.images import load_image
 
     paths = list(paths)
     if len(paths) > limit:
@@ -124,7 +124,7 @@ def profile_files(paths: Sequence[Path], image_size: int, aspect: str = "squash"
     for path in paths:
         info: dict[str, Any] = {}
         try:
-            pixels = load_image(path, image_size, aspect, info)
+            pixels = load_image(path, image_size, aspect, background, info=info)
         except Exception:  # noqa: BLE001 - the header may still be readable
             pixels = None
         add(profile, image_properties(path, pixels, info))
@@ -328,16 +328,19 @@ def run_report(model_dir: Path | str, metadata: dict[str, Any], parts: Sequence[
 
 
 def profile_training(model_dir: Path, data_dir: Path, class_names: Sequence[str], image_size: int,
-                     aspect: str = "squash") -> Path:
-    """Profile the training images ``data_dir/<class>/**`` and store it (with class counts) in ``model_dir``."""
-    from imgflow.tasks.dataset import is_hidden
+                     aspect: str = "squash", background: str | None = None) -> Path:
+    """Profile the training images ``data_dir/<class>/**`` and store it (with class counts) in ``model_dir``.
+
+    Files are found by the one folder walker (:func:`imgflow.tasks.scan.walk`): hidden,
+    special and out-of-root names are never read.
+    """
+    from imgflow.tasks import scan
 
     files: list[Path] = []
     counts: dict[str, int] = {}
     for name in class_names:
         folder = Path(data_dir) / name
-        found = sorted(p for p in folder.rglob("*") if p.is_file()
-                       and not any(is_hidden(part) for part in p.relative_to(data_dir).parts)) if folder.is_dir() else []
+        found = [Path(e.path) for e in scan.walk(data_dir, folder) if e.kind == scan.FILE] if folder.is_dir() else []
         counts[name] = len(found)
         files += found
-    return write_profile(model_dir, profile_files(files, image_size, aspect), counts)
+    return write_profile(model_dir, profile_files(files, image_size, aspect, background=background), counts)

@@ -410,7 +410,8 @@ def _evaluate(
     training = training_info(model_dir, metadata)
     keep = np.flatnonzero(finite)
     novelty_keys, novelty_plots, calibrated = novelty_section(model_dir, model, y[keep], probs[keep], batches, size,
-                                                              aspect, out_dir, ood_dir, fit_missing)
+                                                              aspect, out_dir, ood_dir, fit_missing,
+                                                              metadata.get("background"))
     metrics.update(novelty_keys)
     plots, method = _render(
         out_dir, model, metrics, y[keep], probs[keep], [names_in_order[k] for k in keep],
@@ -556,8 +557,8 @@ def evaluate_folder(
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
-    Images are read with ``imgflow.tasks.tfrecords.load_image`` at the model's recorded
-    ``image_size`` and ``aspect`` (the training resize). Unreadable files, and files in
+    Images are read with ``imgflow.tasks.images.load_image`` at the model's recorded
+    ``image_size``, ``aspect`` and ``background`` (the training preparation). Unreadable files, and files in
     folders that are not model classes, are skipped and listed in the report.
 
     Args:
@@ -581,10 +582,11 @@ def evaluate_folder(
     Raises:
         EvaluationError: no class folder the model knows, or no readable image.
     """
-    from imgflow.tasks.tfrecords import load_image
+    from imgflow.tasks.images import load_image
 
     data_dir = Path(data_dir)
     metadata = registry.read_metadata(Path(model_dir))
+    background = metadata.get("background")  # as in training; None (older models): alpha dropped
     files, skipped = scan_class_folders(data_dir, metadata["class_names"], exclude)
     if not files:
         raise EvaluationError(f"DATA_DIR {data_dir}: no files in the class folders {metadata['class_names']}")
@@ -598,7 +600,7 @@ def evaluate_folder(
                 if index in bad:  # batches run again for novelty features: report a bad file once
                     continue
                 try:
-                    images.append(load_image(data_dir / rel, size, aspect))  # the training resize
+                    images.append(load_image(data_dir / rel, size, aspect, background))  # the training resize
                 except Exception as exc:  # any decode failure: skip and report, never fatal
                     bad.add(index)
                     skipped.append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:300]})
@@ -609,7 +611,7 @@ def evaluate_folder(
                 yield indices, np.stack(images), np.asarray(labels)
 
     def fetch(indices: list[int], size: int, aspect: str) -> np.ndarray:
-        return np.stack([load_image(data_dir / files[i][0], size, aspect) for i in indices])
+        return np.stack([load_image(data_dir / files[i][0], size, aspect, background) for i in indices])
 
     info = {"data": str(data_dir.resolve())}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],

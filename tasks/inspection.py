@@ -91,6 +91,9 @@ class ImageInfo:
 def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
     """A cheap reduced copy (integer box reduction in C) with its short side near ``side``."""
     factor = max(1, min(image.size) // side)
+    if factor > 1 and image.mode in ("1", "P", "I;16", "I;16B", "I;16L"):
+        # Image.reduce rejects these modes ("image has wrong mode"): a palette or 1-bit PNG is not corrupt
+        image = image.convert("RGBA" if image.mode == "P" else "L" if image.mode == "1" else "I")
     return image.reduce(factor) if factor > 1 else image
 
 

@@ -78,6 +78,7 @@ def novelty_section(
     out_dir: Path,
     ood_dir: Path | None = None,
     fit_missing: bool = True,
+    background: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path], np.ndarray | None]:
     """Calibration and novelty figures of an evaluation.
 
@@ -92,6 +93,7 @@ def novelty_section(
         out_dir: report folder (for ``novelty.png``).
         ood_dir: images known to be none of the classes, or None.
         fit_missing: fit statistics for a model directory that has none (a backfill).
+        background: the model's colour under transparent pixels (``ood_dir`` images are read as in training).
 
     Returns:
         ``(metrics keys, plots, calibrated probabilities or None)``: the keys are
@@ -121,13 +123,13 @@ def novelty_section(
         return keys, plots, after
     from sklearn.metrics import roc_auc_score
 
-    from imgflow.tasks.tfrecords import load_image
+    from imgflow.tasks.images import load_image
 
     in_scores = np.concatenate([_scores(stats, model, images) for _, images, _ in batches(size, aspect)])
     ood_images, unreadable = [], 0
     for path in ood_files(ood_dir):
         try:
-            ood_images.append(load_image(path, size, aspect))
+            ood_images.append(load_image(path, size, aspect, background))
         except Exception:  # noqa: BLE001 - an unreadable file is counted, never fatal
             unreadable += 1
     if not ood_images:

@@ -10,7 +10,7 @@ The pieces, each a plain function:
   falls into, every other chunk keeps its identity (:func:`chunk_key`), and a
   re-run over a growing inbox predicts only what is new.
 * :func:`predict_chunk` decodes a chunk's files exactly as training did
-  (``imgflow.tasks.tfrecords.load_image`` with the model's ``image_size`` and ``aspect``)
+  (``imgflow.tasks.images.load_image`` with the model's ``image_size``, ``aspect`` and ``background``)
   on a thread pool, one batch ahead of the model, runs the model on whole batches,
   and writes one part file atomically.
 * :func:`assemble_csv` streams the part files of the current scan, in scan order,
@@ -245,11 +245,13 @@ def _short(message: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _decode(path: Path, image_size: int, aspect: str, info: dict | None = None) -> tuple[np.ndarray | None, str]:
-    from imgflow.tasks.tfrecords import load_image
+def _decode(
+    path: Path, image_size: int, aspect: str, info: dict | None = None, background: str | None = None
+) -> tuple[np.ndarray | None, str]:
+    from imgflow.tasks.images import load_image
 
     try:
-        return load_image(path, image_size, aspect, info), ""
+        return load_image(path, image_size, aspect, background, info), ""
     except Exception as exc:  # any unreadable file becomes an error row, never stops the run
         return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
 
@@ -335,12 +337,14 @@ def predict_files(
         raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
     class_names = list(metadata["class_names"])
     size, aspect = int(metadata["image_size"]), str(metadata["aspect"])
+    background = metadata.get("background")  # as in training; None (older models): alpha dropped, as they saw it
     root = Path(input_dir)
     workers = workers or min(16, os.cpu_count() or 1)
     predict_lock = _PREDICT_LOCKS.setdefault(id(model), threading.Lock())
     rows: list[list[str]] = []
 
-    decode = _decode if profile is None else partial(decode_profiled, _decode)
+    decoder = partial(_decode, background=background)
+    decode = decoder if profile is None else partial(decode_profiled, decoder)
 
     def submit(pool: ThreadPoolExecutor, batch: Sequence[FileEntry]) -> list[Future | None]:
         return [None if e.error else pool.submit(decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
