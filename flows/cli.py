@@ -11,13 +11,120 @@ import contextlib
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, load_config
+from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig, load_config
+from imgflow.tasks.errors import EXIT_FAILED_CHECK, EXIT_USAGE, ImgflowError, describe_os_error, is_disk_full
+
+DEBUG_ENV = "IMGFLOW_DEBUG"
+
+
+def debug_requested(ctx: click.Context | None = None) -> bool:
+    """True when ``--debug`` was given or ``IMGFLOW_DEBUG`` is set to a true value."""
+    if os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    return bool(ctx is not None and ctx.meta.get("imgflow.debug"))
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code of an expected failure (None for a bug, which keeps its traceback)."""
+    if isinstance(exc, ImgflowError):
+        return exc.exit_code
+    if isinstance(exc, OSError):
+        # a full disk means the pipeline ran and could not finish; any other OSError is a
+        # path the user gave that cannot be read or written
+        return EXIT_FAILED_CHECK if is_disk_full(exc) else EXIT_USAGE
+    return None
+
+
+def message_for(exc: BaseException, outputs: tuple[Path, ...] = ()) -> str:
+    """The one line a user reads for an expected failure.
+
+    Args:
+        exc: the exception.
+        outputs: where the command writes (workdir, ``--out``): named when a full disk
+            gives an ``OSError`` without a file name (a failed ``write`` has none).
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, ImgflowError):
+        if exc.filename is not None:
+            return describe_os_error(exc)
+        if is_disk_full(exc):
+            where = " or ".join(str(p) for p in outputs) or "the output folder"
+            return (f"the disk is full writing to {where} ({exc.strerror or exc}): free space there or choose "
+                    "another --workdir/--out, and run the same command again")
+    return str(exc) or type(exc).__name__
+
+
+def note_outputs(*paths: Optional[Path]) -> None:
+    """Record where the running command writes, for the message of a full disk."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.meta["imgflow.outputs"] = tuple(p for p in paths if p is not None)
+
+
+_expected_quiet = False
+
+
+def _quiet_record_factory(factory: Any) -> Any:
+    """Wrap the log record factory: expected failures are logged without their traceback.
+
+    Prefect logs a failed task or flow run with its traceback; for an error the user can
+    act on that buries the one line that matters. ``--debug`` keeps the tracebacks.
+    """
+
+    def make(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = factory(*args, **kwargs)
+        info = record.exc_info
+        if _expected_quiet and info and info[1] is not None and exit_code_for(info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return record
+
+    make.imgflow_quiet = True  # type: ignore[attr-defined]
+    return make
+
+
+@contextlib.contextmanager
+def map_errors(ctx: click.Context | None = None) -> Iterator[None]:
+    """The one place expected failures become ``imgflow: <message>`` and an exit code.
+
+    :class:`~imgflow.tasks.errors.UsageError` exits 2, :class:`~imgflow.tasks.errors.CheckFailed`
+    exits 1, an ``OSError`` on a path exits 2 (1 for a full disk). Anything else is a bug
+    and keeps its traceback. ``--debug`` or ``IMGFLOW_DEBUG=1`` prints the traceback of an
+    expected failure too, before its line.
+    """
+    global _expected_quiet
+    if not getattr(logging.getLogRecordFactory(), "imgflow_quiet", False):
+        logging.setLogRecordFactory(_quiet_record_factory(logging.getLogRecordFactory()))
+    _expected_quiet = not debug_requested(ctx)
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - mapped below, or re-raised unchanged
+        code = exit_code_for(exc)
+        if code is None:
+            raise
+        if debug_requested(ctx):
+            traceback.print_exception(exc, file=sys.stderr)
+        fail(message_for(exc, ctx.meta.get("imgflow.outputs", ()) if ctx is not None else ()), code)
+    finally:
+        _expected_quiet = False
+
+
+class ImgflowGroup(TyperGroup):
+    """Runs every command inside :func:`map_errors`, so ``main()`` and ``CliRunner`` map alike."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with map_errors(ctx):
+            return super().invoke(ctx)
+
 
 app = typer.Typer(
     name="imgflow",
@@ -26,10 +133,38 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=ImgflowGroup,
 )
 
-EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE = 0, 1, 2
 _USER_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # --verbose leaves a user's own setting alone
+
+
+def _version(value: bool) -> None:
+    if value:
+        from imgflow.flows.info import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    debug: bool = typer.Option(False, "--debug", help="show the traceback of an error (also IMGFLOW_DEBUG=1)"),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="print the versions of imgflow, TensorFlow, Keras and Prefect and exit"),
+    verbose: bool = typer.Option(False, "--verbose", help="show every log line: TensorFlow start-up, Prefect task "
+                                 "states and logs, Keras (sets IMGFLOW_VERBOSE=1)"),
+) -> None:
+    """Validate a folder of class-labelled images, train and evaluate a Keras CNN, classify new folders."""
+    ctx.meta["imgflow.debug"] = debug
+    if verbose:
+        os.environ["IMGFLOW_VERBOSE"] = "1"
+        if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2" and not _USER_TF_LOG_LEVEL:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+
+
+EXIT_OK = 0
 
 WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
 ConfigOption = typer.Option(None, "--config", help="YAML file with the same keys as the options")
@@ -38,7 +173,8 @@ DaskOption = typer.Option(None, "--dask-address", help="run mapped tasks on this
 
 
 def fail(message: str, code: int) -> NoReturn:
-    """Print ``imgflow: message`` on stderr and exit with ``code``."""
+    """Print ``imgflow: message`` on stderr, as one line, and exit with ``code``."""
+    message = " ".join(str(message).split())  # a YAML or Keras error may span lines
     typer.echo(f"imgflow: {message}", err=True)
     raise typer.Exit(code)
 
@@ -54,35 +190,41 @@ def require_dir(path: Path, what: str) -> Path:
     return path
 
 
-@contextlib.contextmanager
-def exit_codes(
-    usage: tuple[type[BaseException], ...] = (), failed: tuple[type[BaseException], ...] = ()
-) -> Iterator[None]:
-    """Turn the errors a user can act on into one line and an exit code (2 usage, 1 failed check)."""
-    try:
-        yield
-    except failed as exc:
-        fail(str(exc), EXIT_FAILED_CHECK)
-    except usage as exc:
-        fail(str(exc), EXIT_USAGE)
-
-
 def check_paths(inputs: dict[str, Optional[Path]], workdir: Optional[Path], outputs: dict[str, Optional[Path]]) -> None:
     """Exit 2 with one line when an output would land on or inside an input (imgflow.tasks.paths)."""
-    from imgflow.tasks.paths import PathConflict, check_run
+    from imgflow.tasks.paths import check_run
 
-    try:
-        check_run(inputs, workdir, outputs)
-    except PathConflict as exc:
-        fail(str(exc), EXIT_USAGE)
+    check_run(inputs, workdir, outputs)  # a PathConflict is a UsageError: exit 2, one line
+def require_workdir(workdir: Path) -> Path:
+    """Exit 2 with one line when ``--workdir`` exists but is not a writable folder."""
+    if workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir} is a file, not a folder: give a folder (it is created when missing)", EXIT_USAGE)
+    if workdir.is_dir() and not os.access(workdir, os.W_OK | os.X_OK):
+        fail(f"--workdir {workdir} is not writable: choose a folder you can write to", EXIT_USAGE)
+    return workdir
+
+
+def require_output_file(path: Optional[Path], option: str) -> Optional[Path]:
+    """Exit 2 with one line when an output file option names a folder or an unwritable place."""
+    if path is None:
+        return None
+    if path.is_dir():
+        fail(f"{option} {path} is a folder: give a file name inside it, for example {path / 'predictions.csv'}",
+             EXIT_USAGE)
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        fail(f"{option} {path}: {parent} is a file, not a folder: choose another path", EXIT_USAGE)
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        fail(f"{option} {path} is not writable (read-only file or folder {parent}): choose a writable path",
+             EXIT_USAGE)
+    return path
 
 
 def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig:
-    """The YAML file's values overridden by the options given; exit 2 on a bad value."""
-    try:
-        return load_config(config_file, overrides)
-    except ConfigError as exc:
-        fail(str(exc), EXIT_USAGE)
+    """The YAML file's values overridden by the options given (a bad value is a ConfigError: exit 2)."""
+    return load_config(config_file, overrides)
 
 
 def start(command: str, workdir: Optional[Path], tensorflow: bool = True) -> Any:
@@ -122,6 +264,8 @@ def train_summary(run: Any, result: dict[str, Any]) -> None:
         run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
     for line in console.epoch_lines(metadata):
         run.add(line)
+    if result.get("outcome"):
+        run.add(f"Training: {result['outcome']}")
     run.path("Model", result.get("model_dir"))
     report = (metadata.get("evaluation") or {}).get("report_html")
     run.path("Report", report)
@@ -134,28 +278,6 @@ def train_summary(run: Any, result: dict[str, Any]) -> None:
 def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
     for finding in findings[:limit]:
         typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
-
-
-def _version(value: bool) -> None:
-    if value:
-        from imgflow.flows.info import version_line
-
-        typer.echo(version_line())
-        raise typer.Exit()
-
-
-@app.callback()
-def options(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="print the versions of imgflow, TensorFlow, Keras and Prefect and exit"),
-    verbose: bool = typer.Option(False, "--verbose", help="show every log line: TensorFlow start-up, Prefect task "
-                                 "states and logs, Keras (sets IMGFLOW_VERBOSE=1)"),
-) -> None:
-    """Options for every command (give them before the command: imgflow --verbose train ...)."""
-    if verbose:
-        os.environ["IMGFLOW_VERBOSE"] = "1"
-        if os.environ.get("TF_CPP_MIN_LOG_LEVEL") == "2" and not _USER_TF_LOG_LEVEL:
-            os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
 @app.command()
@@ -178,6 +300,8 @@ def validate(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Check every image of a class-folder dataset and report what would hurt training."""
+    require_workdir(workdir)
+    require_output_file(report, "--report")
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -186,10 +310,8 @@ def validate(
     run = start("validate", workdir, tensorflow=False)
     from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
-    from imgflow.tasks.dataset import DatasetError
 
-    with exit_codes(usage=(DatasetError, OSError)):
-        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -227,6 +349,7 @@ def preprocess(
     config: Optional[Path] = ConfigOption,
 ) -> None:
     """Validate, then write TFRecord shards and manifest.json (cached: unchanged data does no work)."""
+    require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -236,11 +359,8 @@ def preprocess(
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     run = start("preprocess", workdir)
     from imgflow.flows.preprocessing import preprocess_flow
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.tfrecords import ShardSourceError
 
-    with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
-        result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
+    result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
             f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
@@ -262,8 +382,11 @@ def train(
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     force: bool = typer.Option(False, "--force", help="train even if data and config are unchanged since the champion"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="exit 2 at once when another imgflow writes to this workdir"),
 ) -> None:
     """Run the whole training pipeline: validate, preprocess, train, evaluate, promote."""
+    require_workdir(workdir)
+    note_outputs(workdir)
     require_dir(data_dir, "DATA_DIR")
     if val_dir is not None:
         require_dir(val_dir, "VAL_DIR")
@@ -272,14 +395,8 @@ def train(
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     run = start("train", workdir)
     from imgflow.flows.training import training_pipeline
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.models import ModelConfigError
-    from imgflow.tasks.registry import RegistryError
-    from imgflow.tasks.tfrecords import ShardSourceError
-
-    usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
-    with exit_codes(usage=usage, failed=(DatasetUnusable,)):
-        result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
+    result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
+                               wait_for_lock=not no_wait)
     train_summary(run, result)
     if result.get("promoted"):
         finish(run, result.get("reason", ""))
@@ -306,22 +423,28 @@ def evaluate(
         help="prefix predictions.csv cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="images per model call (default 64)"),
     config: Optional[Path] = ConfigOption,
+    ood_dir: Optional[Path] = typer.Option(
+        None, "--ood-dir", help="images known to be none of the classes: report the novelty AUROC against them"),
 ) -> None:
     """Evaluate a model on a labelled folder: metrics.json, PNG plots, report.html."""
+    require_workdir(workdir)
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"--out {out} is a file: evaluate writes a report folder; give a folder path", EXIT_USAGE)
     require_dir(data_dir, "DATA_DIR")
     options = build_config(config, evaluate={"batch_size": batch_size, "csv_neutralise": csv_neutralise}).evaluate
     check_paths({"DATA_DIR": data_dir}, workdir, {"--out": out})
+    if ood_dir is not None:
+        require_dir(ood_dir, "--ood-dir")
     run = start("evaluate", workdir)
     from imgflow.flows.evaluation import evaluate_flow
-    from imgflow.tasks.evaluation import EvaluationError
-    from imgflow.tasks.registry import RegistryError
 
-    with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
-        result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
+    result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options, ood_dir=ood_dir)
     run.add(f"Accuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
         run.add(f"{result['non_finite_outputs']} of {result['count']} images got NaN or infinite model outputs "
                 "(counted wrong; the model cannot be promoted)")
+    if result.get("novelty_auroc") is not None:
+        run.add(f"Novelty AUROC against --ood-dir: {result['novelty_auroc']:.4f}")
     run.path("Report", result["report_html"])
     run.path("Metrics", result["metrics_json"])
     finish(run, f"Evaluated {result.get('count', '?')} images: accuracy {result['accuracy']:.4f}")
@@ -341,8 +464,14 @@ def predict(
     csv_neutralise: Optional[bool] = typer.Option(
         None, "--csv-neutralise/--no-csv-neutralise",
         help="prefix cells starting with = + - @ with ' so spreadsheets do not run them (default on)"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="exit 2 at once when another imgflow writes to this workdir"),
+    unknown_label: Optional[str] = typer.Option(
+        None, "--unknown-label", help="write this label instead of the most likely class for unknown files"),
 ) -> None:
     """Classify every image under INPUT_DIR into one CSV row each (resumable)."""
+    require_workdir(workdir)
+    require_output_file(out, "--out")
+    note_outputs(out, workdir)
     require_dir(input_dir, "INPUT_DIR")
     options = build_config(config, predict={"out": out, "batch_size": batch_size, "top_k": top_k,
                                             "chunk_size": chunk_size, "dask_address": dask_address,
@@ -351,17 +480,17 @@ def predict(
     run = start("predict", workdir)
     from imgflow.flows.prediction import batch_predict
 
-    # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
-    with exit_codes(usage=(FileNotFoundError, ValueError)):
-        result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options)
+    result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options,
+                           unknown_label=unknown_label, wait_for_lock=not no_wait)
     unknown = result.get("unknown")
     run.add(f"{result['rows']} rows, {result['errors']} unreadable files"
-            + (f", {unknown} unknown" if unknown is not None else "") + f", {result['images_per_second']:.0f} images/s")
+            + (f", {unknown} unknown (novelty above the calibrated threshold)" if unknown is not None else "") + f", {result['images_per_second']:.0f} images/s")
     for label, count in result["label_counts"].items():
         run.add(f"  {label:<24} {count:>7}")
     run.path("Predictions", result["csv"])
-    drift = Path(str(result["csv"])[: -len(".csv")] + ".drift.json") if str(result["csv"]).endswith(".csv") else None
-    run.path("Drift", drift if drift is not None and drift.is_file() else None)
+    run.path("Drift report", result.get("drift_json"))
+    if result.get("drift"):
+        run.add(f"Warning: this inbox drifted from the training data, see {result['drift_json']}")
     classified = result["rows"] - result["errors"]
     finish(run, f"Classified {classified} of {result['rows']} files" +
            (f"; {result['errors']} could not be read (see the error column)" if result["errors"] else ""))
@@ -369,26 +498,33 @@ def predict(
 
 @app.command()
 def doctor(
-    model: str = typer.Argument(..., help="built-in model name, package.module:function, or a model directory"),
-    data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
+    model: Optional[str] = typer.Argument(None, help="built-in model name, package.module:function, or a model directory"),
+    data_dir: Optional[Path] = typer.Argument(None, help="DATA_DIR/<class>/*.jpg"),
     workdir: Path = WorkdirOption,
     config: Optional[Path] = ConfigOption,
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer"),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
+    label_issues: Optional[Path] = typer.Option(
+        None, "--label-issues", metavar="DATA_DIR",
+        help="rank the images of DATA_DIR whose label a quick cross-validated model disputes "
+        "(WORKDIR/label_issues.csv and .html); MODEL and DATA_DIR are then optional"),
 ) -> None:
     """Check a model before a long run: preflight checks and a short probe training."""
+    if label_issues is not None:
+        _doctor_label_issues(require_dir(label_issues, "DATA_DIR"), workdir, build_config(config))
+        if model is None:
+            return
+    if model is None or data_dir is None:
+        fail("doctor needs MODEL_OR_BUILDER and DATA_DIR (or --label-issues DATA_DIR)", EXIT_USAGE)
+    require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
     run = start("doctor", workdir)
     from imgflow.flows.doctor import doctor_flow
-    from imgflow.tasks.dataset import DatasetError, DatasetUnusable
-    from imgflow.tasks.models import ModelConfigError
-    from imgflow.tasks.registry import RegistryError
 
-    with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
-        diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
+    diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     run.add(f"Healthy: {'yes' if diagnosis['healthy'] else 'no'}")
     for finding in diagnosis["findings"][:10]:
         run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
@@ -400,6 +536,19 @@ def doctor(
         cause = root_cause(diagnosis)
         fail(f"{cause['code']}: {cause['advice']}", EXIT_FAILED_CHECK)
     finish(run, "Healthy: nothing stops a full training run")
+
+
+def _doctor_label_issues(data_dir: Path, workdir: Path, cfg: ImgflowConfig) -> None:
+    """``imgflow doctor --label-issues``: run the check, print the top candidates."""
+    from imgflow.flows.doctor import label_issues_flow
+
+    result = label_issues_flow(data_dir, workdir=workdir, config=cfg)
+    typer.echo(f"\n{result['candidates']} of {result['images']} training images may be mislabelled"
+               + (", most disputed first:" if result["top"] else "."))
+    for row in result["top"]:
+        typer.echo(f"  {row['path']}: labelled {row['given']} ({row['given_prob']:.2f}), "
+                   f"looks like {row['predicted']} ({row['predicted_prob']:.2f})")
+    typer.echo(f"All candidates: {result['csv']}; gallery: {result['html']}")
 
 
 @app.command()
@@ -415,20 +564,20 @@ def serve(
     limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
 ) -> None:
     """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
-    from imgflow.flows.serve import NoServerError, check_api_url, serve_deployments
+    from imgflow.flows.serve import check_api_url, serve_deployments
 
-    with exit_codes(usage=(NoServerError, FileNotFoundError, ValueError)):
-        url = check_api_url()
-        typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
-                   f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
-                   "Ctrl-C stops and pauses the schedules")
-        serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
-                          train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
+    url = check_api_url()
+    typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+               f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+               "Ctrl-C stops and pauses the schedules")
+    serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
+                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
 
 
 @app.command()
 def demo(workdir: Path = WorkdirOption) -> None:
     """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
+    require_workdir(workdir)
     run = start("demo", workdir)
     from imgflow.flows.demo import run_demo
 

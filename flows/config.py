@@ -28,12 +28,13 @@ from imgflow.tasks.options import (
     TrainOptions,
     ValidationOptions,
 )
+from imgflow.tasks.errors import UsageError
 from imgflow.tasks.records import describe_error
 
 DEFAULT_WORKDIR = Path("imgflow-work")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or option value that cannot be used (CLI exit code 2)."""
 
 

@@ -1,5 +1,9 @@
 """`imgflow doctor`: check a model before a long run (preflight + a short probe training).
 
+``imgflow doctor --label-issues DATA_DIR`` (:func:`label_issues_flow`, and the training
+pipeline when the config key ``label_issues`` is true) instead ranks the training images
+whose label a quick out-of-fold model disputes (:mod:`imgflow.tasks.label_issues`).
+
 MODEL_OR_BUILDER is a built-in model name, ``package.module:function`` or a model
 directory (or ``champion``). The data is validated and preprocessed exactly as for
 training (cached shards are reused), then :func:`imgflow.tasks.doctor.check_model` runs the
@@ -100,3 +104,49 @@ def doctor_flow(
     print(f"doctor: {model} is {'healthy' if result['healthy'] else 'UNHEALTHY'} after "
           f"{result['epochs_run']} probe epoch(s); diagnosis in {result['diagnosis_path']}")
     return {**result, "manifest": prep["manifest"]}
+
+
+@task(name="label-issues", cache_policy=NO_CACHE)
+def label_issues_task(report_path: str, out_dir: str, seed: int = 0) -> dict[str, Any]:
+    """Rank the training images whose label an out-of-fold model confidently disputes."""
+    from imgflow.tasks.atomic import read_json
+    from imgflow.tasks.label_issues import label_issues_from_report
+
+    result = label_issues_from_report(read_json(report_path), out_dir, seed=seed)
+    lines = [f"{result['candidates']} of {result['images']} training images have a disputed label; "
+             f"all in `{result['csv']}`, gallery in `{result['html']}`.", "",
+             "| path | given | predicted | given prob | predicted prob |", "|---|---|---|---:|---:|"]
+    lines += [f"| `{r['path']}` | {r['given']} | {r['predicted']} | {r['given_prob']:.2f} | {r['predicted_prob']:.2f} |"
+              for r in result["top"]]
+    create_markdown_artifact(key="label-issues", markdown="\n".join(lines),
+                             description=f"{result['candidates']} possible label issues")
+    return result
+
+
+@flow(name="label-issues", log_prints=True)
+def label_issues_flow(data_dir: Path, workdir: Path = DEFAULT_WORKDIR, config: ImgflowConfig | None = None) -> dict[str, Any]:
+    """Validate DATA_DIR, then rank its training images whose label looks wrong.
+
+    Args:
+        data_dir: the class-folder dataset.
+        workdir: imgflow workdir: ``validation.json``, ``label_issues.csv`` and ``label_issues.html`` go there.
+        config: parameters (validation options, seed).
+
+    Returns:
+        ``{"csv", "html", "images", "candidates", "top"}``.
+
+    Raises:
+        imgflow.tasks.dataset.DatasetUnusable: the data failed validation.
+    """
+    from imgflow.flows.validation import validate_flow
+    from imgflow.tasks.dataset import DatasetUnusable
+
+    config = config or ImgflowConfig()
+    validation = validate_flow(Path(data_dir), None, Path(workdir), options=config.validation)
+    if not validation["usable"]:
+        raise DatasetUnusable(f"{data_dir}: validation found the data unusable ({validation['errors']} errors); "
+                              f"see {validation['report_path']}")
+    result = label_issues_task(validation["report_path"], str(workdir), config.train.seed)
+    print(f"label issues: {result['candidates']} of {result['images']} training images have a disputed label; "
+          f"see {result['csv']} and {result['html']}")
+    return result

@@ -21,7 +21,7 @@ _SUMMARY_KEYS = (
     "out_dir", "accuracy", "loss", "count", "skipped", "report_html", "report_md", "metrics_json",
     "macro", "per_class", "prediction_distribution", "class_names", "class_notes", "saliency_method",
     "expected_calibration_error", "top_k", "top_k_accuracy", "plots", "non_finite_outputs", "promotion",
-    "predictions_csv",
+    "predictions_csv", "calibration", "novelty",
 )
 
 
@@ -45,6 +45,7 @@ def evaluate_folder_task(
     csv_neutralise: bool = True,
     batch_size: int = 64,
     exclude: list[str] | None = None,
+    ood_dir: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model directory on a class-folder directory; returns the report summary."""
     from imgflow.tasks.evaluation import evaluate_folder
@@ -53,7 +54,7 @@ def evaluate_folder_task(
                              Path(champion_dir) if champion_dir else None, tolerance=tolerance,
                              min_class_images_for_recall_gate=min_class_images_for_recall_gate,
                              csv_neutralise=csv_neutralise, batch_size=batch_size,
-                             exclude=exclude or ())
+                             exclude=exclude or (), ood_dir=Path(ood_dir) if ood_dir else None)
     return _summary(result)
 
 
@@ -103,6 +104,7 @@ def evaluate_flow(
     workdir: Path = DEFAULT_WORKDIR,
     out: Path | None = None,
     options: EvaluateOptions | None = None,
+    ood_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate MODEL (a model directory or ``champion``) on a class-folder directory.
 
@@ -112,6 +114,9 @@ def evaluate_flow(
     images and shown side by side. ``options`` is the ``evaluate`` section of the config
     (default: its defaults); ``csv_neutralise: false`` there writes ``predictions.csv``
     cells raw (no ``'`` before a leading ``=``, ``+``, ``-``, ``@``, tab or CR).
+    ``ood_dir`` (images known to be none of the classes) adds the novelty AUROC and a
+    histogram of novelty scores; a model directory without novelty statistics (or a
+    calibration temperature) gets them fitted first.
 
     Returns:
         {"out_dir", "accuracy", "report_html", "metrics_json", "skipped"} plus
@@ -146,7 +151,8 @@ def evaluate_flow(
     options = options or EvaluateOptions()
     summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir), str(champion_dir) if champion_dir else None,
                                    tolerance, min_images, options.csv_neutralise, options.batch_size,
-                                   [str(p) for p in workdirs_to_skip(workdir, {"DATA_DIR": data_dir})])
+                                   [str(p) for p in workdirs_to_skip(workdir, {"DATA_DIR": data_dir})],
+                                   str(ood_dir) if ood_dir else None)
     summary.update(run_id=run_id, data=str(data_dir))
     publish_artifacts(summary)
     logger.info("accuracy %.4f on %d images (%d skipped); report %s",
@@ -155,4 +161,6 @@ def evaluate_flow(
                                             "report_md", "count", "non_finite_outputs", "promotion")}
     if "comparison" in summary:
         result["comparison"] = {k: summary["comparison"][k] for k in ("decision", "reason", "champion_run_id")}
+    result["calibration"] = summary.get("calibration")
+    result["novelty_auroc"] = (summary.get("novelty") or {}).get("auroc")
     return result

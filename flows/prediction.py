@@ -32,8 +32,10 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import paths, progress
+from imgflow.tasks.errors import OptionError
 from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 from imgflow.tasks.options import PredictOptions, with_overrides
@@ -79,7 +81,7 @@ def _task_runner(dask_address: str | None) -> Any:
         try:
             from prefect_dask import DaskTaskRunner
         except ImportError as exc:
-            raise ValueError(
+            raise OptionError(
                 f"dask_address {dask_address!r}: needs prefect-dask, which is not installed "
                 "(pip install 'imgflow[dask]')"
             ) from exc
@@ -115,11 +117,44 @@ def _publish(summary: dict[str, Any], input_dir: Path) -> None:
         key="batch-predictions-csv",
         link=Path(summary["csv"]).resolve().as_uri(),
         link_text=Path(summary["csv"]).name,
-        description="The predictions CSV: path, label, confidence, prob_<class>..., error",
+        description="The predictions CSV: path, label, confidence, novelty, unknown, prob_<class>..., error",
     )
 
 
+def _drift(model_dir: Path, metadata: dict[str, Any], parts: list[Path], summary: dict[str, Any],
+           out: Path) -> dict[str, Any]:
+    """Write ``<csv name>.drift.json``, publish it, and warn + emit ``imgflow.inbox.drift`` when it drifted."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from imgflow.tasks.drift import emit_drift_event, run_report
+
+    logger = get_run_logger()
+    report = run_report(model_dir, metadata, parts, summary, out)
+    if metadata.get("novelty") is None:
+        logger.warning("model %s has no novelty statistics: the novelty/unknown columns are empty; fit them with "
+                       "`python -m imgflow.tasks.novelty %s` or `imgflow evaluate`", model_dir, model_dir)
+    rows = [f"| {name} | {v['distance']:.3f} | {v['threshold']:.3f} | {'**yes**' if v['drift'] else 'no'} |"
+            for name, v in report["properties"].items()]
+    share = report["unknown_share"]
+    create_markdown_artifact(
+        key="batch-predictions-drift",
+        markdown="\n".join([
+            f"# Inbox drift: {'**DRIFT**' if report['drift'] else 'none'}", "",
+            f"unknown share: {'n/a' if share is None else f'{share:.3f}'} "
+            f"(calibrated rate {report['unknown_rate']}); class-share distance {report['class_shares']['distance']:.3f}",
+            "", "| property | JS distance | threshold | drift |", "|---|---|---|---|", *rows, "",
+            *[f"- {reason}" for reason in report["reasons"]],
+        ]),
+        description=f"Drift of {summary['csv']} against the training data ({report['path']})",
+    )
+    if report["drift"]:
+        logger.warning("inbox drift in %s: %s (details in %s)", out, "; ".join(report["reasons"]), report["path"])
+        emit_drift_event(report, str(out), str(model_dir))
+    return report
+
+
 @flow(name="batch-predict")
+@with_workdir_lock("imgflow predict")
 def batch_predict(
     model: str | Path,
     input_dir: Path,
@@ -131,6 +166,8 @@ def batch_predict(
     chunk_size: int | None = None,
     csv_neutralise: bool | None = None,
     options: PredictOptions | None = None,
+    unknown_label: str | None = None,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Classify every file under INPUT_DIR into one CSV row each; resumable.
 
@@ -146,10 +183,15 @@ def batch_predict(
         csv_neutralise: prefix cells starting with ``=``, ``+``, ``-``, ``@``, tab or CR
             with ``'`` so spreadsheets show them as text (False: raw paths and names; default True).
         options: the ``predict`` section of the config; the arguments above, when given, win over it.
+        wait_for_lock: wait for another writer of ``workdir`` (the run holds its lock);
+            False raises ``imgflow.tasks.errors.LockHeld`` at once.
+        unknown_label: write this name as the ``label`` of rows flagged ``unknown``
+            (default: the most likely class, so existing consumers keep working).
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
-        "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir"}``; ``images_per_second``
+        "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir", "unknown", "drift"}``
+        (``drift`` is the overall flag of ``<csv name>.drift.json``); ``images_per_second``
         counts the files predicted in this run (0 when every chunk was already done).
 
     Raises:
@@ -240,7 +282,9 @@ def batch_predict(
         raise failure
     seconds = time.perf_counter() - started
 
-    summary = P.assemble_csv(out, (P.part_path(run_dir, k) for k in keys), class_names, top_k, csv_neutralise)
+    parts = [P.part_path(run_dir, k) for k in keys]
+    summary = P.assemble_csv(out, parts, class_names, top_k, csv_neutralise, unknown_label)
+    drift_report = _drift(model_dir, metadata, parts, summary, out)
     stale = P.remove_stale_parts(run_dir, keys)
     P.remove_stale_temporaries(run_dir)
     superseded = P.remove_superseded_runs(run_dir)
@@ -253,6 +297,8 @@ def batch_predict(
         seconds=round(seconds, 3),
         model_dir=str(model_dir),
         run_dir=str(run_dir),
+        drift=drift_report["drift"],
+        drift_json=drift_report["path"],
     )
     logger.info(
         "%d rows (%d unreadable) in %s; %d of %d chunks already done, %d stale parts and %d runs of older "

@@ -26,6 +26,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from imgflow.flows.config import DEFAULT_WORKDIR, load_config
+from imgflow.tasks.errors import UsageError
 
 TRAINING_DEPLOYMENT = "nightly-retraining"
 PREDICTION_DEPLOYMENT = "hourly-inbox-predictions"
@@ -177,7 +178,7 @@ def build_deployments(
     return [training, prediction]
 
 
-class NoServerError(RuntimeError):
+class NoServerError(UsageError, RuntimeError):
     """No Prefect API configured: schedules need a server that outlives this process."""
 
 

@@ -18,19 +18,21 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
+from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
 from imgflow.tasks.atomic import read_json
 from imgflow.tasks.records import EvaluationSummary, read_manifest
+from imgflow.tasks.errors import ImgflowError
 
 _SEVERITY_ORDER = {"critical": 0, "warning": 1, "info": 2}
 TOP_FINDINGS = 5
 
 
 def _permanent_errors() -> tuple[type[BaseException], ...]:
-    from imgflow.tasks.models import ModelConfigError
-
-    return (ModelConfigError, ValueError, TypeError, KeyError, ImportError)
+    # every ImgflowError is a logic error (bad option, bad data, a full disk: the same
+    # again); the others are programming errors that a retry cannot fix either
+    return (ImgflowError, ValueError, TypeError, KeyError, ImportError)
 
 
 def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
@@ -56,6 +58,27 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
 
     logger = get_run_logger()
     return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
+
+
+@task(name="fit-novelty", tags={"gpu"}, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
+      retry_condition_fn=_retry_transient)
+def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_rate: float) -> dict[str, Any]:
+    """Fit novelty statistics, the temperature and the training image profile; return the metadata keys."""
+    from imgflow.tasks.drift import profile_training
+    from imgflow.tasks.novelty import NoveltyError, fit_from_manifest
+
+    try:
+        keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
+    except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
+        get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
+        return {}
+    metadata = registry.read_metadata(Path(model_dir))
+    profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
+                     metadata["aspect"], metadata.get("background"))
+    get_run_logger().info("novelty threshold %.4g (%s, unknown rate %s); temperature %.3f",
+                          keys["novelty"]["threshold"], keys["novelty"]["method"], unknown_rate,
+                          keys["calibration"]["temperature"])
+    return keys
 
 
 @task(name="evaluate-model", tags={"gpu"}, cache_policy=NO_CACHE, timeout_seconds=3600, retries=1, retry_delay_seconds=10,
@@ -149,6 +172,7 @@ def _result_from_metadata(metadata: dict[str, Any], model_dir: Path, workdir: Pa
         "findings": top_findings(findings),
         "champion_dir": pointer.get("model_dir") if pointer else None,
         "skipped": skipped,
+        "outcome": metadata.get("outcome"),
     }
 
 
@@ -202,12 +226,14 @@ def _finish_unevaluated(model_dir: Path, workdir: Path, metadata: dict[str, Any]
 
 
 @flow(name="training-pipeline", log_prints=True)
+@with_workdir_lock("imgflow train")
 def training_pipeline(
     data_dir: Path,
     val_dir: Path | None = None,
     workdir: Path = DEFAULT_WORKDIR,
     config: ImgflowConfig | None = None,
     force: bool = False,
+    wait_for_lock: bool = True,
 ) -> dict[str, Any]:
     """Validate, preprocess, train, evaluate and promote; return a small summary.
 
@@ -218,6 +244,8 @@ def training_pipeline(
         config: every parameter; defaults when None.
         force: train a fresh attempt even when this data and configuration already
             produced a finished run (an interrupted run is always resumed).
+        wait_for_lock: wait for another writer of ``workdir`` (the whole run holds its
+            lock); False raises ``imgflow.tasks.errors.LockHeld`` at once.
 
     Returns:
         ``{"run_id", "model_dir", "val_accuracy", "healthy", "promoted", "reason",
@@ -242,6 +270,10 @@ def training_pipeline(
             "training needs validation images to stop early, evaluate and promote, and found none: "
             "give --val-dir, or a --val-fraction above 0 (the default is 0.1)"
         )
+    if config.validation.label_issues:  # opt-in: writes label_issues.csv/.html into the workdir
+        from imgflow.flows.doctor import label_issues_task
+
+        label_issues_task(prep["validation"]["report_path"], str(workdir), config.train.seed)
     manifest_path = Path(prep["manifest"])
     manifest = read_manifest(manifest_path)
 
@@ -252,6 +284,13 @@ def training_pipeline(
         result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=True)
         print(result["reason"])
         return result
+    if force and state == "resume":
+        from imgflow.tasks.training import discard_resume_state
+
+        # --force always starts fresh: an interrupted attempt's backup is discarded, never trusted
+        logger.warning("force: discarding the interrupted attempt's backup in %s; starting it fresh", model_dir)
+        discard_resume_state(model_dir)
+        state = "new"
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
     summary = train_task(str(manifest_path), str(model_dir), config.train)
@@ -260,6 +299,7 @@ def training_pipeline(
                                        data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
+    metadata.update(fit_novelty_task(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
 
     skip_reason = _skip_evaluation_reason(summary["diagnosis"])
     if skip_reason:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from imgflow.tasks import inspection, paths, scan
+from imgflow.tasks import inspection, paths, scan, shortcuts
 from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode checks live there
     COARSE_HASH_SIDE,
     FINE_HASH_SIDE,
@@ -42,17 +42,18 @@ from imgflow.tasks.inspection import (  # noqa: F401 - re-exported: the decode c
 from imgflow.tasks.options import ValidationOptions
 from imgflow.tasks import progress
 from imgflow.tasks.scan import is_hidden  # noqa: F401 - re-exported: callers import it from here
+from imgflow.tasks.errors import CheckFailed, UsageError
 
 # From this many files on, decoding runs in worker processes (batches of PROCESS_BATCH).
 PROCESS_THRESHOLD, PROCESS_BATCH = 2000, 32
 ERROR, WARNING = "error", "warning"
 
 
-class DatasetError(ValueError):
+class DatasetError(UsageError, ValueError):
     """DATA_DIR (or VAL_DIR) cannot be scanned at all: missing, not a folder, unreadable."""
 
 
-class DatasetUnusable(RuntimeError):
+class DatasetUnusable(CheckFailed, RuntimeError):
     """Validation ran, and the data cannot be trained on (fewer than 2 usable classes)."""
 
 
@@ -320,7 +321,7 @@ def tree_fingerprint(
     digest = hashlib.sha256()
     count = 0
     digest.update(Path(__file__).read_bytes())
-    for module in (scan, inspection):  # the code that decides what a report says
+    for module in (scan, inspection, shortcuts):  # the code that decides what a report says
         digest.update(Path(module.__file__).read_bytes())
     digest.update(options.model_dump_json().encode())
     for root in roots:
@@ -432,6 +433,12 @@ def validate_dataset(
                                      f"{counts['train'][smallest]} ({ratio:.1f}x); a model can score well by "
                                      "predicting the big class — use class weights or collect more", False))
 
+    kept_set = set(kept)
+    shortcut_problems, shortcut_stats = shortcuts.find_shortcuts(
+        [(u.candidate.class_name, u.info) for u in usable
+         if u.candidate in kept_set and u.candidate.split == "train" and u.candidate.class_name in class_names],
+        data_root, options)
+    problems.extend(shortcut_problems)
     files = {
         split: [[c.relpath, c.class_name] for c in kept if c.split == split and c.class_name in class_names]
         for split in ("train", "val")
@@ -456,6 +463,7 @@ def validate_dataset(
             "modes": dict(sorted(modes.items())),
             "formats": dict(sorted(formats.items())),
             "sizes": sizes,
+            **shortcut_stats,
         },
     }
 
@@ -473,6 +481,7 @@ def report_markdown(report: dict[str, Any], max_problems: int = 200) -> str:
         f"- problems: {stats['errors']} errors, {stats['warnings']} warnings",
         f"- image modes: {', '.join(f'{k} {v}' for k, v in stats['modes'].items()) or 'none'}",
         f"- formats: {', '.join(f'{k} {v}' for k, v in stats['formats'].items()) or 'none'}",
+        *shortcuts.markdown_lines(stats),
         "",
         "| class | images | validation images |",
         "|---|---:|---:|",

@@ -26,6 +26,7 @@ from imgflow.tasks import progress, registry
 from imgflow.tasks.atomic import atomic_open, read_json
 from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
+from imgflow.tasks.ood import novelty_section
 from imgflow.tasks.plots import plot_confusion_matrix, plot_image_grid, plot_learning_curves, plot_reliability, plot_saliency
 from imgflow.tasks.report import write_report
 from imgflow.tasks.saliency import saliency_maps
@@ -191,6 +192,7 @@ def _render(
     fetch: Callable[[list[int]], np.ndarray],
     history_csv: Path | None,
     best_epoch: int | None = None,
+    calibrated: np.ndarray | None = None,
 ) -> tuple[dict[str, Path], str | None]:
     """Write every PNG plot; returns (plots, saliency method).
 
@@ -200,7 +202,7 @@ def _render(
     names = metrics["class_names"]
     plots: dict[str, Path] = {
         "confusion_matrix": plot_confusion_matrix(metrics["confusion_matrix"], names, out_dir / "confusion_matrix.png"),
-        "reliability": plot_reliability(labels, probs, out_dir / "reliability.png"),
+        "reliability": plot_reliability(labels, probs, out_dir / "reliability.png", calibrated=calibrated),
     }
     if history_csv is not None:
         curves = plot_learning_curves(history_csv, out_dir / "learning_curves.png", best_epoch=best_epoch)
@@ -387,6 +389,8 @@ def _evaluate(
     tolerance: float,
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
+    ood_dir: Path | None = None,
+    fit_missing: bool = False,
 ) -> dict[str, Any]:
     """Predict with the candidate (and the champion), decide promotion, write metrics, plots and reports."""
     model_dir = Path(model_dir)
@@ -408,11 +412,16 @@ def _evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     training = training_info(model_dir, metadata)
     keep = np.flatnonzero(finite)
+    novelty_keys, novelty_plots, calibrated = novelty_section(model_dir, model, y[keep], probs[keep], batches, size,
+                                                              aspect, out_dir, ood_dir, fit_missing,
+                                                              metadata.get("background"))
+    metrics.update(novelty_keys)
     plots, method = _render(
         out_dir, model, metrics, y[keep], probs[keep], [names_in_order[k] for k in keep],
         lambda ks: fetch([order[keep[k]] for k in ks], size, aspect), model_dir / "history.csv",
-        best_epoch=training.get("best_epoch"),
+        best_epoch=training.get("best_epoch"), calibrated=calibrated,
     )
+    plots.update(novelty_plots)
     run_id = str(metadata.get("run_id", model_dir.name))
     champion_metrics = compute_metrics(y, champion_raw, names) if champion_raw is not None else None
     candidate_meta = {**metadata, "metrics": {**(metadata.get("metrics") or {}), "val_accuracy": metrics["accuracy"]}}
@@ -548,11 +557,12 @@ def evaluate_folder(
     min_class_images_for_recall_gate: int = registry.MIN_CLASS_IMAGES_FOR_RECALL_GATE,
     csv_neutralise: bool = True,
     exclude: Sequence[Path | str] = (),
+    ood_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model directory on any class-folder directory.
 
-    Images are read with ``imgflow.tasks.tfrecords.load_image`` at the model's recorded
-    ``image_size`` and ``aspect`` (the training resize). Unreadable files, and files in
+    Images are read with ``imgflow.tasks.images.load_image`` at the model's recorded
+    ``image_size``, ``aspect`` and ``background`` (the training preparation). Unreadable files, and files in
     folders that are not model classes, are skipped and listed in the report.
 
     Args:
@@ -567,6 +577,8 @@ def evaluate_folder(
         csv_neutralise: prefix ``predictions.csv`` cells that a spreadsheet would run as
             formulas with ``'`` (False: raw paths and class names).
         exclude: folders never scanned (imgflow's work folder inside ``data_dir``).
+        ood_dir: images known to be none of the classes: adds ``novelty`` (AUROC) and
+            ``novelty.png``. A model directory without novelty statistics gets them here.
 
     Returns:
         As :func:`evaluate_split`; ``skipped`` counts the skipped files.
@@ -574,10 +586,11 @@ def evaluate_folder(
     Raises:
         EvaluationError: no class folder the model knows, or no readable image.
     """
-    from imgflow.tasks.tfrecords import load_image
+    from imgflow.tasks.images import load_image
 
     data_dir = Path(data_dir)
     metadata = registry.read_metadata(Path(model_dir))
+    background = metadata.get("background")  # as in training; None (older models): alpha dropped
     files, skipped = scan_class_folders(data_dir, metadata["class_names"], exclude)
     if not files:
         raise EvaluationError(f"DATA_DIR {data_dir}: no files in the class folders {metadata['class_names']}")
@@ -588,8 +601,10 @@ def evaluate_folder(
             indices, images, labels = [], [], []
             for index in range(start, min(start + batch_size, len(files))):
                 rel, label = files[index]
+                if index in bad:  # batches run again for novelty features: report a bad file once
+                    continue
                 try:
-                    images.append(load_image(data_dir / rel, size, aspect))  # the training resize
+                    images.append(load_image(data_dir / rel, size, aspect, background))  # the training resize
                 except Exception as exc:  # any decode failure: skip and report, never fatal
                     bad.add(index)
                     skipped.append({"path": rel, "reason": f"{type(exc).__name__}: {exc}"[:300]})
@@ -600,8 +615,9 @@ def evaluate_folder(
                 yield indices, np.stack(images), np.asarray(labels)
 
     def fetch(indices: list[int], size: int, aspect: str) -> np.ndarray:
-        return np.stack([load_image(data_dir / files[i][0], size, aspect) for i in indices])
+        return np.stack([load_image(data_dir / files[i][0], size, aspect, background) for i in indices])
 
     info = {"data": str(data_dir.resolve()), "count": len(files)}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],
-                     champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise)
+                     champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise,
+                     ood_dir=ood_dir, fit_missing=True)

@@ -48,3 +48,38 @@ def as_probabilities(outputs: np.ndarray) -> tuple[np.ndarray, bool]:
 def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """The first (usually only) output of :func:`predict_outputs`."""
     return predict_outputs(model, np.asarray(images, dtype=np.float32), batch_size)[0]
+
+
+def run_batch(model: Any, x: np.ndarray, n_classes: int, lock: Any,
+              novelty: Any = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """One model call on a batch: (probabilities, novelty or None, unknown or None).
+
+    With novelty statistics (:class:`imgflow.tasks.novelty.NoveltyModel`) the
+    two-output model gives the class outputs and the penultimate features in the same
+    pass, and the probabilities are temperature-calibrated.
+
+    Raises:
+        ValueError: the model's output width is not ``n_classes``, or a plain model has several outputs.
+    """
+    if novelty is not None:
+        from imgflow.tasks.novelty import split_outputs
+
+        predictor = novelty.predictor(model)
+        with lock:
+            raw = predictor.predict_on_batch(x)
+        outputs, features = split_outputs(raw, len(x))
+        _check_width(outputs.shape[1], n_classes)
+        return novelty.score(features, outputs)
+    with lock:
+        raw = model.predict_on_batch(x)
+    if isinstance(raw, (list, tuple, dict)):
+        raise ValueError("model: expected one output tensor of class scores, found several outputs")
+    raw = np.asarray(raw)
+    probs = as_probabilities(raw.reshape(raw.shape[0], -1))[0]
+    _check_width(probs.shape[1], n_classes)
+    return probs, None, None
+
+
+def _check_width(width: int, n_classes: int) -> None:
+    if width != n_classes:
+        raise ValueError(f"model: expected {n_classes} outputs (class_names in metadata.json), found {width}")

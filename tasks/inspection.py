@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from imgflow.tasks import shortcuts
+
 # Formats imgflow trains on. Pillow reads more (PSD, ICO, EPS ...) but those are
 # rarely real photos and some need external programs: they are reported instead.
 SUPPORTED_FORMATS = {"JPEG", "MPO", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PPM", "AVIF"}
@@ -74,6 +76,13 @@ class ImageInfo:
     pixel_hash: str | None = None
     coarse_hash: int | None = None
     fine_hash: int | None = None
+    # cheap properties for the shortcut test (see imgflow.tasks.shortcuts)
+    has_alpha: bool = False
+    brightness: float | None = None
+    border_rgb: tuple[float, float, float] | None = None
+    centre_rgb: tuple[float, float, float] | None = None
+    detail: float | None = None
+    transparent_rgb: tuple[float, float, float] | None = None
     error_code: str | None = None
     error_message: str | None = None
     warnings: list[tuple[str, str]] = field(default_factory=list)
@@ -82,6 +91,9 @@ class ImageInfo:
 def thumbnail(image: Image.Image, side: int = THUMBNAIL_SIDE) -> Image.Image:
     """A cheap reduced copy (integer box reduction in C) with its short side near ``side``."""
     factor = max(1, min(image.size) // side)
+    if factor > 1 and image.mode in ("1", "P", "I;16", "I;16B", "I;16L"):
+        # Image.reduce rejects these modes ("image has wrong mode"): a palette or 1-bit PNG is not corrupt
+        image = image.convert("RGBA" if image.mode == "P" else "L" if image.mode == "1" else "I")
     return image.reduce(factor) if factor > 1 else image
 
 
@@ -184,6 +196,9 @@ def inspect_image(path: Path) -> ImageInfo:
                 info.coarse_hash = difference_hash(gray, COARSE_HASH_SIDE)
                 info.fine_hash = difference_hash(gray, FINE_HASH_SIDE)
                 info.pixel_hash = f"{image.mode}{image.size}{zlib.crc32(small.tobytes()):08x}{info.fine_hash:x}"
+                info.has_alpha = shortcuts.has_alpha(image)
+                (info.brightness, info.border_rgb, info.centre_rgb, info.detail,
+                 info.transparent_rgb) = shortcuts.pixel_properties(image, small, gray)
         for warning in caught:
             if issubclass(warning.category, Image.DecompressionBombWarning) and not any(
                     code == "large_image" for code, _ in info.warnings):

@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from imgflow.tasks.errors import UsageError
+
 #: equal-width confidence bins of the expected calibration error and the reliability diagram
 CALIBRATION_BINS = 10
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UsageError, ValueError):
     """Input that cannot be evaluated (no images, unknown classes, bad model directory)."""
 
 

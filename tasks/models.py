@@ -20,26 +20,36 @@ from typing import Any, Callable
 
 import keras
 import numpy as np
+from imgflow.tasks.errors import UsageError
 
 # Canonical names of the built-in models; lookups ignore case, "-" and "_".
 BUILTIN_MODELS = ("default", "conv_blocks", "efficientnetv2b0", "mobilenetv3small", "resnet50")
 
-# Built-in "default" CNN: conv blocks with BatchNorm, global average pooling, dropout.
+# Built-in "default" CNN, chosen on bench/recipe.py (see bench/RESULTS.md): the shape of
+# the hand-written tutorial script (one 3x3 conv + max-pool per block, Flatten, Dense 128)
+# with BatchNorm after each block's pooling. Against that script at the same epochs it
+# converges in the few hundred steps small datasets give (BatchNorm lets the rate be 3e-3)
+# for about the script's compute per epoch; two convs a block and global average pooling
+# (the previous default) cost ~3x the compute and underfit in 10 epochs.
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
-    "filters": [32, 64, 128],
-    "convs_per_block": 2,
+    "filters": "auto",
+    "convs_per_block": 1,
     "kernel_size": 3,
     "batch_norm": True,
     # "auto": fast-moving BatchNorm statistics sized to the epoch (see bn_momentum_for);
     # with the Keras default (0.99) a small dataset's few steps leave the statistics used
     # at validation time far from the trained weights' (val accuracy stuck at chance)
     "bn_momentum": "auto",
+    "norm_position": "pool",
     "activation": "relu",
     "pooling": "max",
-    "global_pool": "avg",
-    "dense": [],
+    "global_pool": "flatten",
+    "dense": [128],
     "dropout": 0.3,
 }
+# The learning rate a built-in model trains at when ``learning_rate`` is not set.
+DEFAULT_LEARNING_RATES: dict[str, float] = {"default": 3e-3}
+FALLBACK_LEARNING_RATE = 1e-3
 
 # "conv_blocks": the architecture of a typical hand-written Keras script
 # (Conv2D/MaxPool blocks, Flatten, one Dense layer), but with rescaling inside.
@@ -49,6 +59,7 @@ CONV_BLOCKS_ARCHITECTURE: dict[str, Any] = {
     "kernel_size": 3,
     "batch_norm": False,
     "bn_momentum": "auto",
+    "norm_position": "conv",
     "activation": "relu",
     "pooling": "max",
     "global_pool": "flatten",
@@ -63,7 +74,7 @@ AUGMENT_DEFAULTS: dict[str, Any] = {"translate": 0.1, "rotate": 0.05, "zoom": 0.
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(UsageError, ValueError):
     """A model name, builder or architecture option that cannot be used."""
 
 
@@ -76,6 +87,28 @@ def bn_momentum_for(steps_per_epoch: int | None) -> float:
     if not steps_per_epoch:
         return 0.5
     return float(min(0.99, max(0.5, 1.0 - 4.0 / steps_per_epoch)))
+
+
+def recipe_learning_rate(model: str) -> float:
+    """The learning rate of a model's recipe: 3e-3 for ``default`` (BatchNorm), else 1e-3; pure."""
+    try:
+        return DEFAULT_LEARNING_RATES.get(resolve_model_name(model), FALLBACK_LEARNING_RATE)
+    except ModelConfigError:
+        return FALLBACK_LEARNING_RATE
+
+
+def filters_for(image_size: int) -> list[int]:
+    """Conv block widths for ``filters: auto``: one block per halving down to ~4-8 px; pure.
+
+    32 -> [32, 64, 128]; 48 and 64 -> [32, 64, 128]; 128 -> [32, 64, 128, 128];
+    256 -> [32, 64, 128, 128, 256]. Beyond the third block the width grows only every
+    other block, so the compute per image stays near the plain three-block script's.
+    """
+    blocks = 3
+    while image_size // (2**blocks) > 8 and blocks < 6:
+        blocks += 1
+    widths = [32, 64, 128, 128, 256, 256]
+    return widths[:blocks]
 
 
 def _canonical(name: str) -> str:
@@ -160,8 +193,11 @@ def build_conv_blocks(
     Args:
         image_size: side of the square input images.
         num_classes: number of output classes (softmax units).
-        architecture: overrides of ``filters`` (one block per entry), ``convs_per_block``,
-            ``kernel_size``, ``batch_norm``, ``bn_momentum``, ``activation``, ``pooling`` (max|avg|none),
+        architecture: overrides of ``filters`` (one block per entry, or ``auto``: see
+            :func:`filters_for`), ``convs_per_block``,
+            ``kernel_size``, ``batch_norm`` (true, false, ``after_first`` or one flag per
+            block), ``norm_position`` (``conv``: BatchNorm before the activation; ``pool``:
+            after the block's pooling, cheaper), ``bn_momentum``, ``activation``, ``pooling`` (max|avg|none),
             ``global_pool`` (avg|max|flatten), ``dense`` (list of units), ``dropout``,
             and ``augmentation`` (see :func:`augmentation_block`).
         augment: include the augmentation block.
@@ -180,6 +216,8 @@ def build_conv_blocks(
     elif not isinstance(momentum, (int, float)) or not 0 <= momentum < 1:
         raise ModelConfigError(f"architecture.bn_momentum: expected auto or a number in [0, 1), found {momentum!r}")
     filters = arch["filters"]
+    if filters == "auto":
+        filters = filters_for(image_size)
     if isinstance(filters, int):
         filters = [filters]
     if not filters or not all(isinstance(f, int) and f > 0 for f in filters):
@@ -201,16 +239,30 @@ def build_conv_blocks(
     x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
     if augment:
         x = augmentation_block(aug, seed)(x)
+    norm = arch["batch_norm"]
+    if isinstance(norm, bool):
+        norm = [norm] * len(filters)
+    elif isinstance(norm, str) and norm == "after_first":
+        # the first block's BatchNorm works on the largest activations (half a CPU epoch at
+        # 48 px); later blocks normalise most of what it would, at a fraction of the cost
+        norm = [False] + [True] * (len(filters) - 1)
+    if not isinstance(norm, list) or len(norm) != len(filters) or not all(isinstance(n, bool) for n in norm):
+        raise ModelConfigError(
+            f"architecture.batch_norm: expected true, false, after_first or one true/false per block, found {arch['batch_norm']!r}"
+        )
+    if arch["norm_position"] not in ("conv", "pool"):
+        raise ModelConfigError(f"architecture.norm_position: expected conv or pool, found {arch['norm_position']!r}")
+    after_pool = arch["norm_position"] == "pool"
     for b, width in enumerate(filters):
         for c in range(int(arch["convs_per_block"])):
             x = keras.layers.Conv2D(
                 width,
                 arch["kernel_size"],
                 padding="same",
-                use_bias=not arch["batch_norm"],
+                use_bias=not norm[b] or after_pool,
                 name=f"block{b + 1}_conv{c + 1}",
             )(x)
-            if arch["batch_norm"]:
+            if norm[b] and not after_pool:
                 x = keras.layers.BatchNormalization(
                     momentum=float(momentum), name=f"block{b + 1}_bn{c + 1}"
                 )(x)
@@ -219,6 +271,10 @@ def build_conv_blocks(
             x = keras.layers.MaxPooling2D(name=f"block{b + 1}_pool")(x)
         elif arch["pooling"] == "avg":
             x = keras.layers.AveragePooling2D(name=f"block{b + 1}_pool")(x)
+        if norm[b] and after_pool:
+            # normalising the pooled map (a quarter of the values) costs a quarter of the
+            # CPU time of BatchNorm before the activation, and keeps its stabilising effect
+            x = keras.layers.BatchNormalization(momentum=float(momentum), name=f"block{b + 1}_bn")(x)
     if arch["global_pool"] == "avg":
         x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     elif arch["global_pool"] == "max":
@@ -241,9 +297,10 @@ def build_default(
     seed: int = 42,
     steps_per_epoch: int | None = None,
 ) -> keras.Model:
-    """The built-in CNN: conv blocks with BatchNorm, global average pooling, dropout.
+    """The built-in CNN: tutorial-shaped conv blocks with BatchNorm, Flatten, Dense 128, dropout.
 
-    Trains well from scratch on small folder datasets; takes raw 0-255 RGB images.
+    Trains well from scratch on small folder datasets in few epochs; takes raw 0-255 RGB
+    images. See ``DEFAULT_ARCHITECTURE`` for the options and why they were chosen.
     """
     return build_conv_blocks(
         image_size, num_classes, architecture, augment, seed, defaults=DEFAULT_ARCHITECTURE,
@@ -420,9 +477,13 @@ def make_optimizer(
     learning_rate: float,
     schedule: str = "none",
     total_steps: int | None = None,
+    warmup_steps: int = 0,
 ) -> keras.optimizers.Optimizer:
     """An optimizer by name (adam, adamw, sgd, rmsprop), optionally with a cosine decay schedule.
 
+    ``schedule="cosine"`` decays from ``learning_rate`` to 1% of it over the training
+    steps; with ``warmup_steps`` the rate first rises linearly from 1% to ``learning_rate``
+    over those steps (Keras ``CosineDecay`` warm-up), then decays over the rest.
     ``schedule="plateau"`` is a callback (ReduceLROnPlateau), so the optimizer gets a
     constant rate here.
 
@@ -432,7 +493,14 @@ def make_optimizer(
     if schedule == "cosine":
         if not total_steps:
             raise ModelConfigError("schedule: cosine decay needs the total number of training steps")
-        lr: Any = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(total_steps), alpha=0.01)
+        warmup = max(0, min(int(warmup_steps), int(total_steps) - 1))
+        if warmup:
+            lr: Any = keras.optimizers.schedules.CosineDecay(
+                learning_rate * 0.01, decay_steps=int(total_steps) - warmup, alpha=0.01,
+                warmup_target=learning_rate, warmup_steps=warmup,
+            )
+        else:
+            lr = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=int(total_steps), alpha=0.01)
     elif schedule in ("none", "plateau"):
         lr = learning_rate
     else:
@@ -456,21 +524,26 @@ def is_compiled(model: keras.Model) -> bool:
 def compile_model(
     model: keras.Model,
     optimizer: str = "adam",
-    learning_rate: float = 1e-3,
+    learning_rate: float | str | None = 1e-3,
     schedule: str = "none",
     total_steps: int | None = None,
     jit_compile: bool | str = "auto",
+    warmup_steps: int = 0,
 ) -> keras.Model:
     """Compile ``model`` with sparse categorical cross-entropy and accuracy, unless it already is.
 
-    A model that a user builder compiled keeps its optimizer, loss and metrics.
+    A model that a user builder compiled keeps its optimizer, loss and metrics. A
+    ``learning_rate`` of None (or ``auto`` here, where no range test runs) is the model's
+    recipe rate (see :func:`recipe_learning_rate`).
     """
     if is_compiled(model):
         return model
+    if not isinstance(learning_rate, (int, float)):
+        learning_rate = recipe_learning_rate("default" if model.name == "imgflow_default" else model.name)
     if keras.backend.backend() == "jax":
         _mark_augmentation_jit_safe(model)
     model.compile(
-        optimizer=make_optimizer(optimizer, learning_rate, schedule, total_steps),
+        optimizer=make_optimizer(optimizer, learning_rate, schedule, total_steps, warmup_steps),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,

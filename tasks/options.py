@@ -8,11 +8,22 @@ reads them from YAML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from imgflow.tasks.errors import OptionError
 from imgflow.tasks.records import DEFAULT_ASPECT, Aspect, describe_error
+
+# `augment: auto` turns augmentation on from this many epochs: on bench/recipe.py (10 epochs,
+# 250-1,350 images) it cost 10 points of validation accuracy, because a short run spends its
+# epochs learning the augmented variety instead of fitting; longer runs need the regulariser.
+AUGMENT_FROM_EPOCHS = 30
+
+# `augment: auto` turns augmentation on from this many epochs: on bench/recipe.py (10 epochs,
+# 250-1,350 images) it cost 10 points of validation accuracy, because a short run spends its
+# epochs learning the augmented variety instead of fitting; longer runs need the regulariser.
+AUGMENT_FROM_EPOCHS = 30
 
 
 class ValidationOptions(BaseModel):
@@ -26,6 +37,18 @@ class ValidationOptions(BaseModel):
     aspect_outlier_factor: float = Field(2.0, gt=1, description="aspect ratio this many times off the median is an outlier")
     near_duplicates: bool = Field(True, description="report near-duplicates found by a perceptual hash")
     workers: int | None = Field(None, ge=1, description="parallel decoders (default: all cores)")
+    shortcuts: bool = Field(True, description="test whether one cheap file property alone predicts the class")
+    shortcut_margin: float = Field(
+        0.4, gt=0, le=1, description="report a property whose balanced accuracy is at least chance + this"
+    )
+    shortcut_content_gap: float = Field(
+        0.2, ge=0, le=1, description="brightness, border colour, file size must beat their content baseline by this"
+    )
+    shortcut_min_files: int = Field(10, ge=2, description="files per class a shortcut test needs")
+    shortcut_folds: int = Field(5, ge=2, description="cross-validation folds of the shortcut test")
+    label_issues: bool = Field(
+        False, description="rank training images whose label a quick out-of-fold model confidently disputes"
+    )
 
 
 class PreprocessOptions(BaseModel):
@@ -37,10 +60,21 @@ class PreprocessOptions(BaseModel):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int = 42
     aspect: Aspect = DEFAULT_ASPECT
+    background: str = Field(
+        "black", description="colour under transparent pixels: black, white or a hex colour such as #808080"
+    )
     encoding: Literal["jpeg", "png", "raw"] = "jpeg"
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size_mb: float = Field(128.0, gt=0)
     dask_address: str | None = None
+
+    @field_validator("background")
+    @classmethod
+    def _known_background(cls, value: str) -> str:
+        from imgflow.tasks.images import parse_background
+
+        parse_background(value)  # raises ValueError naming the accepted forms
+        return value.strip().lower()
 
 
 class TrainOptions(BaseModel):
@@ -52,11 +86,25 @@ class TrainOptions(BaseModel):
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    learning_rate: float = Field(1e-3, gt=0)
+    learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
+        None,
+        description="the optimizer's rate; unset: the model's recipe rate (3e-3 default model, else 1e-3); "
+        "auto: a learning-rate range test picks it (lr_finder.png in the run folder)",
+    )
     schedule: Literal["none", "cosine", "plateau"] = "none"
-    class_weights: Literal["auto", "on", "off"] = "auto"
+    warmup_epochs: float = Field(0.0, ge=0, description="linear learning-rate warm-up before the cosine decay")
+    # off by default: on bench/recipe.py weighting the imbalanced sets (3x) cost 4.5-5 points
+    # of validation accuracy and did not raise the lowest class recall (bench/RESULTS.md)
+    class_weights: Literal["auto", "on", "off"] = Field(
+        "off", description="weight the loss by inverse class frequency: on, off, or auto (when max/min count > 1.5)"
+    )
+    monitor: Literal["val_accuracy", "val_loss"] = Field(
+        "val_accuracy", description="the validation metric that picks the kept epoch and stops training early"
+    )
     early_stopping_patience: int = Field(5, ge=1)
-    augment: bool = True
+    augment: bool | Literal["auto"] = Field(
+        "auto", description=f"augmentation layers in the model; auto: on from {AUGMENT_FROM_EPOCHS} epochs"
+    )
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     architecture: dict[str, Any] = Field(default_factory=dict, description="options for the chosen model builder")
@@ -66,6 +114,14 @@ class TrainOptions(BaseModel):
     min_class_images_for_recall_gate: int = Field(
         10, ge=1, description="a candidate with recall 0 on a class with this many validation images is never "
         "promoted over a champion that recognises the class")
+    unknown_rate: float = Field(
+        0.05, gt=0, lt=1, description="share of validation images flagged unknown: sets the novelty threshold")
+
+    @model_validator(mode="after")
+    def _resolve_augment(self) -> "TrainOptions":
+        if self.augment == "auto":
+            self.augment = self.epochs >= AUGMENT_FROM_EPOCHS
+        return self
 
 
 class PredictOptions(BaseModel):
@@ -101,7 +157,7 @@ def with_overrides(options: _Options, **values: Any) -> _Options:
     """``options`` with the given values on top (``None`` means not given), validated.
 
     Raises:
-        ValueError: a value the option does not accept; the message names the option.
+        OptionError: a value the option does not accept (a ValueError); the message names the option.
     """
     given = {key: value for key, value in values.items() if value is not None}
     if not given:
@@ -109,4 +165,4 @@ def with_overrides(options: _Options, **values: Any) -> _Options:
     try:
         return type(options).model_validate({**options.model_dump(), **given})
     except ValidationError as exc:
-        raise ValueError(describe_error(exc)) from None
+        raise OptionError(describe_error(exc)) from None

@@ -24,10 +24,12 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from imgflow.tasks.errors import UsageError
+
 Inputs = Mapping[str, "Path | str | None"]
 
 
-class PathConflict(ValueError):
+class PathConflict(UsageError, ValueError):
     """An output would be written onto or inside an input folder, or two inputs overlap (exit 2)."""
 
 

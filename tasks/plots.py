@@ -148,14 +148,19 @@ def _mark_epoch(ax, epochs: list[int], values: list[float], best_epoch: int) -> 
                 label=f"weights kept (epoch {best_epoch})")
 
 
-def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, bins: int = CALIBRATION_BINS) -> Path:
+def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, bins: int = CALIBRATION_BINS,
+                     calibrated: np.ndarray | None = None) -> Path:
     """Reliability diagram: accuracy against confidence per bin, with the confidence histogram.
+
+    With ``calibrated`` (temperature-scaled probabilities of the same images) the
+    calibrated per-bin accuracy is drawn over the bars and the title shows both ECEs.
 
     Args:
         labels: true class indices, shape [N].
         probabilities: class probabilities, shape [N, K].
         path: PNG file to write.
         bins: equal-width confidence bins.
+        calibrated: optional calibrated probabilities, shape [N, K].
 
     Returns:
         ``path``.
@@ -178,6 +183,12 @@ def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, 
     ax.set_xlabel("confidence (top-1 probability)")
     ax.set_ylabel("accuracy")
     ax.set_title(f"Reliability (ECE {ece:.3f})")
+    if calibrated is not None:
+        after = np.asarray(calibrated, dtype=np.float64)
+        points = [(r["confidence"], r["accuracy"]) for r in reliability_bins(labels, after, bins) if r["accuracy"] is not None]
+        if points:
+            ax.plot(*zip(*points), "o-", color="#dd8452", linewidth=1.5, label="after temperature scaling")
+        ax.set_title(f"Reliability (ECE {ece:.3f} before, {expected_calibration_error(labels, after, bins):.3f} after)")
     ax.legend(fontsize=8, loc="upper left")
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == labels
@@ -278,3 +289,29 @@ def plot_saliency(
     fig.suptitle(f"What the model looked at ({summary}; red = most important for the predicted class)", fontsize=10)
     return _save(fig, path)
 
+
+
+def plot_novelty_histogram(in_scores: np.ndarray, ood_scores: np.ndarray, threshold: float, path: Path,
+                           auroc: float | None = None) -> Path:
+    """Histogram of novelty scores: evaluation images vs the ``--ood-dir`` images, with the threshold.
+
+    Args:
+        in_scores: novelty of the evaluated (known-class) images.
+        ood_scores: novelty of the images known to be none of the classes.
+        threshold: the calibrated ``unknown`` threshold.
+        path: PNG file to write.
+        auroc: shown in the title when given.
+    """
+    in_scores, ood_scores = np.asarray(in_scores, float), np.asarray(ood_scores, float)
+    both = np.concatenate([in_scores, ood_scores, [threshold]])
+    edges = np.linspace(float(both.min()), float(both.max()) + 1e-9, 41)
+    fig = _figure(7.5, 3.6)
+    ax = fig.subplots()
+    ax.hist(in_scores, bins=edges, alpha=0.6, color="#4c72b0", label=f"evaluation images ({len(in_scores)})")
+    ax.hist(ood_scores, bins=edges, alpha=0.6, color="#c44e52", label=f"--ood-dir images ({len(ood_scores)})")
+    ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="unknown threshold")
+    ax.set_xlabel("novelty (higher = less like the training data)")
+    ax.set_ylabel("images")
+    ax.set_title("Novelty" + (f" (AUROC {auroc:.3f})" if auroc is not None else ""))
+    ax.legend(fontsize=8)
+    return _save(fig, path)

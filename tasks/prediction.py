@@ -10,7 +10,7 @@ The pieces, each a plain function:
   falls into, every other chunk keeps its identity (:func:`chunk_key`), and a
   re-run over a growing inbox predicts only what is new.
 * :func:`predict_chunk` decodes a chunk's files exactly as training did
-  (``imgflow.tasks.tfrecords.load_image`` with the model's ``image_size`` and ``aspect``)
+  (``imgflow.tasks.images.load_image`` with the model's ``image_size``, ``aspect`` and ``background``)
   on a thread pool, one batch ahead of the model, runs the model on whole batches,
   and writes one part file atomically.
 * :func:`assemble_csv` streams the part files of the current scan, in scan order,
@@ -32,18 +32,23 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from imgflow.tasks.atomic import atomic_open, read_json
+from imgflow.tasks.atomic import atomic_open, read_json, write_json
 from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks import progress, scan
+from imgflow.tasks.drift import decode_profiled, profile_path, read_profiles
+from imgflow.tasks.inference import run_batch
 
 logger = logging.getLogger(__name__)
 
 PART_PREFIX = "part-"
+#: bumped when the part-file columns change, so parts of an older layout are never resumed
+PART_FORMAT = "v2-novelty"
 MAX_ERROR_CHARS = 200
 
 
@@ -162,7 +167,13 @@ def model_identity(model_dir: Path | str) -> str:
     """A string that changes whenever the model directory's weights change."""
     model_dir = Path(model_dir).resolve()
     st = (model_dir / "model.keras").stat()
-    return f"{model_dir}|{st.st_size}|{st.st_mtime_ns}"
+    return f"{model_dir}|{st.st_size}|{st.st_mtime_ns}" + _novelty_identity(model_dir)
+
+
+def _novelty_identity(model_dir: Path) -> str:
+    """Fitted novelty statistics (a backfill) change every row: they belong to the model's identity."""
+    stats = model_dir / "novelty.npz"
+    return f"|{PART_FORMAT}|{stats.stat().st_mtime_ns if stats.is_file() else 0}"
 
 
 def run_dir_for(workdir: Path | str, model_dir: Path | str, input_dir: Path | str, out: Path | str) -> Path:
@@ -234,11 +245,13 @@ def _short(message: str) -> str:
     return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
 
 
-def _decode(path: Path, image_size: int, aspect: str) -> tuple[np.ndarray | None, str]:
-    from imgflow.tasks.tfrecords import load_image
+def _decode(
+    path: Path, image_size: int, aspect: str, info: dict | None = None, background: str | None = None
+) -> tuple[np.ndarray | None, str]:
+    from imgflow.tasks.images import load_image
 
     try:
-        return load_image(path, image_size, aspect), ""
+        return load_image(path, image_size, aspect, background, info), ""
     except Exception as exc:  # any unreadable file becomes an error row, never stops the run
         return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
 
@@ -255,9 +268,13 @@ def to_probabilities(outputs: np.ndarray) -> np.ndarray:
     return as_probabilities(out.reshape(out.shape[0], -1))[0]
 
 
+#: columns before the ``prob_<class>`` columns
+LEADING_COLUMNS = ("path", "label", "confidence", "novelty", "unknown")
+
+
 def csv_header(class_names: Sequence[str], top_k: int | None = None) -> list[str]:
-    """Columns of the predictions CSV: path, label, confidence, prob_<class>..., [top-k], error."""
-    header = ["path", "label", "confidence", *[f"prob_{name}" for name in class_names]]
+    """Columns of the predictions CSV: path, label, confidence, novelty, unknown, prob_<class>..., [top-k], error."""
+    header = [*LEADING_COLUMNS, *[f"prob_{name}" for name in class_names]]
     for i in range(1, _clip_top_k(top_k, len(class_names)) + 1):
         header += [f"top{i}_label", f"top{i}_prob"]
     return header + ["error"]
@@ -271,11 +288,13 @@ def _fmt(p: float) -> str:
     return format(float(p), ".10g")
 
 
-def _row(rel: str, class_names: Sequence[str], probs: np.ndarray | None, error: str) -> list[str]:
+def _row(rel: str, class_names: Sequence[str], probs: np.ndarray | None, error: str,
+         novelty: float | None = None, unknown: bool | None = None) -> list[str]:
     if probs is None:
-        return [rel, "", "", *([""] * len(class_names)), error]
+        return [rel, "", "", "", "", *([""] * len(class_names)), error]
     best = int(np.argmax(probs))
-    return [rel, class_names[best], _fmt(probs[best]), *[_fmt(p) for p in probs], ""]
+    novelty_cells = ["", ""] if novelty is None else [_fmt(novelty), "true" if unknown else "false"]
+    return [rel, class_names[best], _fmt(probs[best]), *novelty_cells, *[_fmt(p) for p in probs], ""]
 
 
 def predict_files(
@@ -285,6 +304,8 @@ def predict_files(
     entries: Sequence[FileEntry],
     batch_size: int = 256,
     workers: int | None = None,
+    novelty: Any = None,
+    profile: dict[str, Any] | None = None,
 ) -> list[list[str]]:
     """Predict a list of files with a loaded model; one row per file, in order.
 
@@ -299,10 +320,15 @@ def predict_files(
         entries: files to predict.
         batch_size: images per model call.
         workers: decoding threads (default: CPU count, at most 16).
+        novelty: fitted statistics (:class:`imgflow.tasks.novelty.NoveltyModel`): fills
+            ``novelty``/``unknown`` and calibrates the probabilities; None leaves those
+            cells empty and the probabilities as the model gives them.
+        profile: a drift profile (:func:`imgflow.tasks.drift.new_profile`) to count
+            every file's image properties into (in place); None skips that work.
 
     Returns:
-        Rows ``[path, label, confidence, prob_<class>..., error]`` as strings;
-        a file that cannot be decoded gets empty prediction cells and an ``error``.
+        Rows ``[path, label, confidence, novelty, unknown, prob_<class>..., error]`` as
+        strings; a file that cannot be decoded gets empty prediction cells and an ``error``.
 
     Raises:
         ValueError: the model's output width does not match ``class_names``.
@@ -311,13 +337,17 @@ def predict_files(
         raise ValueError(f"batch_size: expected an integer >= 1, found {batch_size!r}")
     class_names = list(metadata["class_names"])
     size, aspect = int(metadata["image_size"]), str(metadata["aspect"])
+    background = metadata.get("background")  # as in training; None (older models): alpha dropped, as they saw it
     root = Path(input_dir)
     workers = workers or min(16, os.cpu_count() or 1)
     predict_lock = _PREDICT_LOCKS.setdefault(id(model), threading.Lock())
     rows: list[list[str]] = []
 
+    decoder = partial(_decode, background=background)
+    decode = decoder if profile is None else partial(decode_profiled, decoder)
+
     def submit(pool: ThreadPoolExecutor, batch: Sequence[FileEntry]) -> list[Future | None]:
-        return [None if e.error else pool.submit(_decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
+        return [None if e.error else pool.submit(decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
 
     batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:
@@ -331,28 +361,29 @@ def predict_files(
                 if future is None:
                     errors.append(entry.error)
                     continue
-                pixels, error = future.result()
+                pixels, error, *props = future.result()
+                if profile is not None:
+                    from imgflow.tasks.drift import add
+
+                    add(profile, props[0])
                 if pixels is not None and pixels.shape != (size, size, 3):
                     pixels, error = None, f"decoded to shape {pixels.shape}, expected {(size, size, 3)}"
                 errors.append(error)
                 if pixels is not None:
                     images.append(pixels)
-            probs = np.zeros((0, len(class_names)))
+            probs, scores, unknown = np.zeros((0, len(class_names))), None, None
             if images:
                 x = np.stack(images).astype(np.float32)
-                with predict_lock:
-                    raw = model.predict_on_batch(x)
-                if isinstance(raw, (list, tuple)) or isinstance(raw, dict):
-                    raise ValueError("model: expected one output tensor of class scores, found several outputs")
-                probs = to_probabilities(np.asarray(raw))
-                if probs.shape[1] != len(class_names):
-                    raise ValueError(
-                        f"model: expected {len(class_names)} outputs (class_names in metadata.json), "
-                        f"found {probs.shape[1]}"
-                    )
-            next_prob = iter(probs)
+                probs, scores, unknown = run_batch(model, x, len(class_names), predict_lock, novelty)
+            done = 0
             for entry, error in zip(batch, errors):
-                rows.append(_row(entry.rel, class_names, None if error else next(next_prob), error))
+                if error:
+                    rows.append(_row(entry.rel, class_names, None, error))
+                    continue
+                rows.append(_row(entry.rel, class_names, probs[done], "",
+                                 None if scores is None else float(scores[done]),
+                                 None if unknown is None else bool(unknown[done])))
+                done += 1
             progress.advance("predict", len(batch))
     return rows
 
@@ -397,10 +428,16 @@ def predict_chunk(
     Returns:
         ``{"part", "rows", "errors", "label_counts", "seconds", "pid"}``.
     """
+    from imgflow.tasks import drift, novelty
+
     started = time.perf_counter()
     model, metadata = load_model_cached(model_dir)
     files = [FileEntry(*e) for e in entries]
-    rows = predict_files(model, metadata, input_dir, files, batch_size=batch_size, workers=workers)
+    profile = drift.new_profile()
+    rows = predict_files(model, metadata, input_dir, files, batch_size=batch_size, workers=workers,
+                         novelty=novelty.load_cached(model_dir), profile=profile)
+    # the profile first: a part file on disk means the chunk is complete
+    write_json(profile_path(part), profile)
     write_part(part, metadata["class_names"], rows)
     labels = Counter(row[1] for row in rows if not row[-1])
     return {
@@ -408,6 +445,7 @@ def predict_chunk(
         "rows": len(rows),
         "errors": sum(1 for row in rows if row[-1]),
         "label_counts": dict(labels),
+        "unknown": sum(1 for row in rows if row[4] == "true"),
         "seconds": round(time.perf_counter() - started, 4),
         "pid": os.getpid(),
     }
@@ -419,7 +457,8 @@ def _top_k_cells(row: Sequence[str], class_names: Sequence[str], k: int) -> list
     n = len(class_names)
     if row[-1]:  # error row
         return [""] * (2 * k)
-    probs = np.array([float(v) for v in row[3 : 3 + n]])
+    first = len(LEADING_COLUMNS)
+    probs = np.array([float(v) for v in row[first : first + n]])
     order = np.argsort(-probs, kind="stable")[:k]
     cells: list[str] = []
     for i in order:
@@ -433,6 +472,7 @@ def assemble_csv(
     class_names: Sequence[str],
     top_k: int | None = None,
     neutralise: bool = True,
+    unknown_label: str | None = None,
 ) -> dict[str, Any]:
     """Concatenate part files, in the given order, into the final CSV atomically.
 
@@ -441,13 +481,17 @@ def assemble_csv(
     spreadsheet would run as a formula (a ``path`` or class name starting with ``=``,
     ``+``, ``-``, ``@``, tab or CR) get a leading ``'``
     (:func:`imgflow.tasks.csvcells.safe_cell`) unless ``neutralise`` is False; part
-    files keep the raw text.
+    files keep the raw text. ``unknown_label`` replaces the ``label`` of rows whose
+    ``unknown`` is ``true`` (the probabilities still name the most likely class).
 
     Returns:
-        ``{"csv", "rows", "errors", "label_counts"}``.
+        ``{"csv", "rows", "errors", "label_counts", "unknown", "scored", "predicted_counts"}``:
+        ``label_counts`` counts the written labels, ``predicted_counts`` the most likely
+        classes, ``unknown`` the rows flagged unknown, ``scored`` the rows with a novelty score.
     """
     k = _clip_top_k(top_k, len(class_names))
-    rows = errors = 0
+    rows = errors = unknown = scored = 0
+    predicted: Counter[str] = Counter()
     labels: Counter[str] = Counter()
     with atomic_open(out, "w", encoding="utf-8", newline="", errors="backslashreplace") as handle:
         writer = csv.writer(handle)
@@ -458,10 +502,19 @@ def assemble_csv(
                 if row[-1]:
                     errors += 1
                 else:
+                    predicted[row[1]] += 1
+                    scored += row[3] != ""
+                    if row[4] == "true":
+                        unknown += 1
+                        if unknown_label is not None:
+                            row = [row[0], unknown_label, *row[2:]]
                     labels[row[1]] += 1
                 writer.writerow(safe_row([*row[:-1], *_top_k_cells(row, class_names, k), row[-1]], neutralise))
     ordered = {name: labels[name] for name in class_names if labels[name]}
-    return {"csv": str(out), "rows": rows, "errors": errors, "label_counts": ordered}
+    if unknown_label is not None and labels[unknown_label] and unknown_label not in ordered:
+        ordered[unknown_label] = labels[unknown_label]
+    return {"csv": str(out), "rows": rows, "errors": errors, "label_counts": ordered, "unknown": unknown,
+            "scored": scored, "predicted_counts": {name: predicted[name] for name in class_names if predicted[name]}}
 
 
 def remove_stale_parts(run_dir: Path | str, keep: Iterable[str]) -> int:
@@ -471,6 +524,7 @@ def remove_stale_parts(run_dir: Path | str, keep: Iterable[str]) -> int:
     for path in Path(run_dir).glob(f"{PART_PREFIX}*.csv"):
         if path.name not in keep_names:
             path.unlink(missing_ok=True)
+            profile_path(path).unlink(missing_ok=True)
             removed += 1
     return removed
 
@@ -539,7 +593,9 @@ __all__ = [
     "part_path",
     "predict_chunk",
     "predict_files",
+    "profile_path",
     "read_metadata",
+    "read_profiles",
     "read_part",
     "remove_stale_parts",
     "remove_stale_temporaries",

@@ -18,6 +18,8 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from pydantic_core import to_jsonable_python
 
+from imgflow.tasks.errors import UsageError
+
 MANIFEST_NAME = "manifest.json"
 METADATA_FILE = "metadata.json"
 
@@ -28,7 +30,7 @@ DEFAULT_ASPECT: Aspect = "squash"
 _R = TypeVar("_R", bound="Record")
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError, ValueError):
     """A ``manifest.json`` that is not a usable TFRecord manifest (re-run preprocessing)."""
 
 

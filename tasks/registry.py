@@ -21,6 +21,7 @@ from typing import Any
 
 from imgflow.tasks.atomic import read_json, write_json
 from imgflow.tasks.records import METADATA_FILE, Manifest, check_metadata, read_model_metadata
+from imgflow.tasks.errors import UsageError
 
 MODELS_DIR = "models"
 CHAMPION_FILE = "champion.json"
@@ -29,12 +30,13 @@ MODEL_FILE = "model.keras"
 # Config keys that do not change what a run trains (so they do not change the run id).
 _RUN_ID_IGNORED_KEYS = frozenset({
     "dask_address", "workers", "promotion_tolerance", "min_class_images_for_recall_gate", "csv_neutralise",
+    "unknown_rate",
 })
 #: a class needs this many validation images before a recall of 0 on it blocks promotion
 MIN_CLASS_IMAGES_FOR_RECALL_GATE = 10
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError, ValueError):
     """A model directory or champion pointer that cannot be used."""
 
 
@@ -132,8 +134,8 @@ def read_metadata(model_dir: Path) -> dict[str, Any]:
 
 # Keys of the train summary (``train_summary.json``) that metadata.json carries over when present.
 _SUMMARY_KEYS = (
-    "aspect", "background", "best_epoch", "epochs_run", "stopped_early", "stop_reason", "monitor",
-    "device_plan", "resumed", "lr_finder",
+    "aspect", "background", "best_epoch", "best_value", "epochs_run", "epochs_planned", "stopped_early",
+    "stop_reason", "monitor", "outcome", "learning_rate", "device_plan", "resumed", "lr_finder",
 )
 # Keys of the manifest that metadata.json carries over when the train summary lacks them.
 _MANIFEST_KEYS = ("background",)
@@ -240,7 +242,21 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
 
     path = Path(path)
     metadata = read_metadata(path)
-    model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    try:
+        model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
+    except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:
+        # a hostile or foreign model.keras: unknown custom classes and Lambda layers are refused
+        chain, link = [], exc
+        while link is not None and len(chain) < 8:  # Keras wraps the real cause in a generic TypeError
+            chain.append(" ".join(str(link).split()))
+            link = link.__cause__ or link.__context__
+        named = re.search(r"Could not locate (?:class|function) '[^']+'", " ".join(chain))
+        cause = named.group(0) if named else chain[-1][:300]
+        raise RegistryError(
+            f"MODEL {path / MODEL_FILE} cannot be loaded safely: {cause}. imgflow loads models in Keras safe mode "
+            "(no Lambda layers, no unknown custom classes): use a model trained by imgflow, or register the custom "
+            "class with keras.saving.register_keras_serializable in a module you trust"
+        ) from exc
     return model, metadata
 
 

@@ -33,6 +33,7 @@ _PLOT_TITLES = {
     "confusion_matrix": "Confusion matrix (rows = true class, columns = predicted)",
     "learning_curves": "Learning curves (history.csv)",
     "reliability": "Calibration: reliability diagram",
+    "novelty": "Novelty of the evaluation images vs --ood-dir images",
     "gallery": "Highest-loss images",
     "confused_pairs": "Most-confused class pairs",
     "saliency": "What the model looked at",
@@ -172,6 +173,12 @@ def report_records(
         {"key": "calibration error", "value": f"{metrics['expected_calibration_error']:.3f}", "cls": ""},
         {"key": "unreadable skipped", "value": str(len(skipped)), "cls": ""},
     ]
+    if metrics.get("calibration"):
+        cal = metrics["calibration"]
+        cards.insert(-1, {"key": "ECE after temperature scaling",
+                          "value": f"{cal['ece_after']:.3f} (T={cal['temperature']:.2f})", "cls": ""})
+    if (metrics.get("novelty") or {}).get("auroc") is not None:
+        cards.insert(-1, {"key": "novelty AUROC (--ood-dir)", "value": f"{metrics['novelty']['auroc']:.3f}", "cls": ""})
     if "top_k_accuracy" in metrics:
         cards.insert(2, {"key": f"top-{metrics['top_k']} accuracy", "value": f"{metrics['top_k_accuracy']:.3f}", "cls": ""})
     if metrics.get("non_finite_outputs"):

@@ -44,10 +44,12 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageOps
+from PIL import Image
 
 from imgflow.tasks.options import PreprocessOptions
 from imgflow.tasks import atomic, progress, records
+from imgflow.tasks.errors import UsageError
+from imgflow.tasks.images import ASPECTS, load_image  # noqa: F401  (re-exported: the one loader lives in images.py)
 from imgflow.tasks.scan import decode_path
 
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
@@ -55,15 +57,13 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = records.MANIFEST_NAME
 PLAN_NAME = "plan.json"
 SPLITS = ("train", "val")
-ASPECTS = ("squash", "crop", "pad")
 ENCODINGS = ("jpeg", "png", "raw")
 # Rough bytes per record per pixel, only used to choose the number of shards.
 _BYTES_PER_PIXEL = {"jpeg": 0.6, "png": 2.0, "raw": 3.0}
 _RECORD_OVERHEAD = 200
-_RESAMPLE = Image.Resampling.BILINEAR
 
 
-class ShardSourceError(ValueError):
+class ShardSourceError(UsageError, ValueError):
     """A planned source file could not be read or decoded while writing a shard.
 
     A ValueError (bad input data), not an OSError: retrying will not help.
@@ -80,55 +80,6 @@ def code_version() -> str:
 
 
 # --------------------------------------------------------------------------- images
-
-
-def load_image(path: Path | str, image_size: int, aspect: str = "squash") -> np.ndarray:
-    """Decode an image file the way every imgflow stage does, as ``image_size`` square RGB.
-
-    Pillow decodes (JPEGs at a reduced DCT scale when they are at least twice the target
-    size, which is both faster and antialiased), applies the EXIF orientation, converts any
-    mode (grey, palette, RGBA, CMYK, 16-bit) to RGB, then resizes.
-
-    Args:
-        path: image file.
-        image_size: side of the square output, in pixels.
-        aspect: ``squash`` (resize, ignoring the aspect ratio), ``crop`` (scale the short
-            side to ``image_size`` and cut the centre) or ``pad`` (scale the long side to
-            ``image_size`` and pad the rest with black).
-
-    Returns:
-        uint8 array of shape ``(image_size, image_size, 3)``.
-
-    Raises:
-        ValueError: unknown ``aspect`` or a non-positive ``image_size``.
-        OSError: the file cannot be read or decoded (Pillow's own error).
-    """
-    if aspect not in ASPECTS:
-        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
-    if image_size < 1:
-        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
-    size = (image_size, image_size)
-    with Image.open(path) as img:
-        if img.format in ("JPEG", "MPO"):
-            # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
-            img.draft("RGB", size)
-        img = ImageOps.exif_transpose(img)
-        if img.mode != "RGB":
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16/32-bit grey: scale to 8 bits instead of clipping at 255.
-                arr = np.asarray(img, dtype=np.float64)
-                top = max(float(arr.max()), 1.0)
-                img = Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype(np.uint8))
-            elif img.mode == "P" and "transparency" in img.info:
-                img = img.convert("RGBA")
-            img = img.convert("RGB")
-        if aspect == "squash":
-            out = img.resize(size, _RESAMPLE) if img.size != size else img
-        elif aspect == "crop":
-            out = ImageOps.fit(img, size, _RESAMPLE)
-        else:
-            out = ImageOps.pad(img, size, _RESAMPLE, color=(0, 0, 0))
-        return np.asarray(out, dtype=np.uint8).copy()
 
 
 def encode_image(pixels: np.ndarray, encoding: str, jpeg_quality: int = 95) -> bytes:
@@ -247,6 +198,7 @@ def _option_key(options: PreprocessOptions, has_val_dir: bool) -> dict[str, Any]
     key: dict[str, Any] = {
         "image_size": options.image_size,
         "aspect": options.aspect,
+        "background": options.background,
         "encoding": options.encoding,
         "seed": options.seed,
         "shard_size_mb": options.shard_size_mb,
@@ -352,6 +304,7 @@ def plan_shards(report: dict[str, Any], options: PreprocessOptions, out_root: Pa
         "class_names": class_names,
         "image_size": options.image_size,
         "aspect": options.aspect,
+        "background": options.background,
         "encoding": options.encoding,
         "jpeg_quality": options.jpeg_quality,
         "data_dir": data_dir,
@@ -401,7 +354,7 @@ def write_shard(plan: dict[str, Any], shard_file: str) -> dict[str, Any]:
             for relpath, label in shard["items"]:
                 path = root / decode_path(relpath)  # report paths are text (imgflow.tasks.scan.encode_path)
                 try:
-                    pixels = load_image(path, size, plan["aspect"])
+                    pixels = load_image(path, size, plan["aspect"], plan.get("background"))
                 except (OSError, ValueError, Image.DecompressionBombError) as exc:
                     raise ShardSourceError(
                         f"{path}: validation accepted it, but it cannot be decoded now (changed since?) "
@@ -440,6 +393,7 @@ def manifest_from_plan(plan: dict[str, Any], results: Iterable[dict[str, Any]]) 
         "class_names": plan["class_names"],
         "image_size": plan["image_size"],
         "aspect": plan["aspect"],
+        "background": plan.get("background"),
         "encoding": plan["encoding"],
         "jpeg_quality": plan["jpeg_quality"] if plan["encoding"] == "jpeg" else None,
         "fingerprint": plan["fingerprint"],

@@ -2,7 +2,8 @@
 
 A run directory holds everything one training writes::
 
-    backup/          BackupAndRestore state (deleted when fit ends; a killed run resumes from it)
+    backup/          two verified generations of the training state (tasks/resume.py; deleted
+                     when fit ends; a killed run resumes from the newest intact one)
     checkpoints/     ModelCheckpoint of the best epoch (val loss)
     logs/            TensorBoard
     history.csv      one row per finished epoch (CSVLogger, appended across resumes)
@@ -16,6 +17,7 @@ saved summary without training again.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,12 +29,22 @@ import numpy as np
 from imgflow.tasks.options import TrainOptions
 from imgflow.tasks import doctor
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
-from imgflow.tasks.models import build_model, compile_model
+from imgflow.tasks.errors import DiskFullError, disk_full, is_disk_full
+from imgflow.tasks.resume import (
+    BACKUP_DIR,
+    AtomicBackupAndRestore,
+    AtomicModelCheckpoint,
+    enable_determinism,
+    fast_forward_shuffle,
+    ensure_space,
+    h5_bytes,
+    select_backup,
+)
+from imgflow.tasks.models import build_model, compile_model, is_compiled, recipe_learning_rate
 from imgflow.tasks.records import read_manifest
 
 Logger = Callable[[str], None]
 
-BACKUP_DIR = "backup"
 CHECKPOINT_DIR = "checkpoints"
 TENSORBOARD_DIR = "logs"
 HISTORY_FILE = "history.csv"
@@ -190,14 +202,9 @@ def _trim_history(run_dir: Path, keep_epochs: int) -> None:
 
 
 def backup_epoch(run_dir: Path) -> int:
-    """The number of epochs a killed run had finished, from its BackupAndRestore state (0 if none)."""
-    meta = Path(run_dir) / BACKUP_DIR / "training_metadata.json"
-    if not meta.is_file():
-        return 0
-    try:
-        return int(read_json(meta)["epoch"])
-    except (ValueError, KeyError, OSError):
-        return 0
+    """The number of epochs a killed run had finished, from its newest verified backup (0 if none)."""
+    start = select_backup(run_dir)
+    return int(start["epoch"]) if start else 0
 
 
 def save_learning_curves(run_dir: Path) -> Path | None:
@@ -281,6 +288,16 @@ def _fallback_diagnosis(history: list[dict[str, float]]) -> dict[str, Any]:
     return {"healthy": not findings, "findings": findings}
 
 
+def discard_resume_state(run_dir: Path) -> None:
+    """Remove the backup, best checkpoint and history of an interrupted run (``--force``)."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for name in (BACKUP_DIR, CHECKPOINT_DIR):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    (run_dir / HISTORY_FILE).unlink(missing_ok=True)
+
+
 # ----------------------------------------------------------------------------- fit
 
 
@@ -324,13 +341,22 @@ def fit_model(
     run_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
-    compile_model(model, options.optimizer, options.learning_rate, options.schedule, total_steps, jit_compile)
+    warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
+    lr_finder = None
+    if options.learning_rate == "auto":
+        lr_finder = _find_learning_rate(model, train_ds, run_dir, options, log)
+        learning_rate = lr_finder["suggested"] or recipe_learning_rate(options.model)
+    else:
+        learning_rate = options.learning_rate or recipe_learning_rate(options.model)
+    compile_model(model, options.optimizer, learning_rate, options.schedule, total_steps, jit_compile,
+                  warmup_steps=warmup_steps)
     if jit_compile is True and getattr(model, "jit_compile", True) is False:
         log("XLA requested but off for this model: one of its layers (TensorFlow image augmentation) "
             "has no XLA kernel; training runs as a TensorFlow graph instead")
 
     findings: list[dict[str, Any]] = []
-    resume_from = backup_epoch(run_dir)
+    start = select_backup(run_dir, log)
+    resume_from = int(start["epoch"]) if start else 0
     _trim_history(run_dir, resume_from)
     facts = doctor.model_facts(model, num_classes, options.batch_size, class_counts, class_names)
     if probe is not None and resume_from == 0:
@@ -344,10 +370,14 @@ def fit_model(
                 write_text(run_dir / HISTORY_FILE, "epoch,loss,accuracy,val_loss,val_accuracy\n")  # no epoch ran
             return {
                 "epochs_run": 0,
+                "epochs_planned": options.epochs,
                 "initial_epoch": 0,
                 "resumed": False,
                 "stopped_early": False,
+                "stop_reason": "not trained: the preflight checks found a critical problem",
+                "monitor": options.monitor,
                 "best_epoch": None,
+                "best_value": None,
                 "final": {},
                 "diagnosis": diagnosis,
                 "fit_seconds": 0.0,
@@ -366,14 +396,15 @@ def fit_model(
         # the history row of an epoch is written before its backup: a kill in between
         # leaves one row too many (trimmed on resume), never a missing one
         keras.callbacks.CSVLogger(str(run_dir / HISTORY_FILE), append=True),
-        keras.callbacks.BackupAndRestore(str(run_dir / BACKUP_DIR), double_checkpoint=True),
         # weights only: a light per-epoch write (the full model.keras is saved once at the end)
-        keras.callbacks.ModelCheckpoint(
-            str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor="val_loss", save_best_only=True,
+        AtomicModelCheckpoint(
+            str(run_dir / CHECKPOINT_DIR / "best.weights.h5"), monitor=options.monitor, save_best_only=True,
             save_weights_only=True,
         ),
+        # the kept weights are those of the best epoch by `monitor` (restored at the end of
+        # fit whether or not training stopped early); the summary says which epoch that was
         keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=options.early_stopping_patience, restore_best_weights=True
+            monitor=options.monitor, patience=options.early_stopping_patience, restore_best_weights=True
         ),
         keras.callbacks.TerminateOnNaN(),
         EpochLogger(log, options.epochs, getattr(options, "monitor", None) or "val_loss"),
@@ -384,6 +415,7 @@ def fit_model(
         log("TensorBoard is not installed: no TensorBoard logs (pip install tensorboard)")
     if options.schedule == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.3, patience=2, min_lr=1e-6))
+    callbacks.append(_backup_callback(run_dir, start, callbacks))
     if probe is not None:
         monitor = doctor.DoctorMonitor(probe[0], probe[1], num_classes, class_counts, facts=facts)
         callbacks.append(monitor)
@@ -394,17 +426,23 @@ def fit_model(
         log("class weights (imbalanced data): " + ", ".join(f"{k}: {v:.2f}" for k, v in weights.items()))
     (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
     started = time.perf_counter()
-    # one line per epoch comes from EpochLogger (verbose=0); shuffle=False because the
-    # tf.data pipeline shuffles itself (Keras warns that shuffle=True is ignored otherwise)
-    keras_history = model.fit(
-        train_ds,
-        validation_data=val_ds,
-        epochs=options.epochs,
-        callbacks=callbacks,
-        class_weight=weights,
-        shuffle=False,
-        verbose=0,
-    )
+    fast_forward_shuffle(train_ds, resume_from)
+    try:
+        # one line per epoch comes from EpochLogger (verbose=0); shuffle=False because the
+        # tf.data pipeline shuffles itself (Keras warns that shuffle=True is ignored otherwise)
+        keras_history = model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=options.epochs,
+            callbacks=callbacks,
+            class_weight=weights,
+            shuffle=False,
+            verbose=0,
+        )
+    except OSError as exc:  # history.csv, a checkpoint or a backup could not be written
+        if is_disk_full(exc) and not isinstance(exc, DiskFullError):
+            raise disk_full(exc, run_dir, h5_bytes(model)) from exc
+        raise
     fit_seconds = time.perf_counter() - started
     history = read_history(run_dir)
     early = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
@@ -415,26 +453,129 @@ def fit_model(
         diagnosis = _fallback_diagnosis(history)
     write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
     save_learning_curves(run_dir)
-    best_epoch = None
-    if history and "val_loss" in history[0]:
-        best_epoch = int(min(history, key=lambda r: r["val_loss"])["epoch"]) + 1
+    outcome = training_outcome(history, options.monitor, options.epochs, options.early_stopping_patience,
+                               early.best_epoch + 1 if early.best is not None else None, bool(early.stopped_epoch))
+    log(outcome["sentence"])
     final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
     return {
-        "epochs_run": len(history),
         "initial_epoch": resume_from,
         "resumed": resume_from > 0,
-        "stopped_early": bool(early.stopped_epoch),
-        "best_epoch": best_epoch,
+        **{k: v for k, v in outcome.items() if k != "sentence"},
+        "outcome": outcome["sentence"],
+        "learning_rate": learning_rate,
+        "lr_finder": lr_finder,
         "final": final,
         "diagnosis": diagnosis,
         "fit_seconds": round(fit_seconds, 2),
     }
 
 
+def _backup_callback(run_dir: Path, start: dict[str, Any] | None,
+                     callbacks: list[keras.callbacks.Callback]) -> AtomicBackupAndRestore:
+    """The backup callback; it goes after the callbacks whose best-so-far state it keeps."""
+    kinds = (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)
+    stateful = [c for c in callbacks if isinstance(c, kinds)]
+    return AtomicBackupAndRestore(run_dir / BACKUP_DIR, start, stateful, run_dir / CHECKPOINT_DIR / "best.weights.h5")
+LR_FINDER_FILE = "lr_finder.json"
+
+
+def _find_learning_rate(model: keras.Model, train_ds: Any, run_dir: Path, options: TrainOptions,
+                        log: Logger) -> dict[str, Any]:
+    """``learning_rate: auto``: a range test's pick, saved so that a resumed run keeps the same rate."""
+    from imgflow.tasks.lr_finder import lr_range_test
+
+    saved = run_dir / LR_FINDER_FILE
+    if saved.is_file():
+        return read_json(saved)
+    if is_compiled(model):
+        log("learning_rate auto: the model came compiled by its builder; its optimizer's rate is kept")
+        return {"suggested": None, "reason": "model compiled by its builder"}
+    found = lr_range_test(model, train_ds, options.optimizer, steps=100, run_dir=run_dir, seed=options.seed)
+    record = {k: found[k] for k in ("suggested", "min_loss_lr", "steepest_lr", "steps", "plot")}
+    if record["suggested"] is None:
+        log("learning_rate auto: the range test found no usable loss curve; using the recipe's rate")
+    else:
+        log(f"learning_rate auto: range test over {record['steps']} steps suggests {record['suggested']:.2g} "
+            f"(lowest loss at {record['min_loss_lr']:.2g}; plot {record['plot']})")
+    write_json(saved, record)
+    return record
+
+
+def training_outcome(
+    history: list[dict[str, float]],
+    monitor: str,
+    epochs_planned: int,
+    patience: int,
+    kept_epoch: int | None = None,
+    stopped_early: bool = False,
+) -> dict[str, Any]:
+    """Which epoch's weights were kept and why training stopped, as figures and one sentence; pure.
+
+    Args:
+        history: the ``history.csv`` rows (``epoch`` counts from 0).
+        monitor: the validation metric that chose the kept epoch (``val_accuracy`` or ``val_loss``).
+        epochs_planned: the epochs asked for.
+        patience: the early-stopping patience (epochs without improvement).
+        kept_epoch: the epoch (from 1) whose weights EarlyStopping restored; when None the
+            best epoch of ``history`` by ``monitor`` (the first one on ties, as Keras).
+        stopped_early: whether EarlyStopping ended the run before ``epochs_planned``.
+
+    Returns:
+        ``{"epochs_run", "epochs_planned", "best_epoch", "best_value", "monitor",
+        "stopped_early", "stop_reason", "sentence"}``; the sentence reads like "kept the
+        weights of epoch 7 of 11 (best val_accuracy 0.8300); stopped early after epoch 11
+        of 20: val_accuracy did not improve for 4 epochs" or "kept the weights of epoch 9 of
+        10 (best val_accuracy 0.8100); ran all 10 epochs".
+    """
+    epochs_run = len(history)
+    # Keras marks a stop on the last planned epoch too; that run did not end early
+    stopped_early = stopped_early and epochs_run < epochs_planned
+    values = [(int(r["epoch"]) + 1, float(r[monitor])) for r in history if monitor in r and math.isfinite(float(r[monitor]))]
+    best_value = None
+    if kept_epoch is None and values:
+        pick = max if monitor.endswith("accuracy") else min
+        target = pick(v for _, v in values)
+        kept_epoch = next(e for e, v in values if v == target)
+    if kept_epoch is not None:
+        best_value = next((v for e, v in values if e == kept_epoch), None)
+    last_epoch = values[-1][0] if values else epochs_run
+    if stopped_early:
+        stop_reason = f"{monitor} did not improve for {last_epoch - kept_epoch if kept_epoch else patience} epochs"
+    elif epochs_run >= epochs_planned:
+        stop_reason = f"ran all {epochs_planned} epochs"
+    else:
+        stop_reason = f"stopped after {epochs_run} of {epochs_planned} epochs (the loss became NaN or training was interrupted)"
+    if kept_epoch is None:
+        sentence = f"no epoch had a {monitor}; {stop_reason}"
+    else:
+        shown = f" (best {monitor} {best_value:.4f})" if best_value is not None else ""
+        sentence = f"kept the weights of epoch {kept_epoch} of {epochs_run}{shown}; "
+        if stopped_early:
+            sentence += f"stopped early after epoch {last_epoch} of {epochs_planned}: {stop_reason}"
+        else:
+            sentence += stop_reason
+    return {
+        "epochs_run": epochs_run,
+        "epochs_planned": epochs_planned,
+        "best_epoch": kept_epoch,
+        "best_value": best_value,
+        "monitor": monitor,
+        "stopped_early": stopped_early,
+        "stop_reason": stop_reason,
+        "sentence": sentence,
+    }
+
+
 def save_model(model: keras.Model, target: Path) -> Path:
     """Save ``model`` as a ``.keras`` file atomically."""
-    with atomic_path(target) as tmp:
-        model.save(tmp)
+    ensure_space(target, h5_bytes(model))
+    try:
+        with atomic_path(target) as tmp:
+            model.save(tmp)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise disk_full(exc, target, h5_bytes(model)) from exc
+        raise
     return Path(target)
 
 
@@ -488,7 +629,7 @@ def train_from_manifest(
     previous_policy = keras.config.dtype_policy().name
     keras.config.set_dtype_policy(plan["precision"])
     try:
-        keras.utils.set_random_seed(options.seed)
+        deterministic = enable_determinism(options.seed, on_gpu=bool(plan["devices"] != ["CPU"]))
         batch = plan["global_batch_size"]
         train_ds = make_dataset(manifest_path, "train", batch, training=True, seed=options.seed)
         val_ds = make_dataset(manifest_path, "val", batch, training=False, seed=options.seed)
@@ -511,8 +652,10 @@ def train_from_manifest(
         "class_names": class_names,
         "image_size": image_size,
         "aspect": manifest["aspect"],
+        "background": manifest.get("background"),
         "fingerprint": manifest.get("fingerprint"),
         "device_plan": {k: v for k, v in plan.items() if k != "log"},
+        "deterministic": deterministic,
         **fit,
     }
     write_json(summary_path, summary)

@@ -12,7 +12,11 @@ def test_defaults():
     config = load_config()
     assert config.preprocess.image_size == 128
     assert config.train.optimizer == "adam"
-    assert config.train.learning_rate == pytest.approx(1e-3)
+    assert config.train.learning_rate is None  # the model's recipe rate (3e-3 for the default model)
+    assert config.train.monitor == "val_accuracy" and config.train.class_weights == "off"
+    assert config.train.augment is False  # auto: off below 30 epochs (the default is 20)
+    assert config.preprocess.background == "black"
+    assert load_config(None, {"learning_rate": "auto"}).train.learning_rate == "auto"
 
 
 def test_yaml_then_options_override(tmp_path):

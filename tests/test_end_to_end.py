@@ -58,6 +58,9 @@ def test_train_predict_evaluate_from_the_command_line(prefect_server, digits_dir
     champion = read_json(workdir / "champion.json")
     metadata = read_json(Path(champion["model_dir"]) / "metadata.json")
     assert metadata["class_names"] == ["one", "seven", "zero"]
+    # novelty statistics, temperature and training profile are fitted by the pipeline
+    assert metadata["novelty"]["unknown_rate"] == 0.05 and metadata["calibration"]["temperature"] > 0
+    assert all((Path(champion["model_dir"]) / name).is_file() for name in ("novelty.npz", "drift_profile.json"))
 
     # plain Keras, raw 0-255 images resized by us: no imgflow code in the loop
     model = keras.saving.load_model(Path(champion["model_dir"]) / "model.keras", safe_mode=True)
@@ -87,11 +90,17 @@ def test_train_predict_evaluate_from_the_command_line(prefect_server, digits_dir
     assert sum(r["label"] == "seven" for r in good) >= 9
     for row in good:
         assert sum(float(row[f"prob_{c}"]) for c in metadata["class_names"]) == pytest.approx(1.0, abs=1e-4)
+        assert row["unknown"] in ("true", "false") and float(row["novelty"]) >= 0
+    assert read_json(tmp_path / "pred.drift.json")["files"] == 11
 
+    ood = make_digit_folder(tmp_path / "ood", {"two": 2, "three": 3, "eight": 8}, per_class=20)
     evaluated = imgflow("evaluate", "champion", str(held_out), "--workdir", str(workdir),
-                                    "--out", str(tmp_path / "eval"))
+                                    "--out", str(tmp_path / "eval"), "--ood-dir", str(ood))
     assert evaluated.exit_code == 0, evaluated.output
     metrics = read_json(tmp_path / "eval" / "metrics.json")
+    assert metrics["novelty"]["ood_count"] == 60 and metrics["novelty"]["auroc"] >= 0.8
+    assert "Novelty AUROC against --ood-dir" in evaluated.output
+    assert metrics["calibration"]["ece_after"] >= 0 and (tmp_path / "eval" / "novelty.png").is_file()
     assert metrics["accuracy"] >= 0.9
     assert np.sum(metrics["confusion_matrix"]) == metrics["count"] == len(list(held_out.rglob("*.png")))
     html = (tmp_path / "eval" / "report.html").read_text(encoding="utf-8")

@@ -471,13 +471,14 @@ def test_safe_cell_and_the_prediction_csv(tmp_path):
     assert safe_cell(None) == ""
 
     names = ["=cmd|' /C calc'!A0", "b"]
-    rows = [["=1+1.jpg", names[0], "0.9", "0.9", "0.1", ""], ["@x.png", "", "", "", "", "-1 is not an image"]]
+    rows = [["=1+1.jpg", names[0], "0.9", "2.5", "false", "0.9", "0.1", ""],
+            ["@x.png", "", "", "", "", "", "", "-1 is not an image"]]
     part = P.write_part(P.part_path(tmp_path, "k"), names, rows)
     summary = P.assemble_csv(tmp_path / "out.csv", [part], names, top_k=1)
     assert summary["label_counts"] == {names[0]: 1}
     with open(tmp_path / "out.csv", newline="") as handle:
         out = list(csv.reader(handle))
-    assert out[1] == ["'=1+1.jpg", "'" + names[0], "0.9", "0.9", "0.1", "'" + names[0], "0.9", ""]
+    assert out[1] == ["'=1+1.jpg", "'" + names[0], "0.9", "2.5", "false", "0.9", "0.1", "'" + names[0], "0.9", ""]
     assert out[2][0] == "'@x.png" and out[2][-1] == "'-1 is not an image"
     assert list(P.read_part(part, names)) == rows  # part files keep the raw text for resuming
     P.assemble_csv(tmp_path / "raw.csv", [part], names, neutralise=False)

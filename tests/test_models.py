@@ -32,8 +32,10 @@ def test_default_model_takes_raw_images_and_outputs_probabilities():
     assert types[1] == "Rescaling"  # scaling lives inside the model
     assert model.get_layer("rescale").scale == pytest.approx(1 / 255)
     assert "Sequential" in types  # augmentation block
-    assert types.count("BatchNormalization") == 6 and types.count("Conv2D") == 6
-    assert "GlobalAveragePooling2D" in types and "Dropout" in types
+    # the recipe of bench/recipe.py: tutorial-shaped blocks, BatchNorm after each pooling
+    assert types.count("BatchNormalization") == 3 and types.count("Conv2D") == 3
+    assert types.index("MaxPooling2D") < types.index("BatchNormalization")
+    assert "Flatten" in types and "Dropout" in types and model.get_layer("dense1").units == 128
     assert model.get_layer("predictions").dtype_policy.name == "float32"
     raw = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3)).astype("uint8")
     probs = model.predict(raw, verbose=0)
@@ -190,6 +192,12 @@ def test_optimizers_by_name_and_cosine_schedule():
     schedule = cosine.learning_rate if callable(cosine.learning_rate) else cosine._learning_rate
     assert float(schedule(0)) == pytest.approx(0.01)
     assert float(schedule(100)) == pytest.approx(0.0001, rel=1e-3)
+    warm = make_optimizer("adamw", 0.01, "cosine", total_steps=100, warmup_steps=10)
+    schedule = warm.learning_rate if callable(warm.learning_rate) else warm._learning_rate
+    assert float(schedule(0)) == pytest.approx(0.0001)  # warm-up starts at 1% of the rate
+    assert float(schedule(5)) == pytest.approx(0.0001 + 0.5 * (0.01 - 0.0001), rel=1e-3)
+    assert float(schedule(10)) == pytest.approx(0.01)  # peak after the warm-up
+    assert float(schedule(100)) == pytest.approx(0.0001, rel=1e-2)
     with pytest.raises(ModelConfigError, match="optimizer: expected adam"):
         make_optimizer("lbfgs", 0.1)
     with pytest.raises(ModelConfigError, match="total number of training steps"):
@@ -206,6 +214,35 @@ def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):
     np.testing.assert_allclose(loaded.predict(raw, verbose=0), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_recipe_learning_rate_and_batchnorm_placement_options():
+    from imgflow.tasks.models import recipe_learning_rate
+
+    assert recipe_learning_rate("default") == 3e-3 and recipe_learning_rate("conv_blocks") == 1e-3
+    assert recipe_learning_rate("mymod:build") == 1e-3
+    # an unset rate (or auto, where no range test runs, as in the doctor) is the model's recipe rate
+    default = compile_model(build_model("default", 32, 3), "adam", None)
+    assert float(default.optimizer.learning_rate.numpy()) == pytest.approx(3e-3)
+    plain = compile_model(build_model("conv_blocks", 32, 3), "adam", "auto")
+    assert float(plain.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
+    before = build_model("conv_blocks", 32, 3, architecture={"batch_norm": "after_first"})
+    assert [layer.name for layer in before.layers if isinstance(layer, keras.layers.BatchNormalization)] == [
+        "block2_bn1", "block3_bn1"]
+    with pytest.raises(ModelConfigError, match="architecture.norm_position: expected conv or pool"):
+        build_model("default", 32, 3, architecture={"norm_position": "after"})
+    with pytest.raises(ModelConfigError, match="architecture.batch_norm: expected true, false, after_first"):
+        build_model("default", 32, 3, architecture={"batch_norm": [True]})
+
+
+def test_filters_auto_scale_blocks_with_image_size():
+    from imgflow.tasks.models import filters_for
+
+    assert filters_for(32) == [32, 64, 128] and filters_for(48) == [32, 64, 128]
+    assert filters_for(128) == [32, 64, 128, 128]
+    assert filters_for(256) == [32, 64, 128, 128, 256]
+    model = build_model("conv_blocks", 128, 3, architecture={"filters": "auto"})
+    assert [layer.filters for layer in model.layers if isinstance(layer, keras.layers.Conv2D)] == [32, 64, 128, 128]
+
+
 def test_batchnorm_momentum_follows_epoch_length():
     from imgflow.tasks.models import bn_momentum_for
 
@@ -213,9 +250,9 @@ def test_batchnorm_momentum_follows_epoch_length():
     assert bn_momentum_for(40) == pytest.approx(0.9)
     assert bn_momentum_for(100_000) == 0.99
     model = build_model("default", 32, 3, steps_per_epoch=40)
-    assert model.get_layer("block1_bn1").momentum == pytest.approx(0.9)
+    assert model.get_layer("block1_bn").momentum == pytest.approx(0.9)
     fixed = build_model("default", 32, 3, architecture={"bn_momentum": 0.8})
-    assert fixed.get_layer("block3_bn2").momentum == pytest.approx(0.8)
+    assert fixed.get_layer("block3_bn").momentum == pytest.approx(0.8)
     with pytest.raises(ModelConfigError, match="bn_momentum: expected auto or a number"):
         build_model("default", 32, 3, architecture={"bn_momentum": 2})
 

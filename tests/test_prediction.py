@@ -67,13 +67,21 @@ def inbox(tmp_path) -> tuple[Path, dict[str, str], set[str]]:
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """Header and rows, with the spreadsheet-safe ``'`` taken off paths (``=SUM(A1).png``)."""
+    from imgflow.tasks.csvcells import restore_cell
+
     with open(path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
-        return list(reader.fieldnames or []), list(reader)
+        rows = [{**row, "path": restore_cell(row["path"])} for row in reader]
+        return list(reader.fieldnames or []), rows
 
 
 def _check_rows(rows: list[dict[str, str]], truth: dict[str, str], broken: set[str]) -> float:
     """Every file exactly once, errors exactly for the broken ones; return accuracy on the rest."""
+    from imgflow.tasks.csvcells import restore_cell
+
+    for row in rows:  # the CSV neutralises a leading "=" (=SUM(A1).png) by default
+        row["path"] = restore_cell(row["path"])
     paths = [row["path"] for row in rows]
     assert len(paths) == len(set(paths)), "duplicate rows"
     assert set(paths) == set(truth) | broken
@@ -81,6 +89,7 @@ def _check_rows(rows: list[dict[str, str]], truth: dict[str, str], broken: set[s
     for row in rows:
         if row["path"] in broken:
             assert row["error"] and row["label"] == "" and row["confidence"] == ""
+            assert row["novelty"] == "" and row["unknown"] == ""
             continue
         assert row["error"] == ""
         probs = [float(row[f"prob_{name}"]) for name in CLASS_NAMES]
@@ -152,13 +161,14 @@ def test_to_probabilities_renormalises_or_applies_softmax():
     expected = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
     np.testing.assert_allclose(logits[0], expected)
     assert P.csv_header(["a", "b"], top_k=5) == [
-        "path", "label", "confidence", "prob_a", "prob_b", "top1_label", "top1_prob", "top2_label", "top2_prob",
+        "path", "label", "confidence", "novelty", "unknown", "prob_a", "prob_b", "top1_label", "top1_prob", "top2_label", "top2_prob",
         "error",
     ]
 
 
 def test_part_files_round_trip_and_stale_cleanup(tmp_path):
-    rows = [["a,b.png", "one", "0.9", "0.9", "0.05", "0.05", ""], ['q"x.png', "", "", "", "", "", "OSError: bad"]]
+    rows = [["a,b.png", "one", "0.9", "1.5", "false", "0.9", "0.05", "0.05", ""],
+            ['q"x.png', "", "", "", "", "", "", "", "OSError: bad"]]
     part = P.write_part(P.part_path(tmp_path, "k1"), CLASS_NAMES, rows)
     assert list(P.read_part(part, CLASS_NAMES)) == rows
     with pytest.raises(ValueError, match="expected header"):
@@ -172,7 +182,8 @@ def test_part_files_round_trip_and_stale_cleanup(tmp_path):
     assert P.remove_stale_parts(tmp_path, keep=["k1"]) == 1
     assert sorted(p.name for p in tmp_path.glob("part-*")) == ["part-k1.csv"]
     summary = P.assemble_csv(tmp_path / "out.csv", [part], CLASS_NAMES, top_k=1)
-    assert summary == {"csv": str(tmp_path / "out.csv"), "rows": 2, "errors": 1, "label_counts": {"one": 1}}
+    assert summary == {"csv": str(tmp_path / "out.csv"), "rows": 2, "errors": 1, "label_counts": {"one": 1},
+                       "unknown": 0, "scored": 1, "predicted_counts": {"one": 1}}
     header, read = _read_csv(tmp_path / "out.csv")
     assert header[-3:] == ["top1_label", "top1_prob", "error"]
     assert read[0]["top1_label"] == "one" and read[1]["top1_label"] == "" and read[1]["error"] == "OSError: bad"
@@ -207,7 +218,7 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
     assert result["csv"] == str(out)
     header, rows = _read_csv(out)
     assert header == [
-        "path", "label", "confidence", "prob_one", "prob_seven", "prob_zero",
+        "path", "label", "confidence", "novelty", "unknown", "prob_one", "prob_seven", "prob_zero",
         "top1_label", "top1_prob", "top2_label", "top2_prob", "error",
     ]
     accuracy = _check_rows(rows, truth, broken)
@@ -226,8 +237,10 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
     # the raw bytes survive pandas too (quoting of commas, quotes, '=' and non-ASCII)
     import pandas as pd
 
+    from imgflow.tasks.csvcells import restore_cell
+
     frame = pd.read_csv(out, keep_default_na=False)
-    assert set(frame["path"]) == set(truth) | broken
+    assert {restore_cell(p) for p in frame["path"]} == set(truth) | broken
 
     before = out.read_bytes()
     again = batch_predict(model=str(model_dir), input_dir=root, workdir=workdir, batch_size=16, top_k=2, chunk_size=8)
@@ -341,7 +354,8 @@ def test_champion_and_a_folder_holding_only_the_workdir(prefect_server, model_di
     assert result["model_dir"] == str(Path(model_dir).resolve())
     assert result["csv"] == str(workdir / "predictions" / "inbox.csv")
     header, rows = _read_csv(Path(result["csv"]))
-    assert header == ["path", "label", "confidence", "prob_one", "prob_seven", "prob_zero", "error"] and rows == []
+    assert header == ["path", "label", "confidence", "novelty", "unknown", "prob_one", "prob_seven", "prob_zero",
+                      "error"] and rows == []
     again = batch_predict(model="champion", input_dir=inbox, workdir=workdir)
     assert again["rows"] == 0
 
@@ -403,6 +417,6 @@ def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(
     assert entries["self.png"].error == "symlink loop; not followed"
     assert entries["caf\\xe9.png"].error == "" and entries["caf\\xe9.png"].size == 2
     assert os.fsencode(scan.decode_path("caf\\xe9.png")) == b"caf\xe9.png"
-    rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8}, root,
+    rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8, "aspect": "squash"}, root,
                            [entries["pipe.png"], entries["self.png"]])
     assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)

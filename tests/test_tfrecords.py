@@ -88,7 +88,7 @@ def test_load_image_applies_exif_orientation_and_converts_modes(tmp_path):
 
     rgba = tmp_path / "rgba.png"
     Image.new("RGBA", (8, 8), (10, 20, 30, 128)).save(rgba)
-    assert tfrecords.load_image(rgba, 8)[0, 0].tolist() == [10, 20, 30]
+    assert tfrecords.load_image(rgba, 8, background=None)[0, 0].tolist() == [10, 20, 30]  # alpha dropped
 
     cmyk = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(cmyk, quality=100)  # pure red
@@ -294,10 +294,10 @@ def test_failed_shard_leaves_no_manifest_and_resume_keeps_done_shards(tmp_path, 
     failing = plan["splits"]["train"]["shards"][1]["items"][3][0]
     real_load = tfrecords.load_image
 
-    def flaky(path, size, aspect="squash"):
+    def flaky(path, size, aspect="squash", background="black"):
         if Path(path).as_posix().endswith(failing):
             raise OSError("simulated read error")
-        return real_load(path, size, aspect)
+        return real_load(path, size, aspect, background)
 
     monkeypatch.setattr(tfrecords, "load_image", flaky)
     with pytest.raises(tfrecords.ShardSourceError, match=f"{failing}: validation accepted it.*simulated read error"):
@@ -326,11 +326,11 @@ def test_killed_writer_leaves_no_manifest(tmp_path):
         from imgflow.tasks import tfrecords
         report = json.loads(Path({str(report_path)!r}).read_text())
         real, seen = tfrecords.load_image, []
-        def dying(path, size, aspect="squash"):
+        def dying(path, size, aspect="squash", background="black"):
             seen.append(path)
             if len(seen) == 14:  # inside the second train shard (10 records each)
                 os.kill(os.getpid(), signal.SIGKILL)
-            return real(path, size, aspect)
+            return real(path, size, aspect, background)
         tfrecords.load_image = dying
         tfrecords.preprocess(report, PreprocessOptions(image_size=16, val_fraction=0.0), Path({str(tmp_path / "tfrecords")!r}), workers=2)
         """

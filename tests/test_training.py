@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 import numpy as np
 import pytest
@@ -107,7 +109,59 @@ def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_dat
     assert diagnosis["healthy"] is True
     assert not [f for f in diagnosis["findings"] if f["severity"] == "critical"]
     assert sum(line.startswith("epoch ") for line in logs) == 6
-    assert logs[-1].startswith("epoch 6/6") and "val_accuracy" in logs[-1]
+    assert logs[-2].startswith("epoch 6/6") and "val_accuracy" in logs[-2]
+    # the kept epoch is the best by val_accuracy (the default monitor), said out loud
+    best = max(history, key=lambda r: r["val_accuracy"])
+    assert result["monitor"] == "val_accuracy" and result["best_epoch"] == int(best["epoch"]) + 1
+    assert result["best_value"] == pytest.approx(best["val_accuracy"])
+    assert result["stopped_early"] is False and result["stop_reason"] == "ran all 6 epochs"
+    assert logs[-1] == result["outcome"] and logs[-1].startswith(f"kept the weights of epoch {result['best_epoch']} of 6")
+    # and those weights are what the model holds now
+    kept = model.evaluate(val, verbose=0, return_dict=True)["accuracy"]
+    assert kept == pytest.approx(best["val_accuracy"], abs=1e-6)
+
+
+def _rows(values, monitor="val_accuracy"):
+    return [{"epoch": i, monitor: v} for i, v in enumerate(values)]
+
+
+def test_training_outcome_says_which_epoch_was_kept_and_why_it_stopped():
+    ran_all = training.training_outcome(_rows([0.5, 0.8, 0.7]), "val_accuracy", 3, 5)
+    assert ran_all["best_epoch"] == 2 and ran_all["best_value"] == 0.8 and not ran_all["stopped_early"]
+    assert ran_all["sentence"] == "kept the weights of epoch 2 of 3 (best val_accuracy 0.8000); ran all 3 epochs"
+
+    early = training.training_outcome(_rows([0.5, 0.83, 0.8, 0.8, 0.81, 0.82]), "val_accuracy", 20, 4,
+                                      kept_epoch=2, stopped_early=True)
+    assert early["epochs_run"] == 6 and early["epochs_planned"] == 20
+    assert early["stop_reason"] == "val_accuracy did not improve for 4 epochs"
+    assert early["sentence"] == ("kept the weights of epoch 2 of 6 (best val_accuracy 0.8300); "
+                                 "stopped early after epoch 6 of 20: val_accuracy did not improve for 4 epochs")
+
+    last = training.training_outcome(_rows([0.9, 0.5, 0.5]), "val_accuracy", 3, 2, kept_epoch=1, stopped_early=True)
+    assert last["stopped_early"] is False and last["stop_reason"] == "ran all 3 epochs"
+
+    by_loss = training.training_outcome(_rows([1.0, 0.4, 0.4, 0.6], "val_loss"), "val_loss", 4, 5)
+    assert by_loss["best_epoch"] == 2  # the first of equal values, as Keras keeps it
+    nan = training.training_outcome(_rows([0.5, 0.6]), "val_accuracy", 10, 5)
+    assert nan["stop_reason"].startswith("stopped after 2 of 10 epochs")
+
+
+def test_monitor_val_loss_keeps_the_lowest_loss_epoch_and_stops_early(tmp_path, digits_data):
+    keras.utils.set_random_seed(4)
+    train, val = _datasets(digits_data)
+    # a learning rate far too high: val_loss cannot keep improving for long
+    options = TrainOptions(epochs=8, early_stopping_patience=1, monitor="val_loss", learning_rate=0.3,
+                           augment=False)
+    model = build_model("default", 32, 3, augment=False)
+    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=lambda _: None)
+    history = training.read_history(tmp_path)
+    assert result["monitor"] == "val_loss"
+    assert result["best_epoch"] == int(min(history, key=lambda r: r["val_loss"])["epoch"]) + 1
+    if result["stopped_early"]:
+        assert result["epochs_run"] < 8 and "val_loss did not improve for" in result["stop_reason"]
+        assert result["epochs_run"] - result["best_epoch"] >= 1
+    else:
+        assert result["epochs_run"] == 8
 
 
 class _Crash(keras.callbacks.Callback):
@@ -174,3 +228,81 @@ def test_critical_preflight_finding_skips_training(tmp_path, digits_data):
     assert any("not training" in line for line in logs)
     assert training.read_json(tmp_path / "diagnosis.json")["healthy"] is False
     assert training.read_history(tmp_path) == []  # the model folder still has its history.csv: no epochs
+
+
+# ----------------------------------------------------------------------------- determinism and resume
+
+
+def _seeded_fit(run_dir, data, epochs, extra_callbacks=None, augment=True):
+    """One training as a fresh process would run it: seeds, new datasets, a new model."""
+    from imgflow.tasks.resume import enable_determinism
+
+    assert enable_determinism(11, on_gpu=False) is True
+    train, val = _datasets(data)
+    model = build_model("default", 32, 3, augment=augment, seed=11)
+    options = TrainOptions(epochs=epochs, early_stopping_patience=10, augment=augment, seed=11)
+    vx, vy = data[2], data[3]
+    result = training.fit_model(model, train, val, run_dir, options, [55, 55, 55], probe=(vx[:32], vy[:32]),
+                                log=lambda _: None, extra_callbacks=extra_callbacks)
+    return model, result
+
+
+def _max_abs_diff(a, b) -> float:
+    return max(float(np.max(np.abs(x - y))) if x.size else 0.0 for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_same_seed_gives_identical_weights_and_a_resumed_run_ends_where_an_uninterrupted_one_does(
+    tmp_path, digits_data
+):
+    """CPU + op determinism + the same seed: bit-identical weights, interrupted or not (augmentation on)."""
+    first, first_result = _seeded_fit(tmp_path / "a", digits_data, 4)
+    second, _ = _seeded_fit(tmp_path / "b", digits_data, 4)
+    assert _max_abs_diff(first, second) == 0.0
+    assert all(np.array_equal(x, y) for x, y in zip(first.get_weights(), second.get_weights()))
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        _seeded_fit(tmp_path / "c", digits_data, 4, extra_callbacks=[_Crash(2)])
+    resumed, resumed_result = _seeded_fit(tmp_path / "c", digits_data, 4)
+    assert resumed_result["resumed"] and resumed_result["initial_epoch"] == 2
+    assert _max_abs_diff(first, resumed) == 0.0
+    history_a = training.read_history(tmp_path / "a")
+    history_c = training.read_history(tmp_path / "c")
+    for column in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        assert [r[column] for r in history_c] == [r[column] for r in history_a], column
+    assert resumed_result["best_epoch"] == first_result["best_epoch"]
+    assert (tmp_path / "c" / "checkpoints" / "best.weights.h5").read_bytes() != b""
+# ----------------------------------------------------------------------------- learning-rate finder
+
+
+def test_pick_learning_rate_from_a_range_test_curve():
+    from imgflow.tasks.lr_finder import pick_learning_rate, smooth
+
+    lrs = [10 ** (-6 + 6 * i / 99) for i in range(100)]
+    # a textbook curve: flat, falling steeply around 1e-3, lowest at ~1e-2, then exploding
+    losses = [2.0 - 1.5 / (1 + math.exp(-4 * (math.log10(lr) + 3))) + (50 * (lr - 0.01) if lr > 0.01 else 0)
+              for lr in lrs]
+    pick = pick_learning_rate(lrs, losses)
+    assert 5e-3 < pick["min_loss_lr"] < 2e-2
+    assert 5e-4 < pick["steepest_lr"] < 2e-3
+    assert pick["suggested"] == pytest.approx(max(pick["min_loss_lr"], pick["steepest_lr"]) / 10)
+    assert smooth([1.0, 1.0, 1.0]) == pytest.approx([1.0, 1.0, 1.0])  # bias-corrected from the first step
+    assert pick_learning_rate(lrs[:6], losses[:6])["suggested"] is None
+
+
+def test_learning_rate_auto_runs_a_range_test_and_records_the_pick(tmp_path, digits_data):
+    keras.utils.set_random_seed(6)
+    train, val = _datasets(digits_data)
+    model = build_model("default", 32, 3, augment=False)
+    before = [w.copy() for w in model.get_weights()]
+    logs: list[str] = []
+    options = TrainOptions(epochs=1, learning_rate="auto")
+    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=logs.append)
+    finder = result["lr_finder"]
+    assert 1e-6 < finder["suggested"] < 1.0 and result["learning_rate"] == finder["suggested"]
+    assert 10 <= finder["steps"] <= 100
+    assert (tmp_path / "lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert training.read_json(tmp_path / "lr_finder.json")["suggested"] == finder["suggested"]
+    assert any(line.startswith("learning_rate auto: range test over") for line in logs)
+    # the sweep trained a copy: the model started its real training from its own initial weights
+    assert float(model.optimizer.iterations) == len(list(train))
+    assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # and then trained

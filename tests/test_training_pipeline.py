@@ -140,6 +140,11 @@ def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, d
     assert read_json(workdir / "champion.json")["run_id"] == run_dir.name
     assert registry.resolve_model_dir("champion", workdir) == run_dir.resolve()
 
+    # the best epoch survived the kill: the summary names the epoch with the lowest val loss
+    rows = read_history(run_dir)
+    assert summary["best_epoch"] == int(min(rows, key=lambda r: r["val_loss"])["epoch"]) + 1
+    assert summary["deterministic"] is True
+
 
 def test_train_task_retries_transient_failures_but_not_logic_errors(prefect_server, monkeypatch, tmp_path):
     from prefect import flow

@@ -1,0 +1,145 @@
+"""The one image loader: every imgflow stage decodes files here, so they see the same pixels.
+
+Preprocessing (the TFRecord shards), evaluation of a folder and prediction all call
+:func:`load_image` with the model's recorded ``image_size``, ``aspect`` and
+``background``; a model can therefore never be fed differently prepared pixels than it
+was trained on.
+
+Transparency: a PNG's transparent pixels still hold colour values (often black in one
+tool's export and white in another's). Dropping the alpha channel shows the model those
+hidden colours, which can differ by class and become a false cue. Images with alpha
+(RGBA, LA, PA, palette with a transparent colour) are therefore composited onto one
+``background`` colour *before* resizing, so transparent pixels look the same whatever
+colour they hide.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+ASPECTS = ("squash", "crop", "pad")
+# Named backgrounds; any "#rrggbb" or "#rgb" hex colour works too.
+BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+# The background when an option or a model's metadata names none (chosen by bench/recipe.py).
+DEFAULT_BACKGROUND = "black"
+_RESAMPLE = Image.Resampling.BILINEAR
+_HEX = re.compile(r"^#?([0-9a-fA-F]{6}|[0-9a-fA-F]{3})$")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def parse_background(value: str) -> tuple[int, int, int]:
+    """The RGB colour of a ``background`` option: ``black``, ``white`` or a hex colour.
+
+    Args:
+        value: ``black``, ``white``, ``#rrggbb`` or ``#rgb`` (the ``#`` may be left out).
+
+    Returns:
+        ``(r, g, b)`` in 0-255.
+
+    Raises:
+        ValueError: any other value (the message names the accepted forms).
+    """
+    text = str(value).strip().lower()
+    if text in BACKGROUNDS:
+        return BACKGROUNDS[text]
+    match = _HEX.match(text)
+    if not match:
+        raise ValueError(f"background: expected black, white or a hex colour such as #808080, found {value!r}")
+    digits = match.group(1)
+    if len(digits) == 3:
+        digits = "".join(c * 2 for c in digits)
+    return tuple(int(digits[i : i + 2], 16) for i in (0, 2, 4))  # type: ignore[return-value]
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether ``image`` carries transparency (an alpha band, or a palette/grey transparent colour)."""
+    return image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
+
+
+def to_rgb(image: Image.Image, background: str | None = DEFAULT_BACKGROUND) -> Image.Image:
+    """Convert any Pillow mode to RGB, compositing transparency onto ``background``.
+
+    Args:
+        image: a decoded (and oriented) image of any mode.
+        background: colour under transparent pixels (see :func:`parse_background`), or
+            None to drop the alpha channel as Pillow's ``convert("RGB")`` does (what
+            models trained before the option existed saw).
+
+    Returns:
+        An RGB image of the same size.
+    """
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grey: scale to 8 bits instead of clipping at 255.
+        arr = np.asarray(image, dtype=np.float64)
+        top = max(float(arr.max()), 1.0)
+        image = Image.fromarray((arr * (255.0 / (65535.0 if top > 255 else 255.0))).clip(0, 255).astype(np.uint8))
+    if background is not None and has_alpha(image):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, parse_background(background))
+        # paste with the alpha band as mask: out = image * a + background * (1 - a)
+        canvas.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return canvas
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def load_image(
+    path: Path | str,
+    image_size: int,
+    aspect: str = "squash",
+    background: str | None = DEFAULT_BACKGROUND,
+    info: dict | None = None,
+) -> np.ndarray:
+    """Decode an image file the way every imgflow stage does, as ``image_size`` square RGB.
+
+    Pillow decodes (JPEGs at a reduced DCT scale when they are at least twice the target
+    size, which is both faster and antialiased), applies the EXIF orientation, converts any
+    mode (grey, palette, CMYK, 16-bit) to RGB, composites images with transparency onto
+    ``background``, then resizes.
+
+    Args:
+        path: image file.
+        image_size: side of the square output, in pixels.
+        aspect: ``squash`` (resize, ignoring the aspect ratio), ``crop`` (scale the short
+            side to ``image_size`` and cut the centre) or ``pad`` (scale the long side to
+            ``image_size`` and pad the rest with the background colour, black when None).
+        background: colour under transparent pixels: ``black``, ``white`` or a hex colour;
+            None drops the alpha channel (models trained before the option existed).
+        info: when given, filled with the file's ``format``, ``mode``, ``width``, ``height``
+            and ``has_alpha`` as opened (the drift report reads them without a second open).
+
+    Returns:
+        uint8 array of shape ``(image_size, image_size, 3)``.
+
+    Raises:
+        ValueError: unknown ``aspect`` or ``background``, or a non-positive ``image_size``.
+        OSError: the file cannot be read or decoded (Pillow's own error).
+    """
+    if aspect not in ASPECTS:
+        raise ValueError(f"aspect must be one of {', '.join(ASPECTS)}, got {aspect!r}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
+    fill = parse_background(background) if background is not None else (0, 0, 0)
+    size = (image_size, image_size)
+    with Image.open(path) as img:
+        if info is not None:
+            info.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1],
+                        has_alpha=img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info)
+        if img.format in ("JPEG", "MPO"):
+            # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
+            img.draft("RGB", size)
+        img = to_rgb(ImageOps.exif_transpose(img), background)
+        if aspect == "squash":
+            out = img.resize(size, _RESAMPLE) if img.size != size else img
+        elif aspect == "crop":
+            out = ImageOps.fit(img, size, _RESAMPLE)
+        else:
+            out = ImageOps.pad(img, size, _RESAMPLE, color=fill)
+        return np.asarray(out, dtype=np.uint8).copy()
