@@ -110,7 +110,7 @@ def lr_range_test(
             if not math.isfinite(smoothed[-1]) or (len(losses) > 10 and smoothed[-1] > 4 * best):
                 self.model.stop_training = True  # diverged: the rest of the sweep says nothing
 
-    clone.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[_Sweep()], verbose=0)
+    clone.fit(train_ds.repeat(), steps_per_epoch=steps, epochs=1, callbacks=[_Sweep()], shuffle=False, verbose=0)
     lrs = lrs[: len(losses)]
     smoothed = smooth(losses)
     result: dict[str, Any] = {**pick_learning_rate(lrs, smoothed), "steps": len(losses),
