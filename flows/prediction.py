@@ -250,4 +250,7 @@ def batch_predict(
         summary["images_per_second"],
     )
     _publish(summary, input_dir)
+    from imgflow.flows import events
+
+    events.predictions_written(workdir, input_dir, summary)
     return summary

@@ -174,6 +174,13 @@ def _publish(result: dict[str, Any], evaluation: dict[str, Any] | None) -> None:
     create_markdown_artifact(key="training-run", markdown="\n".join(lines), description="Training pipeline summary")
 
 
+def _emit_decision(workdir: Path, result: dict[str, Any], metadata: dict[str, Any]) -> None:
+    from imgflow.flows import events
+
+    recall = metadata.get("metrics", {}).get("per_class_recall") or {}
+    events.model_decided(workdir, {**result, "per_class_recall": recall})
+
+
 @flow(name="training-pipeline", log_prints=True)
 def training_pipeline(
     data_dir: Path,
@@ -261,6 +268,7 @@ def training_pipeline(
     result["reason"] = decision["reason"]
     result["promoted"] = decision["promoted"]
     _publish(result, evaluation)
+    _emit_decision(workdir, result, metadata)
     accuracy = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.4f}"
     print(f"val accuracy {accuracy} | model {result['model_dir']} | {result['reason']}")
     return result

@@ -93,4 +93,9 @@ def validate_flow(
     report_path = Path(report) if report else Path(workdir) / REPORT_NAME
     summary = validate_task(Path(data_dir), Path(val_dir) if val_dir else None, options or ValidationOptions(), report_path)
     _publish_artifacts(report_path)
+    if not summary["usable"]:
+        from imgflow.flows import events
+
+        events.dataset_unusable(workdir, data_dir, atomic.read_json(report_path),
+                                f"{summary.get('errors')} errors; see {report_path}")
     return summary
