@@ -36,12 +36,13 @@ def test_prefect_yaml_validates_with_prefects_own_model():
 
     model = PrefectYamlModel.model_validate(yaml.safe_load(PREFECT_YAML.read_text(encoding="utf-8")))
     names = [d.name for d in model.deployments]
-    assert names == ["nightly-retraining", "hourly-inbox-predictions"]
+    assert names == ["nightly-retraining", "hourly-inbox-predictions", "inbox-watcher"]
     for deployment in model.deployments:
         assert deployment.work_pool.name == "imgflow"
         assert deployment.concurrency_limit.limit == 1
         assert deployment.concurrency_limit.collision_strategy == "CANCEL_NEW"
-        assert len(deployment.schedules) == 1
+        assert deployment.work_pool.job_variables["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
+        assert len(deployment.schedules or []) == (0 if deployment.name == "inbox-watcher" else 1)
 
 
 def test_yaml_entrypoints_load_and_parameters_match_the_flow_signatures():
@@ -60,7 +61,7 @@ def test_yaml_entrypoints_load_and_parameters_match_the_flow_signatures():
         validated = flow.validate_parameters(dict(spec["parameters"]))
         assert set(spec["parameters"]) <= set(validated)
         assert validated["workdir"] == Path("imgflow-work")  # a str in YAML, a Path for the flow
-        for schedule in spec["schedules"]:
+        for schedule in spec.get("schedules", []):
             CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises on a bad expression
         flows_by_deployment[name] = (flow, spec)
 
