@@ -204,16 +204,20 @@ def test_scheduled_retraining_has_nothing_to_do_when_unchanged(tmp_path, prefect
     config.write_text("image_size: 16\nepochs: 1\nbatch_size: 16\nencoding: png\nval_fraction: 0.2\n")
     workdir = tmp_path / "work"
 
-    first = scheduled_retraining(data, workdir=workdir, config_file=config)
+    # the project's imgflow.yaml is read without naming it (as a deployment with config_file: null does)
+    first = scheduled_retraining("data", workdir="work", project_dir=tmp_path)
     assert first["nothing_to_do"] is False and first["skipped"] is False
-    assert first["config_file"] == str(config.resolve())
+    assert first["config_file"] == str(config.resolve()) and first["config_source"] == "project"
+    assert first["val_source"] == "defaults"
     champion_before = read_champion(workdir)
     models_before = sorted(p.name for p in (workdir / "models").iterdir())
 
     started = time.perf_counter()
-    second = scheduled_retraining(data, workdir=workdir, config_file=config)
+    state = scheduled_retraining(data, workdir=workdir, config_file=config, return_state=True)
     seconds = time.perf_counter() - started
-    assert second["nothing_to_do"] is True
+    assert state.is_completed() and state.name == "Skipped"
+    second = state.result()
+    assert second["nothing_to_do"] is True and second["config_source"] == "parameter"
     assert second["run_id"] == first["run_id"]
     assert read_champion(workdir) == champion_before  # nothing promoted, nothing rewritten
     assert sorted(p.name for p in (workdir / "models").iterdir()) == models_before
@@ -257,3 +261,89 @@ def test_imgflow_serve_without_a_server_exits_2(tmp_path):
                            str(tmp_path)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("imgflow: PREFECT_API_URL: expected the URL of a running Prefect server")
+
+
+# ------------------------------------------------------------------ triggers, automations, project defaults
+
+AUTOMATIONS_YAML = ROOT / "deployments" / "automations.yaml"
+
+
+def test_yaml_triggers_are_the_served_triggers():
+    from prefect.cli.deploy._triggers import _initialize_deployment_triggers
+
+    from imgflow.flows.serve import PREDICTION_TRIGGERS, build_deployments
+
+    spec = _yaml_deployments()["hourly-inbox-predictions"]
+    assert spec["triggers"] == PREDICTION_TRIGGERS
+    triggers = _initialize_deployment_triggers("hourly-inbox-predictions", spec["triggers"])  # as `prefect deploy`
+    assert [t.expect for t in triggers] == [{"imgflow.model.promoted"}, {"imgflow.inbox.changed"}]
+    served = build_deployments("d", "in")[1]
+    assert [t.name for t in served.triggers] == ["imgflow-predict-after-promotion", "imgflow-predict-on-inbox-change"]
+    assert served.triggers[1].within.total_seconds() == 120  # debounced: one run per inbox per 2 minutes
+
+
+def test_automations_file_is_what_prefect_automation_create_accepts():
+    from prefect.events.actions import ChangeFlowRunState, RunDeployment, SendNotification
+    from prefect.events.schemas.automations import AutomationCore, Posture
+
+    data = yaml.safe_load(AUTOMATIONS_YAML.read_text(encoding="utf-8"))
+    automations = {a["name"]: AutomationCore.model_validate(a) for a in data["automations"]}  # as the CLI does
+    assert set(automations) == {"imgflow-crash-silent-runs", "imgflow-rerun-crashed-training",
+                                "imgflow-notify-model-rejected", "imgflow-notify-dataset-unusable"}
+    crash = automations["imgflow-crash-silent-runs"]
+    assert crash.trigger.posture == Posture.Proactive
+    assert crash.trigger.after == {"prefect.flow-run.heartbeat"}
+    # Prefect's minimum heartbeat is 30 s and prefect.yaml sets 30: several missed beats before Crashed
+    assert crash.trigger.within.total_seconds() >= 3 * 30
+    (action,) = crash.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state.value == "CRASHED"
+    rerun = automations["imgflow-rerun-crashed-training"]
+    assert isinstance(rerun.actions[0], RunDeployment) and rerun.actions[0].source == "inferred"
+    assert rerun.trigger.match_related.root["prefect.resource.id"] == "prefect.tag.rerun-on-crash"
+    assert "rerun-on-crash" in _yaml_deployments()["nightly-retraining"]["tags"]
+    for name in ("imgflow-notify-model-rejected", "imgflow-notify-dataset-unusable"):
+        assert isinstance(automations[name].actions[0], SendNotification)
+    assert automations["imgflow-notify-model-rejected"].trigger.expect == {"imgflow.model.rejected"}
+
+
+def test_project_settings_precedence(tmp_path):
+    from imgflow.flows.serve import project_settings
+
+    assert project_settings(tmp_path, None, None) == {
+        "config_file": None, "config_source": "defaults", "val_dir": None, "val_source": "defaults"}
+    (tmp_path / "imgflow.yaml").write_text("epochs: 3\n")
+    (tmp_path / "val").mkdir()
+    found = project_settings(tmp_path, None, None)
+    assert (found["config_file"], found["config_source"]) == (tmp_path.resolve() / "imgflow.yaml", "project")
+    assert (found["val_dir"], found["val_source"]) == (tmp_path.resolve() / "val", "project")
+    given = project_settings(tmp_path, "other.yaml", "/elsewhere/val")
+    assert (given["config_file"], given["config_source"]) == (tmp_path.resolve() / "other.yaml", "parameter")
+    assert given["val_dir"] == Path("/elsewhere/val")
+
+
+def test_run_form_options_beat_the_project_config(tmp_path):
+    from imgflow.flows.config import load_config
+    from imgflow.flows.serve import TrainingOverrides, scheduled_retraining
+
+    (tmp_path / "imgflow.yaml").write_text("epochs: 3\nimage_size: 64\n")
+    overrides = TrainingOverrides(epochs=7)
+    config = load_config(tmp_path / "imgflow.yaml", overrides.values())
+    assert (config.train.epochs, config.preprocess.image_size) == (7, 64)
+    with pytest.raises(ValueError, match="epochs"):
+        TrainingOverrides(epochs=0)
+    # the UI run form shows each option as its own typed field
+    schema = scheduled_retraining.parameters.model_dump()
+    options = schema["definitions"]["TrainingOverrides"]["properties"]
+    assert {"epochs", "image_size", "batch_size", "learning_rate"} <= set(options)
+
+
+def test_served_deployments_do_not_keep_a_work_pool(tmp_path):
+    from imgflow.flows.serve import build_deployments
+
+    for deployment in build_deployments(tmp_path, tmp_path, dask_address="tcp://127.0.0.1:8786"):
+        assert deployment.work_pool_name is None
+        # set explicitly, so applying it clears a pool an earlier `prefect deploy` attached
+        assert "work_pool_name" in deployment.model_dump(mode="json", exclude_unset=True)
+    training, prediction = build_deployments(tmp_path, tmp_path, dask_address="tcp://127.0.0.1:8786")
+    assert prediction.parameters["dask_address"] == "tcp://127.0.0.1:8786"
+    assert training.parameters["options"] == {"dask_address": "tcp://127.0.0.1:8786"}

@@ -88,3 +88,55 @@ def test_unusable_dataset_emits_an_event(prefect_server, asserting_events_worker
     assert event.payload["classes"] == {"only": 5}
     assert event.payload["codes"]["too_few_classes"] == 1
     assert event.payload["errors"] >= 1
+
+
+# ------------------------------------------------------------------ the inbox watcher
+
+def test_watcher_reports_a_settled_change_once(tmp_path):
+    from imgflow.tasks.watch import InboxWatcher
+
+    watcher = InboxWatcher(settle_s=20)
+    assert watcher.step({"a.png": (10, 1)}, 0) is None  # baseline: files already there are not news
+    assert watcher.step({"a.png": (10, 1), "b.png": (5, 2)}, 10) is None  # b arrives: settling
+    assert watcher.step({"a.png": (10, 1), "b.png": (9, 3)}, 20) is None  # b still growing
+    assert watcher.step({"a.png": (10, 1), "b.png": (9, 3)}, 30) is None  # stable for 10 s only
+    change = watcher.step({"a.png": (10, 1), "b.png": (9, 3)}, 40)
+    assert (change.added, change.changed, change.removed, change.total) == (["b.png"], [], [], 2)
+    assert watcher.step({"a.png": (10, 1), "b.png": (9, 3)}, 90) is None  # reported once
+    watcher.step({"a.png": (11, 5)}, 100)
+    change = watcher.step({"a.png": (11, 5)}, 130)
+    assert change.payload()["changed_files"] == ["a.png"] and change.payload()["removed"] == 1
+
+
+def test_run_watch_emits_inbox_changed(prefect_server, asserting_events_worker, tmp_path):  # noqa: F811
+    from imgflow.flows.watch import run_watch
+    from tests.imagefactory import solid_image
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    solid_image().save(inbox / "old.png")
+    polls = []
+
+    def sleep(seconds):  # files arrive after the first poll, then the inbox stays still
+        polls.append(seconds)
+        if len(polls) == 1:
+            (inbox / "sub").mkdir()
+            solid_image(seed=1).save(inbox / "sub" / "new.png")
+            (inbox / ".hidden.png").write_bytes(b"x")
+
+    lines = []
+    reported = run_watch(inbox, interval_s=5, settle_s=10, max_polls=6, sleep=sleep, log=lines.append)
+    assert reported == 1
+    assert lines == [f"{inbox}: 1 added, 0 changed, 0 removed (2 files)"]
+    (event,) = sent(asserting_events_worker, events.INBOX_CHANGED)
+    assert event.resource.id == f"imgflow.inbox.{inbox.resolve()}"
+    assert event.payload["added_files"] == ["sub/new.png"] and event.payload["files"] == 2
+
+
+def test_watch_refuses_a_missing_inbox_and_bad_intervals(tmp_path):
+    from imgflow.flows.watch import run_watch
+
+    with pytest.raises(FileNotFoundError, match="INBOX .*missing: expected a folder to watch, found nothing there"):
+        run_watch(tmp_path / "missing", max_polls=1)
+    with pytest.raises(ValueError, match="interval_s: expected seconds > 0, found 0"):
+        run_watch(tmp_path, interval_s=0, max_polls=1)
