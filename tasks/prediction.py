@@ -446,6 +446,48 @@ def predict_chunk(
     }
 
 
+def predict_groups(
+    model_dir: Path | str,
+    input_dir: Path | str,
+    groups: Sequence[tuple[str, Sequence[Sequence[Any]]]],
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Predict several file groups in one pass over the model; write one part file per group.
+
+    A task bundles the groups that have no part file yet (up to ``chunk_size`` files), so
+    the model sees full batches, while each group keeps its own part: one new file in a big
+    inbox re-predicts its small group only (:func:`chunk_entries` with a group size).
+
+    Args:
+        model_dir: the model directory (``model.keras`` + ``metadata.json``).
+        input_dir: the folder the entries are relative to.
+        groups: ``(part file, entries)`` pairs; entries as in :func:`predict_chunk`.
+        batch_size: images per model call.
+        workers: decoding threads.
+
+    Returns:
+        ``{"parts", "rows", "errors", "label_counts", "seconds", "pid"}``.
+    """
+    started = time.perf_counter()
+    model, metadata = load_model_cached(model_dir)
+    files = [FileEntry(*e) for _, entries in groups for e in entries]
+    rows = predict_files(model, metadata, input_dir, files, batch_size=batch_size, workers=workers)
+    start = 0
+    for part, entries in groups:
+        write_part(part, metadata["class_names"], rows[start:start + len(entries)])
+        start += len(entries)
+    labels = Counter(row[1] for row in rows if not row[-1])
+    return {
+        "parts": [str(part) for part, _ in groups],
+        "rows": len(rows),
+        "errors": sum(1 for row in rows if row[-1]),
+        "label_counts": dict(labels),
+        "seconds": round(time.perf_counter() - started, 4),
+        "pid": os.getpid(),
+    }
+
+
 def _top_k_cells(row: Sequence[str], class_names: Sequence[str], k: int) -> list[str]:
     if k == 0:
         return []

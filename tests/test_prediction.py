@@ -386,3 +386,20 @@ def test_cli_predict_prints_the_summary_and_exits_2_on_a_missing_model(prefect_s
     assert "top2_label" in header and len(rows) == 48
     missing = runner.invoke(app, ["predict", str(tmp_path / "no-model"), str(root), "--workdir", str(tmp_path / "w")])
     assert missing.exit_code == 2
+
+
+def test_one_new_file_re_predicts_its_small_group_not_its_chunk(prefect_server, model_dir, inbox, tmp_path):
+    from imgflow.flows.prediction import GROUP_SIZE, batch_predict
+
+    root, truth, broken = inbox
+    out = tmp_path / "preds.csv"
+    # the default chunk_size (1024) puts all 48 files into one task; part files stay small groups
+    first = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    assert first["predicted"] == 48 and first["chunks"] >= 48 // (2 * GROUP_SIZE)
+    truth.update(_save_digits(root, 150, 1, prefix="new_"))
+    second = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    assert second["rows"] == 49
+    assert 1 <= second["predicted"] <= 2 * GROUP_SIZE + 1  # its group (rarely also the next), not all 49
+    assert second["skipped_chunks"] >= second["chunks"] // 2  # most part files are reused
+    _, rows = _read_csv(out)
+    assert _check_rows(rows, truth, broken) >= 0.9
