@@ -122,6 +122,81 @@ def _created_by_automation() -> bool:
     return bool(created_by and str(getattr(created_by, "type", "")).upper() == "AUTOMATION")
 
 
+def publish_summary(result: dict[str, Any]) -> list[str]:
+    """Table artifacts on the top-level run: per-class recall, the promotion decision, the doctor's findings, files.
+
+    Returns:
+        The artifact keys created.
+    """
+    from prefect.artifacts import create_table_artifact
+
+    from imgflow.tasks import registry
+
+    model_dir = Path(result["model_dir"]) if result.get("model_dir") else None
+    metadata: dict[str, Any] = {}
+    if model_dir is not None and (model_dir / "metadata.json").is_file():
+        metadata = registry.read_metadata(model_dir)
+    recall = (metadata.get("metrics") or {}).get("per_class_recall") or {}
+    keys = []
+    if recall:
+        create_table_artifact(
+            key="retraining-metrics",
+            table=[{"class": name, "recall": value} for name, value in recall.items()]
+            + [{"class": "(all) validation accuracy", "recall": result.get("val_accuracy")}],
+            description=f"Run {result.get('run_id')}: validation recall per class",
+        )
+        keys.append("retraining-metrics")
+    create_table_artifact(
+        key="retraining-decision",
+        table=[{"run": result.get("run_id"), "promoted": result.get("promoted"), "skipped": result.get("nothing_to_do"),
+                "healthy": result.get("healthy"), "reason": result.get("reason"),
+                "config": result.get("config_file") or "defaults", "config source": result.get("config_source")}],
+        description="Promotion decision and why",
+    )
+    keys.append("retraining-decision")
+    findings = result.get("findings") or []
+    if findings:
+        create_table_artifact(
+            key="retraining-findings",
+            table=[{"severity": f.get("severity"), "code": f.get("code"), "advice": f.get("advice")} for f in findings],
+            description="The training doctor's top findings (root cause first)",
+        )
+        keys.append("retraining-findings")
+    evaluation = metadata.get("evaluation") or {}
+    files = [{"file": "model directory", "path": result.get("model_dir")},
+             {"file": "champion", "path": result.get("champion_dir")}]
+    files += [{"file": name, "path": path} for name, path in evaluation.items() if path]
+    create_table_artifact(key="retraining-files", table=files,
+                          description="Where the outputs are (paths on the machine that ran the flow)")
+    keys.append("retraining-files")
+    return keys
+
+
+def log_gpu_slot_wait(logger: Any, tag: str = "gpu") -> bool:
+    """Log a line when the ``gpu`` tag concurrency limit is full, so a run waiting for it says why.
+
+    Returns:
+        True when every slot is taken (training will wait for one).
+    """
+    try:
+        from prefect.client.orchestration import get_client
+        from prefect.exceptions import ObjectNotFound
+
+        with get_client(sync_client=True) as client:
+            try:
+                limit = client.read_concurrency_limit_by_tag(tag)
+            except ObjectNotFound:
+                return False
+    except Exception:  # noqa: BLE001 - only a log line depends on it
+        return False
+    holders = list(limit.active_slots or [])
+    if limit.concurrency_limit is not None and len(holders) >= limit.concurrency_limit:
+        logger.info("waiting for the %r concurrency slot (limit %d, held by task runs %s); training starts when "
+                    "one frees", tag, limit.concurrency_limit, ", ".join(str(h) for h in holders))
+        return True
+    return False
+
+
 # No flow-level retries: Prefect cannot filter them by exception, so unusable data or a
 # bad config key would be re-validated for nothing; the train task itself retries
 # transient failures and resumes from its last epoch.
@@ -182,12 +257,14 @@ def scheduled_retraining(
         settings["config_file"] or "imgflow defaults", settings["config_source"], overrides or "none",
         settings["val_dir"] or f"none, val_fraction {config.preprocess.val_fraction}", settings["val_source"], project,
     )
+    log_gpu_slot_wait(logger)
     result = dict(training_pipeline(project / Path(data_dir), settings["val_dir"], project / Path(workdir), config, force))
     result["nothing_to_do"] = bool(result.get("skipped"))
     result["config_file"] = str(settings["config_file"]) if settings["config_file"] else None
     result["config_source"] = settings["config_source"]
     result["val_dir"] = str(settings["val_dir"]) if settings["val_dir"] else None
     result["val_source"] = settings["val_source"]
+    publish_summary(result)
     if result["nothing_to_do"]:
         message = (f"{NOTHING_TO_DO}: data and configuration unchanged since run {result.get('run_id')} "
                    f"(champion: {result.get('champion_dir')}); pass force=True to retrain")

@@ -347,3 +347,39 @@ def test_served_deployments_do_not_keep_a_work_pool(tmp_path):
     training, prediction = build_deployments(tmp_path, tmp_path, dask_address="tcp://127.0.0.1:8786")
     assert prediction.parameters["dask_address"] == "tcp://127.0.0.1:8786"
     assert training.parameters["options"] == {"dask_address": "tcp://127.0.0.1:8786"}
+
+
+def test_summary_artifacts_land_on_the_top_level_run(tmp_path, prefect_server):
+    import json
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from imgflow.flows.serve import publish_summary
+
+    model_dir = tmp_path / "models" / "r1"
+    model_dir.mkdir(parents=True)
+    (model_dir / "metadata.json").write_text(json.dumps({
+        "run_id": "r1", "metrics": {"per_class_recall": {"cats": 0.5, "dogs": 1.0}},
+        "evaluation": {"report_html": str(model_dir / "report.html")}}))
+    result = {"run_id": "r1", "model_dir": str(model_dir), "val_accuracy": 0.75, "promoted": False,
+              "reason": "rejected: worse than the champion", "healthy": True, "nothing_to_do": False,
+              "findings": [{"severity": "warning", "code": "overfitting", "advice": "add data"}],
+              "config_file": None, "config_source": "defaults"}
+
+    @flow
+    def top():
+        from prefect.runtime import flow_run
+
+        return flow_run.id, publish_summary(result)
+
+    run_id, keys = top()
+    assert keys == ["retraining-metrics", "retraining-decision", "retraining-findings", "retraining-files"]
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    by_key = {a.key: json.loads(a.data) for a in artifacts}
+    assert by_key["retraining-metrics"][:2] == [{"class": "cats", "recall": 0.5}, {"class": "dogs", "recall": 1.0}]
+    assert by_key["retraining-decision"][0]["reason"] == "rejected: worse than the champion"
+    assert by_key["retraining-findings"][0]["code"] == "overfitting"
+    assert {"file": "report_html", "path": str(model_dir / "report.html")} in by_key["retraining-files"]
