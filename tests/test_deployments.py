@@ -383,3 +383,15 @@ def test_summary_artifacts_land_on_the_top_level_run(tmp_path, prefect_server):
     assert by_key["retraining-decision"][0]["reason"] == "rejected: worse than the champion"
     assert by_key["retraining-findings"][0]["code"] == "overfitting"
     assert {"file": "report_html", "path": str(model_dir / "report.html")} in by_key["retraining-files"]
+
+
+def test_imgflow_watch_needs_a_server_and_a_folder(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "watch", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and proc.stderr.startswith(f"imgflow: INBOX {tmp_path / 'missing'} does not exist")
+    proc = subprocess.run([sys.executable, "-m", "imgflow", "watch", str(tmp_path), "--max-polls", "1"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("imgflow: PREFECT_API_URL: expected the URL of a running Prefect server")
