@@ -140,14 +140,14 @@ def predictions_payload(summary: Mapping[str, Any]) -> dict[str, Any]:
     """Payload of ``imgflow.predictions.written`` from a ``batch_predict`` summary.
 
     Returns:
-        ``{"csv", "rows", "errors", "predicted" (files predicted by this run), "label_counts",
+        ``{"csv" (absolute path), "rows", "errors", "predicted" (files predicted by this run), "label_counts",
         "unknown", "unknown_share", "model_dir"}``; ``unknown``/``unknown_share`` are 0 when the
         model has no novelty statistics (no file is flagged unknown).
     """
     rows = int(summary.get("rows") or 0)
     unknown = int(summary.get("unknown") or 0)
     return {
-        "csv": summary.get("csv"),
+        "csv": _abs(summary["csv"]) if summary.get("csv") else None,
         "rows": rows,
         "errors": int(summary.get("errors") or 0),
         "predicted": int(summary.get("predicted") or 0),

@@ -48,6 +48,7 @@ def test_predictions_payload_unknown_share():
     payload = events.predictions_payload({"csv": "x.csv", "rows": 8, "errors": 1, "predicted": 3,
                                           "label_counts": {"a": 7}, "unknown": 2})
     assert (payload["rows"], payload["predicted"], payload["unknown"], payload["unknown_share"]) == (8, 3, 2, 0.25)
+    assert payload["csv"] == str(Path("x.csv").resolve())
     assert events.predictions_payload({"rows": 0})["unknown_share"] == 0.0
     assert events.predictions_payload({"rows": 5})["unknown"] == 0  # no novelty column yet: 0, not absent
 
