@@ -130,12 +130,12 @@ def publish_summary(result: dict[str, Any]) -> list[str]:
     """
     from prefect.artifacts import create_table_artifact
 
-    from imgflow.tasks import registry
+    from imgflow.tasks.atomic import read_json
 
     model_dir = Path(result["model_dir"]) if result.get("model_dir") else None
     metadata: dict[str, Any] = {}
     if model_dir is not None and (model_dir / "metadata.json").is_file():
-        metadata = registry.read_metadata(model_dir)
+        metadata = read_json(model_dir / "metadata.json")
     recall = (metadata.get("metrics") or {}).get("per_class_recall") or {}
     keys = []
     if recall:
