@@ -395,3 +395,111 @@ def test_imgflow_watch_needs_a_server_and_a_folder(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.startswith("imgflow: PREFECT_API_URL: expected the URL of a running Prefect server")
+
+
+# ------------------------------------------------------------------ a real `prefect server start`
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _own_processes_using(api_url: str) -> list[int]:
+    """PIDs whose environment points at this test's server (flow processes a worker started)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if f"PREFECT_API_URL={api_url}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_real_server_promotion_event_triggers_a_prediction_run(tmp_path):
+    """prefect server start + prefect deploy + automations file + worker: promoted -> batch-predict run."""
+    import json
+    import signal
+    import urllib.request
+
+    port = _free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_API_URL=api_url, PYTHONPATH=str(ROOT),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2")
+    project = tmp_path / "proj"
+    workdir = project / "imgflow-work"
+    make_champion(workdir, make_digit_model_dir(workdir / "models" / "m1", per_class=30))
+    (project / "inbox").mkdir()
+    for i, (_, pixels) in enumerate(digit_images(DIGIT_CLASSES.values(), per_class=2)):
+        Image.fromarray(pixels).save(project / "inbox" / f"img{i}.png")
+
+    def api(path, body=None):
+        request = urllib.request.Request(api_url + path, method="POST" if body is not None else "GET",
+                                         data=json.dumps(body).encode() if body is not None else None,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read() or b"null")
+
+    def cli(*args):
+        proc = subprocess.run([PREFECT, *map(str, args)], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    def events(name):
+        query = {"filter": {"event": {"name": [name]}, "occurred": {"since": "2020-01-01T00:00:00Z"}}, "limit": 20}
+        return api("/events/filter", query)["events"]
+
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True))
+        for _ in range(180):
+            try:
+                api("/health")
+                break
+            except OSError:
+                time.sleep(1)
+        cli("work-pool", "create", "imgflow", "--type", "process")
+        cli("--no-prompt", "deploy", "--prefect-file", PREFECT_YAML, "--all")
+        assert "Created 4 automation(s)" in cli("automation", "create", "--from-file", ROOT / "deployments" / "automations.yaml")
+        automations = {a["name"] for a in api("/automations/filter", {})}
+        assert {"imgflow-predict-after-promotion", "imgflow-predict-on-inbox-change", "imgflow-crash-silent-runs",
+                "imgflow-rerun-crashed-training"} <= automations
+        nightly = api("/deployments/name/scheduled-retraining/nightly-retraining")
+        assert nightly["parameters"]["config_file"] is None and nightly["parameters"]["project_dir"] == "."
+        started.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "imgflow"], cwd=project, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        # a promotion, sent the way training_pipeline sends it
+        code = ("from imgflow.flows import events; "
+                f"events.model_decided({str(workdir)!r}, {{'run_id': 'm1', 'model_dir': {str(workdir / 'models' / 'm1')!r}, "
+                "'promoted': True, 'reason': 'promoted: test', 'findings': []}); "
+                "from prefect.events.worker import EventsWorker; EventsWorker.drain_all()")
+        subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+        deadline = time.time() + 240
+        while time.time() < deadline and not events("imgflow.predictions.written"):
+            time.sleep(3)
+        (promoted,) = events("imgflow.model.promoted")
+        assert promoted["payload"]["reason"] == "promoted: test"
+        written = events("imgflow.predictions.written")
+        assert written, "the promotion did not cause a prediction run"
+        assert written[0]["payload"]["rows"] == 6 and written[0]["payload"]["predicted"] == 6
+        runs = api("/flow_runs/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+        assert any((r.get("created_by") or {}).get("type") == "AUTOMATION" and "prediction" in r["tags"] for r in runs)
+    finally:
+        for proc in reversed(started):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+        for pid in _own_processes_using(api_url):  # flow processes run in their own sessions
+            os.kill(pid, signal.SIGKILL)
