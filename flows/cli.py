@@ -296,12 +296,13 @@ def serve(
 
     with exit_codes(usage=(NoServerError, ServeConflict, FileNotFoundError, ValueError)):
         url = check_api_url()
-        typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
-                   f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
-                   "Ctrl-C stops and pauses the schedules")
         serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
                           train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit,
-                          dask_address=dask_address)
+                          dask_address=dask_address,
+                          announce=lambda: typer.echo(
+                              f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+                              f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+                              "Ctrl-C stops and pauses the schedules"))
 
 
 @app.command()

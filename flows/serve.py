@@ -463,6 +463,7 @@ def serve_deployments(
     timezone: str = DEFAULT_TIMEZONE,
     limit: int = 2,
     dask_address: str | None = None,
+    announce: Any = None,
 ) -> None:
     """Register both deployments and run their schedules and triggers from this process until Ctrl-C.
 
@@ -478,6 +479,7 @@ def serve_deployments(
         data_dir, inbox, workdir, config_file, val_dir, train_cron, predict_cron, timezone, dask_address:
             as :func:`build_deployments`.
         limit: flow runs this process executes at once.
+        announce: called (no arguments) once every check passed, just before serving.
 
     Raises:
         NoServerError: ``PREFECT_API_URL`` is not set.
@@ -508,4 +510,6 @@ def serve_deployments(
     )
     # served runs send heartbeats often enough for automations.yaml to mark a dead one Crashed
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    if announce is not None:
+        announce()
     serve(*deployments, limit=limit)

@@ -478,6 +478,19 @@ def test_real_server_promotion_event_triggers_a_prediction_run(tmp_path):
         assert nightly["parameters"]["config_file"] is None and nightly["parameters"]["project_dir"] == "."
         started.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "imgflow"], cwd=project, env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        # serve and worker never overlap: with the worker online, `imgflow serve` refuses and names it
+        (project / "data").mkdir()
+        for _ in range(60):
+            workers = api("/work_pools/imgflow/workers/filter", {})
+            if any(w["status"] == "ONLINE" for w in workers):
+                break
+            time.sleep(1)
+        serve = subprocess.run([sys.executable, "-m", "imgflow", "serve", "data", "--inbox", "inbox"], cwd=project,
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert serve.returncode == 2, serve.stdout + serve.stderr
+        assert serve.stderr.startswith("imgflow: a worker already runs these deployments: "
+                                       "scheduled-retraining/nightly-retraining on work pool 'imgflow' (worker ")
+        assert serve.stdout == ""  # nothing announced, nothing served
         # a promotion, sent the way training_pipeline sends it
         code = ("from imgflow.flows import events; "
                 f"events.model_decided({str(workdir)!r}, {{'run_id': 'm1', 'model_dir': {str(workdir / 'models' / 'm1')!r}, "
