@@ -516,3 +516,27 @@ def test_real_server_promotion_event_triggers_a_prediction_run(tmp_path):
                 os.killpg(proc.pid, signal.SIGKILL)
         for pid in _own_processes_using(api_url):  # flow processes run in their own sessions
             os.kill(pid, signal.SIGKILL)
+
+
+def test_serving_detaches_a_work_pool_an_earlier_deploy_attached(tmp_path, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from imgflow.flows.prediction import batch_predict
+    from imgflow.flows.serve import PREDICTION_DEPLOYMENT, build_deployments, live_workers_serving
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name="imgflow-detach-test", type="process"), overwrite=True)
+    deployed = batch_predict.to_deployment(name=PREDICTION_DEPLOYMENT, work_pool_name="imgflow-detach-test",
+                                           parameters={"model": "champion", "input_dir": str(tmp_path)})
+    deployment_id = deployed.apply()
+    name = f"batch-predict/{PREDICTION_DEPLOYMENT}"
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment(deployment_id).work_pool_name == "imgflow-detach-test"
+    assert live_workers_serving([name]) == []  # a pool, but no worker online: serving may take over
+    served = build_deployments(tmp_path, tmp_path)[1]
+    assert served.apply() == deployment_id
+    with get_client(sync_client=True) as client:
+        after = client.read_deployment(deployment_id)
+    assert after.work_pool_name is None and after.work_queue_id is None
+    assert after.parameters["input_dir"] == str(tmp_path.resolve())
