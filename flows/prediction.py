@@ -170,7 +170,8 @@ def batch_predict(
 
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
-        "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir"}``; ``images_per_second``
+        "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir"}`` (``chunks`` and
+        ``skipped_chunks`` count part-file groups: all of them, and those already done); ``images_per_second``
         counts the files predicted in this run (0 when every chunk was already done).
 
     Raises:
