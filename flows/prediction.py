@@ -44,21 +44,6 @@ LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
 
 
 @task(
-    name="predict-chunk",
-    task_run_name="predict-chunk-{key}",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=retry_unless(ValueError),
-)
-def predict_chunk_task(
-    key: str, model_dir: str, input_dir: str, entries: list[list[Any]], part: str, batch_size: int
-) -> dict[str, Any]:
-    """Predict one chunk of files and write its part file atomically."""
-    return P.predict_chunk(model_dir, input_dir, entries, part, batch_size=batch_size)
-
-
-@task(
     name="predict-files",
     task_run_name="predict-files-{key}",
     cache_policy=NO_CACHE,
