@@ -472,16 +472,38 @@ def serve(
     predict_cron: str = typer.Option("0 * * * *", "--predict-cron", help="when to classify the inbox (cron)"),
     timezone: str = typer.Option("UTC", "--timezone"),
     limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
+    dask_address: Optional[str] = DaskOption,
 ) -> None:
     """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
     from imgflow.flows.serve import check_api_url, serve_deployments
 
-    url = check_api_url()
-    typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
-               f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
-               "Ctrl-C stops and pauses the schedules")
+    url = check_api_url()  # NoServerError, ServeConflict: usage errors, one line, exit 2
     serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
-                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
+                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit,
+                      dask_address=dask_address,
+                      announce=lambda: typer.echo(
+                          f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+                          f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+                          "Ctrl-C stops and pauses the schedules"))
+
+
+@app.command()
+def watch(
+    inbox: Path = typer.Argument(..., help="folder to watch (recursively) for new or changed images"),
+    interval: float = typer.Option(10.0, "--interval", help="seconds between two polls (a poll only stats files)"),
+    settle: float = typer.Option(30.0, "--settle", help="seconds the inbox must stay unchanged before an event"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="a workdir inside INBOX, not watched"),
+    report_existing: bool = typer.Option(False, "--report-existing", help="report files already there at start"),
+    max_polls: Optional[int] = typer.Option(None, "--max-polls", help="stop after N polls (default: run until Ctrl-C)"),
+) -> None:
+    """Emit the Prefect event imgflow.inbox.changed when files arrive in INBOX and settle (needs a Prefect server)."""
+    from imgflow.flows.serve import check_api_url
+    from imgflow.flows.watch import run_watch
+
+    require_dir(inbox, "INBOX")
+    url = check_api_url()
+    typer.echo(f"watching {inbox} every {interval:g} s (settle {settle:g} s); events go to {url}; Ctrl-C stops")
+    run_watch(inbox, interval, settle, [workdir] if workdir else None, report_existing, max_polls, log=typer.echo)
 
 
 @app.command()

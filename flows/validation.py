@@ -111,4 +111,9 @@ def validate_flow(
         get_run_logger().warning("The work folder %s lies inside the data; it is never scanned as data", workdir)
     summary = validate_task(data_dir, val_dir, options or ValidationOptions(), report_path, exclude=skip)
     _publish_artifacts(report_path)
+    if not summary["usable"]:
+        from imgflow.flows import events
+
+        events.dataset_unusable(workdir, data_dir, atomic.read_json(report_path),
+                                f"{summary.get('errors')} errors; see {report_path}")
     return summary
