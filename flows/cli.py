@@ -89,6 +89,35 @@ def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
         typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
 
 
+def start_prefect_early() -> None:
+    """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
+    from imgflow.flows import server
+
+    if server.start_early() is not None:
+        server.register()
+
+
+def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,
+                      report: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The summary of an unchanged report when no Prefect API is configured, else None (run the flow).
+
+    Answering from the report skips the temporary server's start-up: there is nothing
+    to orchestrate. With ``PREFECT_API_URL`` set the flow runs, so the run is recorded.
+    """
+    from imgflow.flows.server import configured_api_url
+    from imgflow.tasks.validation_reuse import reusable_summary
+
+    if configured_api_url():
+        return None
+    summary = reusable_summary(data_dir, val_dir, workdir, options, report)
+    if summary is not None:
+        typer.echo(f"Reusing {summary['report_path']}: the files, options and code are unchanged")
+    return summary
+
+
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}
+
+
 @app.command()
 def validate(
     data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
@@ -104,12 +133,16 @@ def validate(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
-    from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
     from imgflow.tasks.dataset import DatasetError
 
     with exit_codes(usage=(DatasetError, OSError)):
-        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+        summary = reused_validation(data_dir, val_dir, workdir, options, report)
+        if summary is None:
+            start_prefect_early()
+            from imgflow.flows.validation import validate_flow
+
+            summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -352,6 +385,9 @@ def main() -> None:
     logging.getLogger("prefect").addFilter(
         lambda record: not record.getMessage().startswith("Stopping temporary server")
     )
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
+        start_prefect_early()
     try:
         app()
     except KeyboardInterrupt:
