@@ -38,6 +38,7 @@ REPO = ROOT.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(REPO))
 PY = sys.executable
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SCENARIOS = ["predict-5000", "validate-noop", "validate-cold", "preprocess-cold", "preprocess-unchanged", "predict-50000"]
 
 
