@@ -91,10 +91,19 @@ def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
 
 def start_prefect_early() -> None:
     """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
-    from imgflow.flows import server
+    from imgflow.flows.server import start_early
 
-    if server.start_early() is not None:
-        server.register()
+    start_early()
+
+
+def wait_for_prefect() -> None:
+    """Before the first flow: wait for the early server; exit 2 with the reason when it did not start."""
+    from imgflow.flows.server import ServerStartError, wait_ready
+
+    try:
+        wait_ready()
+    except ServerStartError as exc:
+        fail(str(exc), EXIT_USAGE)
 
 
 def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,
@@ -115,7 +124,21 @@ def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, op
     return summary
 
 
-SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
+
+
+def preload_tensorflow() -> None:
+    """Import TensorFlow and Keras now, while the temporary server boots in its own process.
+
+    The first flow run waits for the server's health check; importing TensorFlow, Keras
+    and Prefect before that wait (instead of after it, inside the flow's first task)
+    takes the imports off the critical path.
+    """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()
+    import keras  # noqa: F401
+    import prefect  # noqa: F401 - the flows' own import, also off the critical path
 
 
 @app.command()
@@ -142,6 +165,7 @@ def validate(
             start_prefect_early()
             from imgflow.flows.validation import validate_flow
 
+            wait_for_prefect()
             summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
@@ -388,8 +412,18 @@ def main() -> None:
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
         start_prefect_early()
+        preload_tensorflow()
+        wait_for_prefect()
     try:
         app()
+    except SystemExit as exc:
+        if command in SERVER_COMMANDS:  # nothing left to write: skip the slow interpreter teardown
+            from imgflow.flows.server import exit_now
+
+            if isinstance(exc.code, str):
+                typer.echo(exc.code, err=True)
+            exit_now(exc.code)
+        raise
     except KeyboardInterrupt:
         typer.echo("imgflow: interrupted", err=True)
         sys.exit(130)

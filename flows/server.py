@@ -1,25 +1,27 @@
 """The Prefect API a command talks to: a running server, or a temporary one started early.
 
 Without ``PREFECT_API_URL``, Prefect 3 starts a temporary ("ephemeral") server the first
-time a flow needs its client (``prefect.client.orchestration.get_client`` →
+time a flow needs its client (``prefect.client.orchestration.get_client`` ->
 ``prefect.server.api.server.SubprocessASGIServer.start``): a ``uvicorn`` subprocess that
-imports the whole Prefect server, opens the database and answers ``/api/health``. Paid
-after imgflow's own imports, that start-up is seconds on the critical path of every command.
+imports the whole Prefect server, opens the database and answers ``/api/health``, while
+the command's own process waits, after it has itself imported ``prefect.server`` (FastAPI,
+SQLAlchemy, docket: seconds) only to launch it.
 
-:func:`start_early` launches the same subprocess (same command line, same environment
-variables as ``SubprocessASGIServer._run_uvicorn_command``) before the CLI imports
-TensorFlow, Keras or Prefect, so the server boots on another core while they load and
-while the first local work runs. :func:`adopt` then hands it to Prefect as the
-process's ``SubprocessASGIServer`` instance (the ``None`` key, the one ``get_client``
-uses), after waiting for its health check, so Prefect never starts a second one.
+:func:`start_early` launches the same subprocess (the command line and environment of
+``SubprocessASGIServer._run_uvicorn_command``) as the very first thing the CLI does,
+before Prefect, TensorFlow or Keras are imported, and points ``PREFECT_API_URL`` at it.
+The server boots on another core while the command imports its libraries; Prefect sees
+a configured API, so it neither starts a second server nor imports ``prefect.server``.
+:func:`wait_ready` waits for its health check before the first flow runs.
 
-With ``PREFECT_API_URL`` set (in the environment or the active Prefect profile), nothing
-is started: the running server is used, as Prefect does.
+With ``PREFECT_API_URL`` already set (in the environment or the active Prefect profile),
+nothing is started: that server is used, as Prefect does.
 
-At exit the temporary server is sent SIGTERM and not waited for: by then the flow run's
-states, logs and events have been sent (Prefect's log and event workers drain first, see
-:func:`adopt`), and the server finishes its own shutdown after the command has returned.
-Only the standard library is imported at module import time.
+At exit the temporary server is sent SIGTERM and not waited for: the flow run's states
+were written synchronously, and Prefect's log and event workers drain in
+``threading``'s exit hook, which runs before ``atexit`` handlers; the server finishes
+its own shutdown after the command has returned. Only the standard library is
+imported at module import time.
 """
 
 from __future__ import annotations
@@ -75,25 +77,24 @@ def _free_port() -> int | None:
     return None
 
 
-def start_early() -> int | None:
-    """Start the temporary Prefect server in the background now; return its port (None: not started).
+def start_early() -> str | None:
+    """Start the temporary Prefect server in the background now; return its API URL (None: not started).
 
-    Does nothing when an API is configured (``PREFECT_API_URL``), when ephemeral mode is
-    switched off (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=false``), or when one was
-    already started by this process. Never raises: on any failure Prefect starts its
-    own server later, as it would without imgflow.
+    Sets ``PREFECT_API_URL`` in this process's environment, so it must run before
+    Prefect is imported (it does nothing when Prefect already is). Does nothing when an
+    API is configured, when ephemeral mode is off (``PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=false``)
+    or when it already ran. Never raises: when it cannot start the server, Prefect
+    starts its own later, as it would without imgflow.
     """
-    if _started or configured_api_url():
+    if _started or "prefect" in sys.modules or configured_api_url():
         return None
     if os.environ.get("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "").lower() in {"0", "false", "no"}:
-        return None
-    port = _free_port()
-    if port is None:
         return None
     from importlib.util import find_spec
 
     spec = find_spec("prefect")  # finds the package folder without importing Prefect
-    if spec is None or spec.origin is None:
+    port = _free_port()
+    if spec is None or spec.origin is None or port is None:
         return None
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     try:
@@ -105,9 +106,11 @@ def start_early() -> int | None:
         )
     except OSError:
         return None
-    _started.update(port=port, process=process)
+    url = f"http://127.0.0.1:{port}/api"
+    _started.update(port=port, process=process, api_url=url)
+    os.environ["PREFECT_API_URL"] = url
     atexit.register(_stop)
-    return port
+    return url
 
 
 def _stop() -> None:
@@ -133,46 +136,61 @@ def _healthy(url: str, timeout_s: float) -> bool:
     return False
 
 
-def register() -> bool:
-    """Make the early server Prefect's temporary server for this process; True when it did.
+class ServerStartError(RuntimeError):
+    """The temporary Prefect server started by :func:`start_early` did not come up."""
 
-    Imports ``prefect.server.api.server`` and installs, under the ``None`` key that
-    ``get_client`` looks up, a ``SubprocessASGIServer`` whose ``start`` waits for the
-    early server's health check instead of launching another process (when the early
-    server died or did not answer within ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``,
-    it starts one the usual way). Call it after :func:`start_early`, before the first flow
-    runs; it returns at once (the waiting happens when Prefect first needs the API).
+
+def wait_ready(timeout_s: float | None = None) -> str | None:
+    """Wait until the early server answers its health check; return its API URL (None: none started).
+
+    Call it before the first flow runs. The limit is ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``
+    (default 20 s), as for Prefect's own temporary server.
+
+    Raises:
+        ServerStartError: the server exited or did not answer in time; the message says
+            how to use a running server instead.
     """
-    if not _started or _started.get("registered"):
-        return bool(_started.get("registered"))
-    from prefect.server.api.server import SubprocessASGIServer
-
-    class EarlyServer(SubprocessASGIServer):
-        """The server :func:`start_early` launched, started for real only if it failed."""
-
-        def start(self, timeout: int | None = None) -> None:
-            if self.running:
-                return
-            from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
-
-            limit = float(timeout or PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value())
-            if _started.get("process") is not None and _healthy(self.api_url, limit):
-                self.running = True
-                return
-            _stop()
-            self.port, self.server_process = None, None
-            super().start(timeout)
-
-        def stop(self) -> None:
-            _stop()
-            self.server_process, self.running = None, False
-            if SubprocessASGIServer._instances.get(None) is self:
-                del SubprocessASGIServer._instances[None]
-
-    if None in SubprocessASGIServer._instances:  # a server is already set up (a test harness): use it
+    if not _started:
+        return None
+    if _started.get("ready"):
+        return _started["api_url"]
+    limit = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+    if not _healthy(_started["api_url"], limit):
+        code = _started["process"].poll()
         _stop()
-        return False
-    server = EarlyServer(None)
-    server.port, server.server_process = _started["port"], _started["process"]
-    _started["registered"] = True
-    return True
+        state = f"exited with code {code}" if code is not None else f"did not answer within {limit:.0f} s"
+        raise ServerStartError(
+            f"the temporary Prefect server on {_started['api_url']} {state}; start one with "
+            "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api, or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+        )
+    _started["ready"] = True
+    return _started["api_url"]
+
+
+def exit_now(code: int | None) -> None:
+    """End the process once Prefect's logs and events are sent, skipping the interpreter's teardown.
+
+    Tearing down a process that imported TensorFlow, Keras and Prefect (module
+    finalizers, thread joins, waiting for the temporary server) takes seconds and saves
+    nothing: every output was already renamed into place. This drains Prefect's log and
+    event workers the way ``prefect.testing.utilities.prefect_test_harness`` does, flushes
+    the standard streams, stops the temporary server without waiting, and exits.
+    """
+    if "prefect" in sys.modules:
+        try:
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=10)
+            EventsWorker.drain_all(timeout=10)
+        except Exception:  # noqa: BLE001 - never turn a finished command into a failure
+            pass
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _stop()
+    os._exit(code if isinstance(code, int) else (0 if code is None else 1))
