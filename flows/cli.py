@@ -127,6 +127,12 @@ def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, op
 SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
 
 
+def ready_for_flows() -> None:
+    """Right before a command's first flow: import TensorFlow while the early server boots, then wait for it."""
+    preload_tensorflow()
+    wait_for_prefect()
+
+
 def preload_tensorflow() -> None:
     """Import TensorFlow and Keras now, while the temporary server boots in its own process.
 
@@ -211,6 +217,7 @@ def preprocess(
     from imgflow.tasks.dataset import DatasetError, DatasetUnusable
     from imgflow.tasks.tfrecords import ShardSourceError
 
+    ready_for_flows()
     with exit_codes(usage=(DatasetError, ShardSourceError, OSError), failed=(DatasetUnusable,)):
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
@@ -248,6 +255,7 @@ def train(
     from imgflow.tasks.tfrecords import ShardSourceError
 
     usage = (ConfigError, DatasetError, ModelConfigError, RegistryError, ShardSourceError, OSError)
+    ready_for_flows()
     with exit_codes(usage=usage, failed=(DatasetUnusable,)):
         result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force)
     typer.echo("")
@@ -289,6 +297,7 @@ def evaluate(
     from imgflow.tasks.evaluation import EvaluationError
     from imgflow.tasks.registry import RegistryError
 
+    ready_for_flows()
     with exit_codes(usage=(EvaluationError, RegistryError, FileNotFoundError)):
         result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
@@ -323,6 +332,7 @@ def predict(
     from imgflow.flows.prediction import batch_predict
 
     # batch_predict raises ValueError for an option it cannot use (batch size, top-k)
+    ready_for_flows()
     with exit_codes(usage=(FileNotFoundError, ValueError)):
         result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
@@ -351,6 +361,7 @@ def doctor(
     from imgflow.tasks.models import ModelConfigError
     from imgflow.tasks.registry import RegistryError
 
+    ready_for_flows()
     with exit_codes(usage=(DatasetError, ModelConfigError, RegistryError, OSError), failed=(DatasetUnusable,)):
         diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
@@ -391,6 +402,7 @@ def demo(workdir: Path = WorkdirOption) -> None:
     """Real 3-class handwritten-digit data through the whole pipeline, then batch prediction."""
     from imgflow.flows.demo import run_demo
 
+    ready_for_flows()
     result = run_demo(workdir=workdir)
     typer.echo("")
     for key, value in result.items():
@@ -411,9 +423,7 @@ def main() -> None:
     )
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
-        start_prefect_early()
-        preload_tensorflow()
-        wait_for_prefect()
+        start_prefect_early()  # the commands call ready_for_flows() once their options are checked
     try:
         app()
     except SystemExit as exc:
