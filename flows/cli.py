@@ -214,6 +214,64 @@ def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
         typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
 
 
+def start_prefect_early() -> None:
+    """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
+    from imgflow.flows.server import start_early
+
+    start_early()
+
+
+def wait_for_prefect() -> None:
+    """Before the first flow: wait for the early server; exit 2 with the reason when it did not start."""
+    from imgflow.flows.server import ServerStartError, wait_ready
+
+    try:
+        wait_ready()
+    except ServerStartError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,
+                      report: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The summary of an unchanged report when no Prefect API is configured, else None (run the flow).
+
+    Answering from the report skips the temporary server's start-up: there is nothing
+    to orchestrate. With ``PREFECT_API_URL`` set the flow runs, so the run is recorded.
+    """
+    from imgflow.flows.server import configured_api_url
+    from imgflow.tasks.validation_reuse import reusable_summary
+
+    if configured_api_url():
+        return None
+    summary = reusable_summary(data_dir, val_dir, workdir, options, report)
+    if summary is not None:
+        typer.echo(f"Reusing {summary['report_path']}: the files, options and code are unchanged")
+    return summary
+
+
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
+
+
+def ready_for_flows() -> None:
+    """Right before a command's first flow: import TensorFlow while the early server boots, then wait for it."""
+    preload_tensorflow()
+    wait_for_prefect()
+
+
+def preload_tensorflow() -> None:
+    """Import TensorFlow and Keras now, while the temporary server boots in its own process.
+
+    The first flow run waits for the server's health check; importing TensorFlow, Keras
+    and Prefect before that wait (instead of after it, inside the flow's first task)
+    takes the imports off the critical path.
+    """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()
+    import keras  # noqa: F401
+    import prefect  # noqa: F401 - the flows' own import, also off the critical path
+
+
 @app.command()
 def validate(
     data_dir: Path = typer.Argument(..., help="DATA_DIR/<class>/*.jpg"),
@@ -231,10 +289,15 @@ def validate(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
-    from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
 
-    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    summary = reused_validation(data_dir, val_dir, workdir, options, report)
+    if summary is None:
+        start_prefect_early()
+        from imgflow.flows.validation import validate_flow
+
+        wait_for_prefect()
+        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -278,6 +341,7 @@ def preprocess(
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     from imgflow.flows.preprocessing import preprocess_flow
 
+    ready_for_flows()
     result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     typer.echo(f"\n{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
@@ -311,6 +375,7 @@ def train(
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     from imgflow.flows.training import training_pipeline
+    ready_for_flows()
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
     typer.echo("")
@@ -359,6 +424,7 @@ def evaluate(
         require_dir(ood_dir, "--ood-dir")
     from imgflow.flows.evaluation import evaluate_flow
 
+    ready_for_flows()
     result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options, ood_dir=ood_dir)
     typer.echo(f"\nAccuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
@@ -399,6 +465,7 @@ def predict(
     check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
     from imgflow.flows.prediction import batch_predict
 
+    ready_for_flows()
     result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options,
                            unknown_label=unknown_label, wait_for_lock=not no_wait)
     typer.echo(f"\n{result['rows']} rows, {result['errors']} unreadable files, "
@@ -438,6 +505,7 @@ def doctor(
     cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
     from imgflow.flows.doctor import doctor_flow
 
+    ready_for_flows()
     diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     typer.echo(f"\nHealthy: {'yes' if diagnosis['healthy'] else 'no'}")
     print_findings(diagnosis["findings"], limit=10)
@@ -512,6 +580,7 @@ def demo(workdir: Path = WorkdirOption) -> None:
     require_workdir(workdir)
     from imgflow.flows.demo import run_demo
 
+    ready_for_flows()
     result = run_demo(workdir=workdir)
     typer.echo("")
     for key, value in result.items():
@@ -530,8 +599,19 @@ def main() -> None:
     logging.getLogger("prefect").addFilter(
         lambda record: not record.getMessage().startswith("Stopping temporary server")
     )
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
+        start_prefect_early()  # the commands call ready_for_flows() once their options are checked
     try:
         app()
+    except SystemExit as exc:
+        if command in SERVER_COMMANDS:  # nothing left to write: skip the slow interpreter teardown
+            from imgflow.flows.server import exit_now
+
+            if isinstance(exc.code, str):
+                typer.echo(exc.code, err=True)
+            exit_now(exc.code)
+        raise
     except KeyboardInterrupt:
         typer.echo("imgflow: interrupted", err=True)
         sys.exit(130)

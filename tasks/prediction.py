@@ -347,13 +347,19 @@ def predict_files(
         return [None if e.error else pool.submit(decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
 
     batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    # every model call gets the same (batch_size, size, size, 3) float32 array: a short
+    # last batch is padded with zeros (their outputs dropped), so the predict function
+    # is traced once per process, not again for each chunk's last batch (a list shorter
+    # than one batch is padded to a power of two only: a few files never pay for 256)
+    rows_per_call = batch_size if len(batches) > 1 else min(batch_size, 1 << max(0, len(entries) - 1).bit_length())
+    x = np.zeros((rows_per_call, size, size, 3), np.float32)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:
         pending = submit(pool, batches[0]) if batches else []
         for index, batch in enumerate(batches):
             current = pending
             pending = submit(pool, batches[index + 1]) if index + 1 < len(batches) else []
-            images: list[np.ndarray] = []
             errors: list[str] = []
+            filled = 0
             for position, (entry, future) in enumerate(zip(batch, current)):
                 if future is None:
                     errors.append(entry.error)
@@ -367,11 +373,15 @@ def predict_files(
                     pixels, error = None, f"decoded to shape {pixels.shape}, expected {(size, size, 3)}"
                 errors.append(error)
                 if pixels is not None:
-                    images.append(pixels)
+                    x[filled] = pixels
+                    filled += 1
             probs, scores, unknown = np.zeros((0, len(class_names))), None, None
-            if images:
-                x = np.stack(images).astype(np.float32)
+            if filled:
+                x[filled:] = 0.0  # padding rows: computed once more, then dropped
                 probs, scores, unknown = run_batch(model, x, len(class_names), predict_lock, novelty)
+                probs = probs[:filled]
+                scores = None if scores is None else scores[:filled]
+                unknown = None if unknown is None else unknown[:filled]
             done = 0
             for entry, error in zip(batch, errors):
                 if error:

@@ -205,6 +205,23 @@ def test_predict_files_rows_in_order_with_errors(model_dir, tmp_path):
     assert sum(r[1] == truth[r[0]] for r in good) >= 6
 
 
+def test_short_last_batch_is_padded_traced_once_and_unchanged(model_dir, tmp_path):
+    import keras
+
+    model, meta = P._load_model_dir(model_dir)  # a fresh model: its own predict function
+    truth = _save_digits(tmp_path, 0, 7)
+    entries = [P.FileEntry(rel, 1, 1) for rel in sorted(truth)]  # 7 files: batches of 3, 3 and 1
+    rows = P.predict_files(model, meta, tmp_path, entries, batch_size=3, workers=2)
+    assert model.predict_function.experimental_get_tracing_count() == 1
+    from imgflow.tasks.tfrecords import load_image
+
+    x = np.stack([load_image(tmp_path / e.rel, meta["image_size"], meta["aspect"]) for e in entries]).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    got = np.array([[float(c) for c in row[3:3 + len(meta["class_names"])]] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [r[1] for r in rows] == [meta["class_names"][i] for i in expected.argmax(axis=1)]
+
+
 # ------------------------------------------------------------------- the flow
 
 
