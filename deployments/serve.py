@@ -6,7 +6,8 @@ inbox predictions with the champion model), run by this process until Ctrl-C::
     prefect server start                      # another terminal
     export PREFECT_API_URL=http://127.0.0.1:4200/api
     python deployments/serve.py --data-dir data --inbox inbox --workdir imgflow-work \\
-        [--config imgflow.yaml] [--train-cron "0 2 * * *"] [--predict-cron "0 * * * *"]
+        [--config imgflow.yaml] [--train-cron "0 2 * * *"] [--predict-cron "0 * * * *"] \\
+        [--dask-address tcp://scheduler:8786]
 
 Trigger a run now from another terminal::
 
@@ -46,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--predict-cron", default=DEFAULT_PREDICT_CRON, help=f"prediction schedule (default: {DEFAULT_PREDICT_CRON!r})")
     parser.add_argument("--timezone", default=DEFAULT_TIMEZONE, help="time zone of the cron expressions")
     parser.add_argument("--limit", type=int, default=2, help="flow runs executed at once by this process")
+    parser.add_argument("--dask-address", default=None, help="Dask scheduler for preprocessing and prediction chunks")
     parser.add_argument("--check", action="store_true", help="build the deployments, print them and exit")
     return parser.parse_args(argv)
 
@@ -56,14 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         for deployment in build_deployments(
             args.data_dir, args.inbox, args.workdir, args.config, args.val_dir,
-            args.train_cron, args.predict_cron, args.timezone,
+            args.train_cron, args.predict_cron, args.timezone, dask_address=args.dask_address,
         ):
             cron = deployment.schedules[0].schedule.cron
             print(f"{deployment.flow_name}/{deployment.name}  cron {cron!r}  {deployment.parameters}")
         return 0
     serve_deployments(
         args.data_dir, args.inbox, args.workdir, args.config, args.val_dir,
-        args.train_cron, args.predict_cron, args.timezone, limit=args.limit,
+        args.train_cron, args.predict_cron, args.timezone, limit=args.limit, dask_address=args.dask_address,
     )
     return 0
 

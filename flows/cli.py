@@ -280,6 +280,64 @@ def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
         typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
 
 
+def start_prefect_early() -> None:
+    """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
+    from imgflow.flows.server import start_early
+
+    start_early()
+
+
+def wait_for_prefect() -> None:
+    """Before the first flow: wait for the early server; exit 2 with the reason when it did not start."""
+    from imgflow.flows.server import ServerStartError, wait_ready
+
+    try:
+        wait_ready()
+    except ServerStartError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,
+                      report: Optional[Path]) -> Optional[dict[str, Any]]:
+    """The summary of an unchanged report when no Prefect API is configured, else None (run the flow).
+
+    Answering from the report skips the temporary server's start-up: there is nothing
+    to orchestrate. With ``PREFECT_API_URL`` set the flow runs, so the run is recorded.
+    """
+    from imgflow.flows.server import configured_api_url
+    from imgflow.tasks.validation_reuse import reusable_summary
+
+    if configured_api_url():
+        return None
+    summary = reusable_summary(data_dir, val_dir, workdir, options, report)
+    if summary is not None:
+        typer.echo(f"Reusing {summary['report_path']}: the files, options and code are unchanged")
+    return summary
+
+
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
+
+
+def ready_for_flows() -> None:
+    """Right before a command's first flow: import TensorFlow while the early server boots, then wait for it."""
+    preload_tensorflow()
+    wait_for_prefect()
+
+
+def preload_tensorflow() -> None:
+    """Import TensorFlow and Keras now, while the temporary server boots in its own process.
+
+    The first flow run waits for the server's health check; importing TensorFlow, Keras
+    and Prefect before that wait (instead of after it, inside the flow's first task)
+    takes the imports off the critical path.
+    """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    import_tensorflow()
+    import keras  # noqa: F401
+    import prefect  # noqa: F401 - the flows' own import, also off the critical path
+
+
 @app.command()
 def info(workdir: Path = WorkdirOption,
          devices: bool = typer.Option(True, "--devices/--no-devices", help="list the devices TensorFlow sees (imports it)")) -> None:
@@ -308,10 +366,15 @@ def validate(
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
     run = start("validate", workdir, tensorflow=False)
-    from imgflow.flows.validation import validate_flow
     from imgflow.tasks.atomic import read_json
 
-    summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
+    summary = reused_validation(data_dir, val_dir, workdir, options, report)
+    if summary is None:
+        start_prefect_early()
+        from imgflow.flows.validation import validate_flow
+
+        wait_for_prefect()
+        summary = validate_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, options=options, report=report)
     full = read_json(summary["report_path"])
     stats = full["stats"]
     typer.echo(f"\nScanned {stats['files_scanned']} files: {stats['usable_files']} usable, "
@@ -360,6 +423,7 @@ def preprocess(
     run = start("preprocess", workdir)
     from imgflow.flows.preprocessing import preprocess_flow
 
+    ready_for_flows()
     result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
@@ -395,6 +459,7 @@ def train(
                        optimizer=optimizer, learning_rate=learning_rate, seed=seed)
     run = start("train", workdir)
     from imgflow.flows.training import training_pipeline
+    ready_for_flows()
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
     train_summary(run, result)
@@ -438,6 +503,7 @@ def evaluate(
     run = start("evaluate", workdir)
     from imgflow.flows.evaluation import evaluate_flow
 
+    ready_for_flows()
     result = evaluate_flow(model=model, data_dir=data_dir, workdir=workdir, out=out, options=options, ood_dir=ood_dir)
     run.add(f"Accuracy: {result['accuracy']:.4f} ({result.get('skipped', 0)} unreadable files skipped)")
     if result.get("non_finite_outputs"):
@@ -480,6 +546,7 @@ def predict(
     run = start("predict", workdir)
     from imgflow.flows.prediction import batch_predict
 
+    ready_for_flows()
     result = batch_predict(model=model, input_dir=input_dir, workdir=workdir, options=options,
                            unknown_label=unknown_label, wait_for_lock=not no_wait)
     unknown = result.get("unknown")
@@ -524,6 +591,7 @@ def doctor(
     run = start("doctor", workdir)
     from imgflow.flows.doctor import doctor_flow
 
+    ready_for_flows()
     diagnosis = doctor_flow(model=model, data_dir=data_dir, workdir=workdir, config=cfg)
     run.add(f"Healthy: {'yes' if diagnosis['healthy'] else 'no'}")
     for finding in diagnosis["findings"][:10]:
@@ -562,16 +630,38 @@ def serve(
     predict_cron: str = typer.Option("0 * * * *", "--predict-cron", help="when to classify the inbox (cron)"),
     timezone: str = typer.Option("UTC", "--timezone"),
     limit: int = typer.Option(2, "--limit", help="flow runs at once in this process"),
+    dask_address: Optional[str] = DaskOption,
 ) -> None:
     """Serve the nightly retraining and hourly prediction deployments from this process (needs a Prefect server)."""
     from imgflow.flows.serve import check_api_url, serve_deployments
 
-    url = check_api_url()
-    typer.echo(f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
-               f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
-               "Ctrl-C stops and pauses the schedules")
+    url = check_api_url()  # NoServerError, ServeConflict: usage errors, one line, exit 2
     serve_deployments(data_dir, inbox, workdir=workdir, config_file=config, val_dir=val_dir,
-                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit)
+                      train_cron=train_cron, predict_cron=predict_cron, timezone=timezone, limit=limit,
+                      dask_address=dask_address,
+                      announce=lambda: typer.echo(
+                          f"serving scheduled-retraining/nightly-retraining (cron {train_cron}) and "
+                          f"batch-predict/hourly-inbox-predictions (cron {predict_cron}) on {url}; "
+                          "Ctrl-C stops and pauses the schedules"))
+
+
+@app.command()
+def watch(
+    inbox: Path = typer.Argument(..., help="folder to watch (recursively) for new or changed images"),
+    interval: float = typer.Option(10.0, "--interval", help="seconds between two polls (a poll only stats files)"),
+    settle: float = typer.Option(30.0, "--settle", help="seconds the inbox must stay unchanged before an event"),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="a workdir inside INBOX, not watched"),
+    report_existing: bool = typer.Option(False, "--report-existing", help="report files already there at start"),
+    max_polls: Optional[int] = typer.Option(None, "--max-polls", help="stop after N polls (default: run until Ctrl-C)"),
+) -> None:
+    """Emit the Prefect event imgflow.inbox.changed when files arrive in INBOX and settle (needs a Prefect server)."""
+    from imgflow.flows.serve import check_api_url
+    from imgflow.flows.watch import run_watch
+
+    require_dir(inbox, "INBOX")
+    url = check_api_url()
+    typer.echo(f"watching {inbox} every {interval:g} s (settle {settle:g} s); events go to {url}; Ctrl-C stops")
+    run_watch(inbox, interval, settle, [workdir] if workdir else None, report_existing, max_polls, log=typer.echo)
 
 
 @app.command()
@@ -581,6 +671,7 @@ def demo(workdir: Path = WorkdirOption) -> None:
     run = start("demo", workdir)
     from imgflow.flows.demo import run_demo
 
+    ready_for_flows()
     result = run_demo(workdir=workdir)
     for key, value in result.items():
         run.add(f"{key:<22} {value}")
@@ -601,8 +692,19 @@ def main() -> None:
     logging.getLogger("prefect").addFilter(
         lambda record: not record.getMessage().startswith("Stopping temporary server")
     )
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
+        start_prefect_early()  # the commands call ready_for_flows() once their options are checked
     try:
         app()
+    except SystemExit as exc:
+        if command in SERVER_COMMANDS:  # nothing left to write: skip the slow interpreter teardown
+            from imgflow.flows.server import exit_now
+
+            if isinstance(exc.code, str):
+                typer.echo(exc.code, err=True)
+            exit_now(exc.code)
+        raise
     except KeyboardInterrupt:
         typer.echo("imgflow: interrupted", err=True)
         sys.exit(130)

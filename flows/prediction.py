@@ -9,9 +9,11 @@ with the same arguments as ``imgflow predict``)::
 Where things go:
 
 * the CSV: ``out``, by default ``<workdir>/predictions/<INPUT_DIR name>.csv``;
-* part files: ``<workdir>/predictions/runs/<hash of model, INPUT_DIR, out>/part-<chunk key>.csv``.
-  They are kept after a run: the next run over the same inbox skips every chunk whose
-  files are unchanged and predicts only chunks holding new or changed files; parts
+* part files: ``<workdir>/predictions/runs/<hash of model, INPUT_DIR, out>/part-<group key>.csv``,
+  one per small content-defined group of about ``GROUP_SIZE`` files (4 to 16). They are kept
+  after a run: the next run over the same inbox skips every group whose files are unchanged
+  and predicts only groups holding new or changed files (a task bundles such groups up to
+  ``chunk_size`` files, so the model still sees full batches); parts
   of chunks that no longer exist are deleted once the CSV is assembled, and so are the
   run folders of the same INPUT_DIR and output made with an older model (a new
   champion predicts the whole inbox again, once).
@@ -40,25 +42,26 @@ from imgflow.tasks import prediction as P
 from imgflow.tasks.atomic import write_json
 from imgflow.tasks.options import PredictOptions, with_overrides
 
+GROUP_SIZE = 8  # files per part file on average (4 to 16): what a new file costs to re-predict
 LOCAL_CHUNK_WORKERS = 2  # one chunk decoding while another is on the model
 
 
 @task(
-    name="predict-chunk",
-    task_run_name="predict-chunk-{key}",
+    name="predict-files",
+    task_run_name="predict-files-{key}",
     cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=retry_unless(ValueError),
 )
-def predict_chunk_task(
-    key: str, model_dir: str, input_dir: str, entries: list[list[Any]], part: str, batch_size: int
+def predict_groups_task(
+    key: str, model_dir: str, input_dir: str, groups: list[tuple[str, list[list[Any]]]], batch_size: int
 ) -> dict[str, Any]:
-    """Predict one chunk of files and write its part file atomically."""
+    """Predict the file groups that have no part file yet; write one part file per group atomically."""
     from imgflow.tasks.quiet import import_tensorflow
 
     import_tensorflow()  # a Dask worker runs only this task: keep its TensorFlow start-up quiet too
-    return P.predict_chunk(model_dir, input_dir, entries, part, batch_size=batch_size)
+    return P.predict_groups(model_dir, input_dir, groups, batch_size=batch_size)
 
 
 def default_output(input_dir: Path | str, workdir: Path | str = DEFAULT_WORKDIR) -> Path:
@@ -191,7 +194,8 @@ def batch_predict(
     Returns:
         ``{"csv", "rows", "errors", "label_counts", "images_per_second", "skipped_chunks",
         "chunks", "predicted", "worker_processes", "seconds", "model_dir", "run_dir", "unknown", "drift"}``
-        (``drift`` is the overall flag of ``<csv name>.drift.json``); ``images_per_second``
+        (``drift`` is the overall flag of ``<csv name>.drift.json``; ``chunks`` and
+        ``skipped_chunks`` count part-file groups: all of them, and those already done); ``images_per_second``
         counts the files predicted in this run (0 when every chunk was already done).
 
     Raises:
@@ -248,34 +252,41 @@ def batch_predict(
         pids.add(result["pid"])
 
     scan = P.scan_files(input_dir, exclude=[out, workdir])
+    group_size = max(1, min(GROUP_SIZE, chunk_size))
     with _task_runner(dask_address) as runner, progress.track("predict", unit="files") as bar:
         window = _window(runner)
-        for chunk in P.chunk_entries(scan, chunk_size):
-            key = P.chunk_key(model_id, chunk)
-            keys.append(key)
-            bar.add_total(len(chunk))
-            part = P.part_path(run_dir, key)
-            if part.is_file():
-                bar.advance(len(chunk))  # done by an earlier run
-                skipped += 1
-                continue
+        bundle: list[tuple[str, list[list[Any]]]] = []  # groups without a part file, sent as one task
+        bundled = 0
+
+        def send() -> None:
+            nonlocal bundle, bundled
             while len(in_flight) >= window:
                 collect(in_flight.popleft())
+            if failure is None:
+                in_flight.append(runner.submit(predict_groups_task, parameters={
+                    "key": Path(bundle[0][0]).stem.removeprefix(P.PART_PREFIX), "model_dir": str(model_dir),
+                    "input_dir": str(input_dir.resolve()), "groups": bundle, "batch_size": batch_size}))
+            bundle, bundled = [], 0
+
+        # part files are keyed per small content-defined group (about GROUP_SIZE files): a new
+        # file re-predicts its group only; tasks still get about chunk_size files each
+        for group in P.chunk_entries(scan, group_size):
+            key = P.chunk_key(model_id, group)
+            keys.append(key)
+            bar.add_total(len(group))
+            part = P.part_path(run_dir, key)
+            if part.is_file():
+                bar.advance(len(group))  # done by an earlier run
+                skipped += 1
+                continue
+            bundle.append((str(part), [list(e) for e in group]))
+            bundled += len(group)
+            if bundled >= chunk_size:
+                send()
             if failure is not None:
                 break
-            in_flight.append(
-                runner.submit(
-                    predict_chunk_task,
-                    parameters={
-                        "key": key,
-                        "model_dir": str(model_dir),
-                        "input_dir": str(input_dir.resolve()),
-                        "entries": [list(e) for e in chunk],
-                        "part": str(part),
-                        "batch_size": batch_size,
-                    },
-                )
-            )
+        if bundle and failure is None:
+            send()
         while in_flight:
             collect(in_flight.popleft())
     if failure is not None:
@@ -307,4 +318,7 @@ def batch_predict(
         summary["images_per_second"],
     )
     _publish(summary, input_dir)
+    from imgflow.flows import events
+
+    events.predictions_written(workdir, input_dir, summary)
     return summary

@@ -161,6 +161,19 @@ def _publish_artifact(plan_summary: dict[str, Any], cached: bool) -> None:
     )
 
 
+def _reusable_validation(data_dir: Path, val_dir: Path | None, workdir: Path, config: ImgflowConfig) -> dict[str, Any] | None:
+    """The summary of ``<workdir>/validation.json`` when these files, options and code give it again, else None."""
+    from imgflow.tasks import paths
+    from imgflow.tasks.validation_reuse import reusable_summary
+
+    inputs = {"DATA_DIR": Path(data_dir), "VAL_DIR": Path(val_dir) if val_dir else None}
+    paths.check_run(inputs, workdir, {})  # what validate_flow checks first, outputs never inside inputs
+    summary = reusable_summary(Path(data_dir), inputs["VAL_DIR"], workdir, config.validation)
+    if summary is not None:
+        get_run_logger().info("Reusing %s: the files, options and code are unchanged", summary["report_path"])
+    return summary
+
+
 # Local default: one thread per core. A Dask cluster gets its own subflow (write_shards_flow).
 @flow(name="preprocess", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=os.cpu_count() or 1))
 def preprocess_flow(
@@ -191,7 +204,10 @@ def preprocess_flow(
     options = config.preprocess
     # absolute: the plan and shard paths must mean the same on a Dask worker with another cwd
     workdir = Path(workdir).absolute()
-    validation = validate_flow(data_dir, val_dir, workdir, options=config.validation)
+    # an unchanged report is reused without a validation subflow run (its bookkeeping
+    # was most of an unchanged re-run's time); otherwise validate as usual
+    validation = _reusable_validation(data_dir, val_dir, workdir, config) or validate_flow(
+        data_dir, val_dir, workdir, options=config.validation)
     if not validation["usable"]:
         raise DatasetUnusable(
             f"{data_dir}: validation found the data unusable ({validation['errors']} errors); "

@@ -223,6 +223,11 @@ def _finish_unevaluated(model_dir: Path, workdir: Path, metadata: dict[str, Any]
     _publish(result, None)
     print(f"val accuracy n/a | model {result['model_dir']} | {reason}")
     return result
+def _emit_decision(workdir: Path, result: dict[str, Any], metadata: dict[str, Any]) -> None:
+    from imgflow.flows import events
+
+    recall = metadata.get("metrics", {}).get("per_class_recall") or {}
+    events.model_decided(workdir, {**result, "per_class_recall": recall})
 
 
 @flow(name="training-pipeline", log_prints=True)
@@ -318,6 +323,7 @@ def training_pipeline(
     result["reason"] = decision["reason"]
     result["promoted"] = decision["promoted"]
     _publish(result, evaluation)
+    _emit_decision(workdir, result, metadata)
     accuracy = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.4f}"
     print(f"val accuracy {accuracy} | model {result['model_dir']} | {result['reason']}")
     return result

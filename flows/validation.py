@@ -10,29 +10,12 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ValidationOptions
-from imgflow.tasks import atomic, paths, scan
+from imgflow.tasks import atomic, paths
 from imgflow.flows.retrying import retry_unless
-from imgflow.tasks.dataset import DatasetError, report_markdown, tree_fingerprint, validate_dataset
+from imgflow.tasks.dataset import DatasetError, report_markdown, validate_dataset
+from imgflow.tasks.validation_reuse import REPORT_NAME, fingerprint, read_report, summarize
 
-REPORT_NAME = "validation.json"
-
-
-def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
-    """The small record a flow passes on: where the report is and its headline numbers."""
-    return {
-        "report_path": str(report_path),
-        "usable": report["usable"],
-        "classes": report["classes"],
-        "errors": report["stats"]["errors"],
-        "warnings": report["stats"]["warnings"],
-    }
-
-
-def _read_report(path: Path) -> dict[str, Any] | None:
-    try:
-        return atomic.read_json(path)
-    except (OSError, ValueError):
-        return None
+__all__ = ["REPORT_NAME", "summarize", "validate_flow", "validate_task"]
 
 
 @task(
@@ -54,11 +37,9 @@ def validate_task(
     and modification times), options and code, it is reused and nothing is decoded.
     ``exclude`` lists folders never scanned as data (the work folder inside DATA_DIR).
     """
-    roots = [data_dir] + ([val_dir] if val_dir else [])
     exclude = list(exclude or [])
-    previous = _read_report(report_path)
-    fingerprint = tree_fingerprint(roots, options, scan.file_ids(exclude)).digest
-    if previous is not None and previous.get("fingerprint") == fingerprint:
+    previous = read_report(report_path)
+    if previous is not None and previous.get("fingerprint") == fingerprint(data_dir, val_dir, options, exclude):
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)
         return summarize(previous, report_path)
     report = validate_dataset(data_dir, val_dir, options, exclude=exclude)
@@ -111,4 +92,9 @@ def validate_flow(
         get_run_logger().warning("The work folder %s lies inside the data; it is never scanned as data", workdir)
     summary = validate_task(data_dir, val_dir, options or ValidationOptions(), report_path, exclude=skip)
     _publish_artifacts(report_path)
+    if not summary["usable"]:
+        from imgflow.flows import events
+
+        events.dataset_unusable(workdir, data_dir, atomic.read_json(report_path),
+                                f"{summary.get('errors')} errors; see {report_path}")
     return summary

@@ -4,15 +4,12 @@ The pieces, each a plain function:
 
 * :func:`scan_files` walks INPUT_DIR as a stream in a deterministic order (sorted
   per folder, depth first); symlinks never lead out of INPUT_DIR.
-* :func:`chunk_entries` cuts that stream into chunks at *content-defined*
-  boundaries: a chunk ends after a file whose name hashes to a boundary value. A
-  file added to (or removed from) INPUT_DIR therefore changes only the chunk it
-  falls into, every other chunk keeps its identity (:func:`chunk_key`), and a
-  re-run over a growing inbox predicts only what is new.
-* :func:`predict_chunk` decodes a chunk's files exactly as training did
-  (``imgflow.tasks.images.load_image`` with the model's ``image_size``, ``aspect`` and ``background``)
-  on a thread pool, one batch ahead of the model, runs the model on whole batches,
-  and writes one part file atomically.
+* :func:`chunk_entries` cuts that stream into small groups at *content-defined*
+  boundaries (after a file whose name hashes to a boundary value), each keyed by
+  :func:`chunk_key` and stored as one part file: a new or removed file changes only its
+  group, so a re-run over a growing inbox predicts only what is new.
+* :func:`predict_groups` decodes files exactly as training did on a thread pool, one
+  batch ahead of the model, and writes one part file per group atomically.
 * :func:`assemble_csv` streams the part files of the current scan, in scan order,
   into the final CSV atomically.
 
@@ -120,17 +117,16 @@ def _name_hash(rel: str) -> int:
 
 
 def chunk_entries(entries: Iterable[FileEntry], chunk_size: int) -> Iterator[list[FileEntry]]:
-    """Cut a stream of files into chunks whose boundaries depend on file names only.
+    """Cut a stream of files into groups whose boundaries depend on file names only.
 
-    A chunk closes after a file whose name hash is divisible by ``chunk_size // 2``
-    once it holds at least ``chunk_size // 2`` files, or when it reaches
-    ``2 * chunk_size`` files. Chunks hold about ``chunk_size`` files on average, and
-    a file added or removed changes the chunk it falls into (rarely also the next),
-    never the chunks after it: their keys, and so their finished part files, stay valid.
+    A group closes after a file whose name hash is divisible by ``chunk_size // 2`` once it
+    holds at least that many files, or at ``2 * chunk_size`` files: a file added or removed
+    changes its group (rarely also the next), never the groups after it, whose keys and
+    finished part files stay valid.
 
     Args:
         entries: files in scan order.
-        chunk_size: target number of files per chunk (>= 1).
+        chunk_size: target number of files per group (>= 1).
 
     Yields:
         Lists of :class:`FileEntry`, in scan order.
@@ -305,7 +301,7 @@ def predict_files(
     batch_size: int = 256,
     workers: int | None = None,
     novelty: Any = None,
-    profile: dict[str, Any] | None = None,
+    profile: dict[str, Any] | Sequence[dict[str, Any]] | None = None,
 ) -> list[list[str]]:
     """Predict a list of files with a loaded model; one row per file, in order.
 
@@ -324,7 +320,8 @@ def predict_files(
             ``novelty``/``unknown`` and calibrates the probabilities; None leaves those
             cells empty and the probabilities as the model gives them.
         profile: a drift profile (:func:`imgflow.tasks.drift.new_profile`) to count
-            every file's image properties into (in place); None skips that work.
+            every file's image properties into (in place), or one profile per entry
+            (each file counted into its own group's); None skips that work.
 
     Returns:
         Rows ``[path, label, confidence, novelty, unknown, prob_<class>..., error]`` as
@@ -350,14 +347,20 @@ def predict_files(
         return [None if e.error else pool.submit(decode, root / scan.decode_path(e.rel), size, aspect) for e in batch]
 
     batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
+    # every model call gets the same (batch_size, size, size, 3) float32 array: a short
+    # last batch is padded with zeros (their outputs dropped), so the predict function
+    # is traced once per process, not again for each chunk's last batch (a list shorter
+    # than one batch is padded to a power of two only: a few files never pay for 256)
+    rows_per_call = batch_size if len(batches) > 1 else min(batch_size, 1 << max(0, len(entries) - 1).bit_length())
+    x = np.zeros((rows_per_call, size, size, 3), np.float32)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:
         pending = submit(pool, batches[0]) if batches else []
         for index, batch in enumerate(batches):
             current = pending
             pending = submit(pool, batches[index + 1]) if index + 1 < len(batches) else []
-            images: list[np.ndarray] = []
             errors: list[str] = []
-            for entry, future in zip(batch, current):
+            filled = 0
+            for position, (entry, future) in enumerate(zip(batch, current)):
                 if future is None:
                     errors.append(entry.error)
                     continue
@@ -365,16 +368,20 @@ def predict_files(
                 if profile is not None:
                     from imgflow.tasks.drift import add
 
-                    add(profile, props[0])
+                    add(profile if isinstance(profile, dict) else profile[index * batch_size + position], props[0])
                 if pixels is not None and pixels.shape != (size, size, 3):
                     pixels, error = None, f"decoded to shape {pixels.shape}, expected {(size, size, 3)}"
                 errors.append(error)
                 if pixels is not None:
-                    images.append(pixels)
+                    x[filled] = pixels
+                    filled += 1
             probs, scores, unknown = np.zeros((0, len(class_names))), None, None
-            if images:
-                x = np.stack(images).astype(np.float32)
+            if filled:
+                x[filled:] = 0.0  # padding rows: computed once more, then dropped
                 probs, scores, unknown = run_batch(model, x, len(class_names), predict_lock, novelty)
+                probs = probs[:filled]
+                scores = None if scores is None else scores[:filled]
+                unknown = None if unknown is None else unknown[:filled]
             done = 0
             for entry, error in zip(batch, errors):
                 if error:
@@ -415,40 +422,56 @@ def predict_chunk(
     batch_size: int = 256,
     workers: int | None = None,
 ) -> dict[str, Any]:
-    """Predict one chunk with the (per-process cached) model and write its part file.
+    """Predict one group of files and write its part file (:func:`predict_groups` with one group).
+
+    Returns:
+        ``{"part", "rows", "errors", "label_counts", "seconds", "pid"}``.
+    """
+    result = predict_groups(model_dir, input_dir, [(str(part), entries)], batch_size=batch_size, workers=workers)
+    return {"part": str(part), **{k: v for k, v in result.items() if k != "parts"}}
+
+
+def predict_groups(
+    model_dir: Path | str,
+    input_dir: Path | str,
+    groups: Sequence[tuple[str, Sequence[Sequence[Any]]]],
+    batch_size: int = 256,
+    workers: int | None = None,
+) -> dict[str, Any]:
+    """Predict several file groups in one pass over the (per-process cached) model; one part file per group.
+
+    The model sees full batches across groups, while each group keeps its own part file,
+    so one new file in a big inbox re-predicts only its small group.
 
     Args:
         model_dir: the model directory (``model.keras`` + ``metadata.json``).
         input_dir: the folder the entries are relative to.
-        entries: :class:`FileEntry` records (or plain lists of the same four fields).
-        part: the part file to write atomically.
+        groups: ``(part file, entries)`` pairs; entries are :class:`FileEntry` records or
+            plain lists of the same four fields; each part file is written atomically.
         batch_size: images per model call.
         workers: decoding threads.
 
     Returns:
-        ``{"part", "rows", "errors", "label_counts", "seconds", "pid"}``.
+        ``{"parts", "rows", "errors", "label_counts", "seconds", "pid"}``.
     """
     from imgflow.tasks import drift, novelty
 
     started = time.perf_counter()
     model, metadata = load_model_cached(model_dir)
-    files = [FileEntry(*e) for e in entries]
-    profile = drift.new_profile()
+    files = [FileEntry(*e) for _, entries in groups for e in entries]
+    profiles = [drift.new_profile() for _ in groups]  # one drift profile beside each part file
+    per_file = [profiles[g] for g, (_, entries) in enumerate(groups) for _ in entries]
     rows = predict_files(model, metadata, input_dir, files, batch_size=batch_size, workers=workers,
-                         novelty=novelty.load_cached(model_dir), profile=profile)
-    # the profile first: a part file on disk means the chunk is complete
-    write_json(profile_path(part), profile)
-    write_part(part, metadata["class_names"], rows)
+                         novelty=novelty.load_cached(model_dir), profile=per_file)
+    start = 0
+    for (part, entries), profile in zip(groups, profiles):
+        write_json(profile_path(part), profile)  # the profile first: a part file on disk means the group is done
+        write_part(part, metadata["class_names"], rows[start:start + len(entries)])
+        start += len(entries)
     labels = Counter(row[1] for row in rows if not row[-1])
-    return {
-        "part": str(part),
-        "rows": len(rows),
-        "errors": sum(1 for row in rows if row[-1]),
-        "label_counts": dict(labels),
-        "unknown": sum(1 for row in rows if row[4] == "true"),
-        "seconds": round(time.perf_counter() - started, 4),
-        "pid": os.getpid(),
-    }
+    return {"parts": [str(part) for part, _ in groups], "rows": len(rows), "errors": sum(1 for row in rows if row[-1]),
+            "label_counts": dict(labels), "unknown": sum(1 for row in rows if row[4] == "true"),
+            "seconds": round(time.perf_counter() - started, 4), "pid": os.getpid()}
 
 
 def _top_k_cells(row: Sequence[str], class_names: Sequence[str], k: int) -> list[str]:

@@ -205,6 +205,23 @@ def test_predict_files_rows_in_order_with_errors(model_dir, tmp_path):
     assert sum(r[1] == truth[r[0]] for r in good) >= 6
 
 
+def test_short_last_batch_is_padded_traced_once_and_unchanged(model_dir, tmp_path):
+    import keras
+
+    model, meta = P._load_model_dir(model_dir)  # a fresh model: its own predict function
+    truth = _save_digits(tmp_path, 0, 7)
+    entries = [P.FileEntry(rel, 1, 1) for rel in sorted(truth)]  # 7 files: batches of 3, 3 and 1
+    rows = P.predict_files(model, meta, tmp_path, entries, batch_size=3, workers=2)
+    assert model.predict_function.experimental_get_tracing_count() == 1
+    from imgflow.tasks.tfrecords import load_image
+
+    x = np.stack([load_image(tmp_path / e.rel, meta["image_size"], meta["aspect"]) for e in entries]).astype("float32")
+    expected = keras.ops.convert_to_numpy(model(x, training=False))
+    got = np.array([[float(c) for c in row[3:3 + len(meta["class_names"])]] for row in rows])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [r[1] for r in rows] == [meta["class_names"][i] for i in expected.argmax(axis=1)]
+
+
 # ------------------------------------------------------------------- the flow
 
 
@@ -213,7 +230,8 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
 
     root, truth, broken = inbox
     workdir = tmp_path / "work"
-    result = batch_predict(model=str(model_dir), input_dir=root, workdir=workdir, batch_size=16, top_k=2, chunk_size=8)
+    result = batch_predict(model=str(model_dir), input_dir=root, workdir=workdir, batch_size=16, top_k=2, chunk_size=8,
+                           csv_neutralise=False)
     out = workdir / "predictions" / "inbox.csv"
     assert result["csv"] == str(out)
     header, rows = _read_csv(out)
@@ -243,7 +261,8 @@ def test_batch_predict_every_file_once_and_rerun_is_identical(prefect_server, mo
     assert {restore_cell(p) for p in frame["path"]} == set(truth) | broken
 
     before = out.read_bytes()
-    again = batch_predict(model=str(model_dir), input_dir=root, workdir=workdir, batch_size=16, top_k=2, chunk_size=8)
+    again = batch_predict(model=str(model_dir), input_dir=root, workdir=workdir, batch_size=16, top_k=2, chunk_size=8,
+                           csv_neutralise=False)
     assert again["skipped_chunks"] == again["chunks"] == result["chunks"]
     assert again["predicted"] == 0 and again["images_per_second"] == 0.0
     assert out.read_bytes() == before
@@ -420,3 +439,18 @@ def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(
     rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8, "aspect": "squash"}, root,
                            [entries["pipe.png"], entries["self.png"]])
     assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)
+def test_one_new_file_re_predicts_its_small_group_not_its_chunk(prefect_server, model_dir, inbox, tmp_path):
+    from imgflow.flows.prediction import GROUP_SIZE, batch_predict
+
+    root, truth, broken = inbox
+    out = tmp_path / "preds.csv"
+    # the default chunk_size (1024) puts all 48 files into one task; part files stay small groups
+    first = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    assert first["predicted"] == 48 and first["chunks"] >= 48 // (2 * GROUP_SIZE)
+    truth.update(_save_digits(root, 150, 1, prefix="new_"))
+    second = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    assert second["rows"] == 49
+    assert 1 <= second["predicted"] <= 2 * GROUP_SIZE + 1  # its group (rarely also the next), not all 49
+    assert second["skipped_chunks"] >= second["chunks"] // 2  # most part files are reused
+    _, rows = _read_csv(out)
+    assert _check_rows(rows, truth, broken) >= 0.9

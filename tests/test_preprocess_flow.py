@@ -121,3 +121,25 @@ def test_flow_fans_out_on_a_dask_cluster(prefect_server, tmp_path):
     manifest = json.loads(Path(on_dask["manifest"]).read_text())
     assert len(manifest["splits"]["train"]["shards"]) >= 2  # at least one shard per worker
     assert _records_by_name(on_dask["manifest"]) == _records_by_name(local["manifest"])
+
+
+def test_unchanged_rerun_reuses_the_report_without_a_validation_run(prefect_server, shapes_dir, tmp_path, monkeypatch):
+    import os
+
+    import imgflow.flows.validation
+    from imgflow.flows.preprocessing import preprocess_flow
+
+    work = tmp_path / "work"
+    first = preprocess_flow(shapes_dir, workdir=work, config=CONFIG)
+    calls = []
+    real = imgflow.flows.validation.validate_flow
+    monkeypatch.setattr(imgflow.flows.validation, "validate_flow", lambda *a, **k: calls.append(1) or real(*a, **k))
+    second = preprocess_flow(shapes_dir, workdir=work, config=CONFIG)
+    assert calls == [] and second["cached"] is True
+    assert second["validation"] == first["validation"] and second["manifest"] == first["manifest"]
+
+    victim = shapes_dir / "cats" / "cats_001.png"
+    stamp = victim.stat().st_mtime_ns + 10**9
+    os.utime(victim, ns=(stamp, stamp))  # same bytes, new time: the report must be re-checked
+    third = preprocess_flow(shapes_dir, workdir=work, config=CONFIG)
+    assert calls == [1] and third["validation"]["classes"] == first["validation"]["classes"]

@@ -1,0 +1,65 @@
+"""Reusing a validation report: is the report on disk the one these files would give?
+
+Kept free of Prefect (and of TensorFlow) so the ``imgflow validate`` command can answer
+from an unchanged report in a fraction of a second, without starting any server.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from imgflow.tasks import atomic, paths, scan
+
+REPORT_NAME = "validation.json"
+
+
+def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
+    """The small record a flow passes on: where the report is and its headline numbers."""
+    return {
+        "report_path": str(report_path),
+        "usable": report["usable"],
+        "classes": report["classes"],
+        "errors": report["stats"]["errors"],
+        "warnings": report["stats"]["warnings"],
+    }
+
+
+def report_path_for(workdir: Path | str, report: Path | str | None = None) -> Path:
+    """``report`` when given, else ``<workdir>/validation.json``."""
+    return Path(report) if report else Path(workdir) / REPORT_NAME
+
+
+def read_report(path: Path) -> dict[str, Any] | None:
+    """The JSON report at ``path``, or None when it is missing or unreadable."""
+    try:
+        return atomic.read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def fingerprint(data_dir: Path, val_dir: Path | None, options: Any, exclude: list[Path]) -> str:
+    """The digest a report of these files, options and code records (``tree_fingerprint``)."""
+    from imgflow.tasks.dataset import tree_fingerprint
+
+    roots = [Path(data_dir)] + ([Path(val_dir)] if val_dir else [])
+    return tree_fingerprint(roots, options, scan.file_ids(exclude)).digest
+
+
+def reusable_summary(
+    data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, report: Path | None = None
+) -> dict[str, Any] | None:
+    """The summary of the report on disk when it is still valid for these files, else None.
+
+    Valid means its recorded fingerprint equals the one of the files now (paths, sizes,
+    modification times), the options and the validation code: nothing would change by
+    decoding again. Walks the tree and stats each file; decodes nothing.
+    """
+    report_path = report_path_for(workdir, report)
+    previous = read_report(report_path)
+    if previous is None or "fingerprint" not in previous:
+        return None
+    exclude = paths.workdirs_to_skip(workdir, {"DATA_DIR": data_dir, "VAL_DIR": val_dir})
+    if previous["fingerprint"] != fingerprint(data_dir, val_dir, options, exclude):
+        return None
+    return summarize(previous, report_path)
