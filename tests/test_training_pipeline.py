@@ -142,7 +142,9 @@ def test_killed_training_resumes_at_the_epoch_it_was_killed_in(prefect_server, d
 
     # the best epoch survived the kill: the summary names the epoch with the lowest val loss
     rows = read_history(run_dir)
-    assert summary["best_epoch"] == int(min(rows, key=lambda r: r["val_loss"])["epoch"]) + 1
+    monitor = summary["monitor"]
+    best = (max if monitor.endswith("accuracy") else min)(r[monitor] for r in rows)
+    assert summary["best_epoch"] == next(int(r["epoch"]) for r in rows if r[monitor] == best) + 1
     assert summary["deterministic"] is True
 
 
