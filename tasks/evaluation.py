@@ -28,7 +28,7 @@ from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
 from imgflow.tasks.ood import novelty_section
 from imgflow.tasks.plots import plot_confusion_matrix, plot_image_grid, plot_learning_curves, plot_reliability, plot_saliency
-from imgflow.tasks.report import write_report
+from imgflow.tasks.report import training_info, write_report
 from imgflow.tasks.saliency import saliency_maps
 
 log = logging.getLogger(__name__)
@@ -297,42 +297,6 @@ def write_predictions(
                 cells = ["", "", *[""] * len(names), NON_FINITE_ERROR]
             writer.writerow(safe_row([name, names[labels[i]], *cells], neutralise))
     return target
-
-
-def training_info(model_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:
-    """Which epoch's weights were kept and why training stopped, read defensively.
-
-    Looks in ``metadata.json`` (top level, then ``metrics``), then ``train_summary.json``.
-
-    Returns:
-        The keys found among ``best_epoch``, ``epochs_run``, ``epochs``, ``monitor``,
-        ``stopped_early``, ``stop_reason``.
-    """
-    summary_path = Path(model_dir) / "train_summary.json"
-    try:
-        summary = read_json(summary_path) if summary_path.is_file() else {}
-    except (OSError, ValueError):
-        summary = {}
-    sources = [metadata, metadata.get("metrics") or {}, summary if isinstance(summary, dict) else {}]
-    info: dict[str, Any] = {}
-    for key in ("best_epoch", "epochs_run", "monitor", "stopped_early", "stop_reason"):
-        for source in sources:
-            if source.get(key) is not None:
-                info[key] = source[key]
-                break
-    if isinstance(info.get("stopped_early"), dict):  # {"stopped": bool, "reason": ...} written by training
-        detail = info["stopped_early"]
-        info["stopped_early"] = bool(detail.get("stopped", detail.get("value", False)))
-        info.setdefault("stop_reason", detail.get("reason"))
-    epochs = (metadata.get("config") or {}).get("epochs")
-    if epochs is not None:
-        info["epochs"] = epochs
-    for key in ("best_epoch", "epochs_run", "epochs"):
-        try:
-            info[key] = int(info[key]) if key in info else None
-        except (TypeError, ValueError):
-            info[key] = None
-    return {k: v for k, v in info.items() if v is not None}
 
 
 def _load_champion(champion_dir: Path | None, model_dir: Path, names: list[str]) -> tuple[Any, dict[str, Any] | None]:

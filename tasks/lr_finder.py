@@ -11,10 +11,13 @@ otherwise pick a rate far too low).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from imgflow.tasks.atomic import read_json, write_json
 
 LR_FINDER_PLOT = "lr_finder.png"
 
@@ -144,3 +147,28 @@ def plot_range_test(lrs: list[float], smoothed: list[float], suggested: float | 
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
     return path
+
+
+LR_FINDER_FILE = "lr_finder.json"
+
+
+def find_learning_rate(model: Any, train_ds: Any, run_dir: Path, options: Any,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """``learning_rate: auto``: a range test's pick, saved so that a resumed run keeps the same rate."""
+    from imgflow.tasks.models import is_compiled
+
+    saved = run_dir / LR_FINDER_FILE
+    if saved.is_file():
+        return read_json(saved)
+    if is_compiled(model):
+        log("learning_rate auto: the model came compiled by its builder; its optimizer's rate is kept")
+        return {"suggested": None, "reason": "model compiled by its builder"}
+    found = lr_range_test(model, train_ds, options.optimizer, steps=100, run_dir=run_dir, seed=options.seed)
+    record = {k: found[k] for k in ("suggested", "min_loss_lr", "steepest_lr", "steps", "plot")}
+    if record["suggested"] is None:
+        log("learning_rate auto: the range test found no usable loss curve; using the recipe's rate")
+    else:
+        log(f"learning_rate auto: range test over {record['steps']} steps suggests {record['suggested']:.2g} "
+            f"(lowest loss at {record['min_loss_lr']:.2g}; plot {record['plot']})")
+    write_json(saved, record)
+    return record

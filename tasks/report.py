@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from imgflow.tasks.atomic import write_json, write_text
+from imgflow.tasks.atomic import read_json, write_json, write_text
 from imgflow.tasks.metrics import per_class_rows
 
 #: files listed by name in the report when unreadable
@@ -368,3 +368,39 @@ def write_report(
     html_path = write_text(out_dir / "report.html", render_html(records))
     md_path = write_text(out_dir / "report.md", render_markdown(records, summary_markdown(metrics, info)))
     return {"metrics_json": metrics_path, "report_html": html_path, "report_md": md_path}
+
+
+def training_info(model_dir: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Which epoch's weights were kept and why training stopped, read defensively.
+
+    Looks in ``metadata.json`` (top level, then ``metrics``), then ``train_summary.json``.
+
+    Returns:
+        The keys found among ``best_epoch``, ``epochs_run``, ``epochs``, ``monitor``,
+        ``stopped_early``, ``stop_reason``.
+    """
+    summary_path = Path(model_dir) / "train_summary.json"
+    try:
+        summary = read_json(summary_path) if summary_path.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    sources = [metadata, metadata.get("metrics") or {}, summary if isinstance(summary, dict) else {}]
+    info: dict[str, Any] = {}
+    for key in ("best_epoch", "epochs_run", "monitor", "stopped_early", "stop_reason"):
+        for source in sources:
+            if source.get(key) is not None:
+                info[key] = source[key]
+                break
+    if isinstance(info.get("stopped_early"), dict):  # {"stopped": bool, "reason": ...} written by training
+        detail = info["stopped_early"]
+        info["stopped_early"] = bool(detail.get("stopped", detail.get("value", False)))
+        info.setdefault("stop_reason", detail.get("reason"))
+    epochs = (metadata.get("config") or {}).get("epochs")
+    if epochs is not None:
+        info["epochs"] = epochs
+    for key in ("best_epoch", "epochs_run", "epochs"):
+        try:
+            info[key] = int(info[key]) if key in info else None
+        except (TypeError, ValueError):
+            info[key] = None
+    return {k: v for k, v in info.items() if v is not None}

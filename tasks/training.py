@@ -17,7 +17,6 @@ saved summary without training again.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,9 @@ from imgflow.tasks.resume import (
     h5_bytes,
     select_backup,
 )
-from imgflow.tasks.models import build_model, compile_model, is_compiled, recipe_learning_rate
+from imgflow.tasks.models import build_model, compile_model, recipe_learning_rate
+from imgflow.tasks.lr_finder import find_learning_rate
+from imgflow.tasks.outcome import training_outcome  # noqa: F401 - also imported from here
 from imgflow.tasks.records import read_manifest
 
 Logger = Callable[[str], None]
@@ -344,7 +345,7 @@ def fit_model(
     warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
     lr_finder = None
     if options.learning_rate == "auto":
-        lr_finder = _find_learning_rate(model, train_ds, run_dir, options, log)
+        lr_finder = find_learning_rate(model, train_ds, run_dir, options, log)
         learning_rate = lr_finder["suggested"] or recipe_learning_rate(options.model)
     else:
         learning_rate = options.learning_rate or recipe_learning_rate(options.model)
@@ -476,94 +477,6 @@ def _backup_callback(run_dir: Path, start: dict[str, Any] | None,
     kinds = (keras.callbacks.ModelCheckpoint, keras.callbacks.EarlyStopping, keras.callbacks.ReduceLROnPlateau)
     stateful = [c for c in callbacks if isinstance(c, kinds)]
     return AtomicBackupAndRestore(run_dir / BACKUP_DIR, start, stateful, run_dir / CHECKPOINT_DIR / "best.weights.h5")
-LR_FINDER_FILE = "lr_finder.json"
-
-
-def _find_learning_rate(model: keras.Model, train_ds: Any, run_dir: Path, options: TrainOptions,
-                        log: Logger) -> dict[str, Any]:
-    """``learning_rate: auto``: a range test's pick, saved so that a resumed run keeps the same rate."""
-    from imgflow.tasks.lr_finder import lr_range_test
-
-    saved = run_dir / LR_FINDER_FILE
-    if saved.is_file():
-        return read_json(saved)
-    if is_compiled(model):
-        log("learning_rate auto: the model came compiled by its builder; its optimizer's rate is kept")
-        return {"suggested": None, "reason": "model compiled by its builder"}
-    found = lr_range_test(model, train_ds, options.optimizer, steps=100, run_dir=run_dir, seed=options.seed)
-    record = {k: found[k] for k in ("suggested", "min_loss_lr", "steepest_lr", "steps", "plot")}
-    if record["suggested"] is None:
-        log("learning_rate auto: the range test found no usable loss curve; using the recipe's rate")
-    else:
-        log(f"learning_rate auto: range test over {record['steps']} steps suggests {record['suggested']:.2g} "
-            f"(lowest loss at {record['min_loss_lr']:.2g}; plot {record['plot']})")
-    write_json(saved, record)
-    return record
-
-
-def training_outcome(
-    history: list[dict[str, float]],
-    monitor: str,
-    epochs_planned: int,
-    patience: int,
-    kept_epoch: int | None = None,
-    stopped_early: bool = False,
-) -> dict[str, Any]:
-    """Which epoch's weights were kept and why training stopped, as figures and one sentence; pure.
-
-    Args:
-        history: the ``history.csv`` rows (``epoch`` counts from 0).
-        monitor: the validation metric that chose the kept epoch (``val_accuracy`` or ``val_loss``).
-        epochs_planned: the epochs asked for.
-        patience: the early-stopping patience (epochs without improvement).
-        kept_epoch: the epoch (from 1) whose weights EarlyStopping restored; when None the
-            best epoch of ``history`` by ``monitor`` (the first one on ties, as Keras).
-        stopped_early: whether EarlyStopping ended the run before ``epochs_planned``.
-
-    Returns:
-        ``{"epochs_run", "epochs_planned", "best_epoch", "best_value", "monitor",
-        "stopped_early", "stop_reason", "sentence"}``; the sentence reads like "kept the
-        weights of epoch 7 of 11 (best val_accuracy 0.8300); stopped early after epoch 11
-        of 20: val_accuracy did not improve for 4 epochs" or "kept the weights of epoch 9 of
-        10 (best val_accuracy 0.8100); ran all 10 epochs".
-    """
-    epochs_run = len(history)
-    # Keras marks a stop on the last planned epoch too; that run did not end early
-    stopped_early = stopped_early and epochs_run < epochs_planned
-    values = [(int(r["epoch"]) + 1, float(r[monitor])) for r in history if monitor in r and math.isfinite(float(r[monitor]))]
-    best_value = None
-    if kept_epoch is None and values:
-        pick = max if monitor.endswith("accuracy") else min
-        target = pick(v for _, v in values)
-        kept_epoch = next(e for e, v in values if v == target)
-    if kept_epoch is not None:
-        best_value = next((v for e, v in values if e == kept_epoch), None)
-    last_epoch = values[-1][0] if values else epochs_run
-    if stopped_early:
-        stop_reason = f"{monitor} did not improve for {last_epoch - kept_epoch if kept_epoch else patience} epochs"
-    elif epochs_run >= epochs_planned:
-        stop_reason = f"ran all {epochs_planned} epochs"
-    else:
-        stop_reason = f"stopped after {epochs_run} of {epochs_planned} epochs (the loss became NaN or training was interrupted)"
-    if kept_epoch is None:
-        sentence = f"no epoch had a {monitor}; {stop_reason}"
-    else:
-        shown = f" (best {monitor} {best_value:.4f})" if best_value is not None else ""
-        sentence = f"kept the weights of epoch {kept_epoch} of {epochs_run}{shown}; "
-        if stopped_early:
-            sentence += f"stopped early after epoch {last_epoch} of {epochs_planned}: {stop_reason}"
-        else:
-            sentence += stop_reason
-    return {
-        "epochs_run": epochs_run,
-        "epochs_planned": epochs_planned,
-        "best_epoch": kept_epoch,
-        "best_value": best_value,
-        "monitor": monitor,
-        "stopped_early": stopped_early,
-        "stop_reason": stop_reason,
-        "sentence": sentence,
-    }
 
 
 def save_model(model: keras.Model, target: Path) -> Path:

@@ -151,7 +151,7 @@ def test_workdir_that_is_a_file_exits_2_naming_it(tmp_path, command):
 
 
 def test_os_errors_and_imgflow_errors_map_to_one_line_and_an_exit_code():
-    from imgflow.flows.cli import exit_code_for, message_for
+    from imgflow.flows.errormap import exit_code_for, message_for
 
     assert exit_code_for(DiskFullError("full")) == 1
     assert exit_code_for(OSError(28, "No space left on device", "/w/x")) == 1
