@@ -106,7 +106,9 @@ def _window(runner: Any) -> int:
 
 
 def _publish(summary: dict[str, Any], input_dir: Path) -> None:
-    from prefect.artifacts import create_link_artifact, create_table_artifact
+    from prefect.artifacts import create_table_artifact
+
+    from imgflow.tasks.drift import report_path
 
     table = [{"label": label, "files": count} for label, count in summary["label_counts"].items()]
     table.append({"label": "(unreadable)", "files": summary["errors"]})
@@ -116,11 +118,14 @@ def _publish(summary: dict[str, Any], input_dir: Path) -> None:
         description=f"Predicted labels for {input_dir} ({summary['rows']} files, "
         f"{summary['images_per_second']:.0f} images/s this run)",
     )
-    create_link_artifact(
-        key="batch-predictions-csv",
-        link=Path(summary["csv"]).resolve().as_uri(),
-        link_text=Path(summary["csv"]).name,
-        description="The predictions CSV: path, label, confidence, novelty, unknown, prob_<class>..., error",
+    csv = Path(summary["csv"]).resolve()
+    # a table of paths, not file:// links: the UI runs elsewhere and cannot open local files
+    create_table_artifact(
+        key="batch-predictions-files",
+        table=[{"file": "predictions CSV (path, label, confidence, novelty, unknown, prob_<class>..., error)",
+                "path": str(csv)},
+               {"file": "drift report", "path": str(report_path(csv))}],
+        description="Where the outputs are (paths on the machine that ran the flow)",
     )
 
 
