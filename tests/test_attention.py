@@ -243,3 +243,17 @@ def test_evaluate_folder_writes_attention_for_background_classes(tmp_path):
     assert all(f["code"] == "attends_to_background" for f in saved["evaluation_findings"])
     md = (tmp_path / "out" / "report.md").read_text()
     assert "## Where the model looks" in md and "**Where it looks:**" in md
+
+
+def test_evaluate_task_appends_the_evaluation_finding_to_the_run_diagnosis(monkeypatch, tmp_path):
+    import imgflow.tasks.evaluation as evaluation
+    from imgflow.flows.training import evaluate_task
+    from imgflow.tasks.doctor.findings import read_diagnosis
+
+    finding = attention_finding(attention_shares(np.stack([_border_map()] * 2), None, [1, 1], NAMES))
+    monkeypatch.setattr(evaluation, "evaluate_split", lambda *a, **k: {
+        "out_dir": str(tmp_path), "accuracy": 0.5, "count": 4, "evaluation_findings": [finding]})
+    summary = evaluate_task.fn(str(tmp_path), str(tmp_path / "manifest.json"), None, 0.0)
+    assert summary["evaluation_findings"][0]["code"] == "attends_to_background"
+    saved = read_diagnosis(tmp_path / "diagnosis.json")
+    assert saved["healthy"] is True and saved["findings"][0]["evidence"]["border_share[b]"] == pytest.approx(1.0)
