@@ -100,7 +100,22 @@ def evaluate_task(
         tolerance=tolerance, min_class_images_for_recall_gate=min_class_images_for_recall_gate,
         csv_neutralise=csv_neutralise, batch_size=batch_size,
     )
-    return EvaluationSummary.from_result(result).to_dict()
+    append_findings(Path(model_dir) / "diagnosis.json", result.get("evaluation_findings") or [])
+    return EvaluationSummary.from_result(result, keep=("evaluation_findings",)).to_dict()
+
+
+def append_findings(path: Path, findings: list[dict[str, Any]]) -> None:
+    """Add the evaluation's findings (``attends_to_background``) to the run's ``diagnosis.json``.
+
+    The doctor's ranking is redone with ``diagnose`` (a finding already there with the same
+    code is replaced, so a retried evaluation adds it once); the file is written atomically.
+    """
+    if not findings:
+        return
+    from imgflow.tasks.doctor.findings import diagnose, read_diagnosis, write_diagnosis
+
+    old = read_diagnosis(path)["findings"] if path.is_file() else []
+    write_diagnosis(path, diagnose([*old, *findings]))
 
 
 @task(name="promote-model", cache_policy=NO_CACHE, timeout_seconds=120, retries=2, retry_delay_seconds=5,

@@ -24,6 +24,7 @@ import numpy as np
 
 from imgflow.tasks import progress, registry
 from imgflow.tasks.atomic import atomic_open, read_json
+from imgflow.tasks.attention import measure_attention, read_alpha
 from imgflow.tasks.csvcells import safe_row
 from imgflow.tasks.metrics import EvaluationError, as_probabilities, compute_metrics, finite_rows
 from imgflow.tasks.ood import novelty_section
@@ -193,11 +194,14 @@ def _render(
     history_csv: Path | None,
     best_epoch: int | None = None,
     calibrated: np.ndarray | None = None,
+    alpha: Callable[[list[int]], list[np.ndarray | None]] | None = None,
 ) -> tuple[dict[str, Path], str | None]:
     """Write every PNG plot; returns (plots, saliency method).
 
     ``labels``, ``probs`` and ``filenames`` hold only the rows with finite outputs; the
-    confusion matrix comes from ``metrics``.
+    confusion matrix comes from ``metrics``; ``metrics`` gains ``attention`` and
+    ``evaluation_findings`` (:func:`imgflow.tasks.attention.measure_attention`, with
+    the examples' alpha masks from ``alpha``; None: shards, no files).
     """
     names = metrics["class_names"]
     plots: dict[str, Path] = {
@@ -253,6 +257,8 @@ def _render(
             [_caption(filenames[i], names, labels[i], probs[i]) for i in sel],
             out_dir / "saliency.png", methods, ncols=2, colors=[colour(i) for i in sel],
         )
+        metrics.update(measure_attention(maps, [int(labels[i]) for i in sel], names,
+                                         None if alpha is None else (lambda: alpha(sel))))
     return plots, method
 
 
@@ -355,6 +361,7 @@ def _evaluate(
     csv_neutralise: bool = True,
     ood_dir: Path | None = None,
     fit_missing: bool = False,
+    alpha: Callable[[list[int], int, str], list[np.ndarray | None]] | None = None,
 ) -> dict[str, Any]:
     """Predict with the candidate (and the champion), decide promotion, write metrics, plots and reports."""
     model_dir = Path(model_dir)
@@ -384,6 +391,7 @@ def _evaluate(
         out_dir, model, metrics, y[keep], probs[keep], [names_in_order[k] for k in keep],
         lambda ks: fetch([order[keep[k]] for k in ks], size, aspect), model_dir / "history.csv",
         best_epoch=training.get("best_epoch"), calibrated=calibrated,
+        alpha=None if alpha is None else (lambda ks: alpha([order[keep[k]] for k in ks], size, aspect)),
     )
     plots.update(novelty_plots)
     run_id = str(metadata.get("run_id", model_dir.name))
@@ -581,7 +589,10 @@ def evaluate_folder(
     def fetch(indices: list[int], size: int, aspect: str) -> np.ndarray:
         return np.stack([load_image(data_dir / files[i][0], size, aspect, background) for i in indices])
 
+    def alpha(indices: list[int], size: int, aspect: str) -> list[np.ndarray | None]:
+        return [read_alpha(data_dir / files[i][0], size, aspect) for i in indices]
+
     info = {"data": str(data_dir.resolve()), "count": len(files)}
     return _evaluate(Path(model_dir), Path(out_dir), batches, fetch, lambda: [f for f, _ in files],
                      champion_dir, info, skipped, tolerance, min_class_images_for_recall_gate, csv_neutralise,
-                     ood_dir=ood_dir, fit_missing=True)
+                     ood_dir=ood_dir, fit_missing=True, alpha=alpha)

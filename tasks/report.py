@@ -27,6 +27,7 @@ SKIPPED_LISTED = 50
 #: recall at or above which the first screen says a class is recognised; below the second, not
 RECALL_GOOD = 0.8
 RECALL_POOR = 0.5
+SEVERITY_RANK = {"critical": 0, "warning": 1, "info": 2}
 TEMPLATE = "report.html.j2"
 
 _PLOT_TITLES = {
@@ -104,6 +105,32 @@ def training_sentence(training: dict[str, Any] | None) -> str | None:
     return text.rstrip(".") + "."
 
 
+def where_it_looks(metrics: dict[str, Any]) -> dict[str, str] | None:
+    """The first-screen line on where the saliency sits (``metrics["attention"]``), or None without maps.
+
+    Args:
+        metrics: the evaluation's metrics, with ``attention`` from
+            :func:`imgflow.tasks.attention.attention_shares`.
+
+    Returns:
+        ``{"label", "text", "cls"}``; ``cls`` is ``bad`` when an ``attends_to_background``
+        finding was raised.
+    """
+    attention = metrics.get("attention")
+    if not attention:
+        return None
+    parts = []
+    for name, row in attention.items():
+        part = f"{name} {row['border_share']:.0%} on the border"
+        if row.get("transparent_share") is not None:
+            part += f", {row['transparent_share']:.0%} on transparent pixels"
+        parts.append(part + f" ({row['examples']} example{'s' if row['examples'] != 1 else ''})")
+    flagged = any(f.get("code") == "attends_to_background" for f in metrics.get("evaluation_findings", []))
+    return {"label": "Where it looks:", "cls": "bad" if flagged else "",
+            "text": "share of saliency " + "; ".join(parts) + " (uniform attention puts ~44% on the border band; "
+                    "see the saliency plot)."}
+
+
 def first_screen(metrics: dict[str, Any], diagnosis: dict[str, Any] | None) -> list[dict[str, str]]:
     """The report's opening lines in plain words: what the model learned, what it confuses, the likely reason.
 
@@ -139,7 +166,13 @@ def first_screen(metrics: dict[str, Any], diagnosis: dict[str, Any] | None) -> l
         lines.append({"label": "Broken outputs:", "cls": "bad",
                       "text": f"the model produced NaN or infinite outputs for {bad} of {metrics['count']} images; "
                               "they count as wrong and the model cannot be promoted."})
-    findings = [f for f in (diagnosis or {}).get("findings", []) if f.get("severity") in ("critical", "warning")]
+    looks = where_it_looks(metrics)
+    if looks is not None:
+        lines.append(looks)
+    # the evaluation's own findings (attends_to_background) rank with the doctor's
+    findings = [f for f in sorted([*(diagnosis or {}).get("findings", []), *metrics.get("evaluation_findings", [])],
+                                  key=lambda f: SEVERITY_RANK.get(str(f.get("severity")), 3))
+                if f.get("severity") in ("critical", "warning")]
     if findings:
         first = findings[0]
         lines.append({"label": "Most likely reason:", "cls": "bad" if first.get("severity") == "critical" else "",
@@ -148,6 +181,21 @@ def first_screen(metrics: dict[str, Any], diagnosis: dict[str, Any] | None) -> l
         lines.append({"label": "Most likely reason:", "cls": "",
                       "text": "the training doctor found no problem in this run."})
     return lines
+
+
+def attention_records(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The "Where the model looks" section: per-class shares and the evaluation's findings, or None."""
+    attention = metrics.get("attention")
+    if not attention:
+        return None
+    rows = [(name, row["border_share"], row.get("transparent_share"), row["examples"]) for name, row in attention.items()]
+    findings = [f"{f['code']} ({f['severity']}): {f['advice']}" for f in metrics.get("evaluation_findings", [])]
+    return {
+        "text": "Share of the saliency maps' mass (the examples of the saliency plot below) on the outer 12.5% "
+                "band of each side (43.75% of the area: uniform attention gives ~0.44) and on transparent pixels.",
+        "table": _table(["class", "border share", "transparent share", "examples"], rows),
+        "findings": findings,
+    }
 
 
 def report_records(
@@ -218,6 +266,7 @@ def report_records(
             "table": _table(["severity", "code", "advice", "evidence"], rows, left=4,
                             row_classes=[str(f.get("severity", "")) for f in findings]),
         }
+    records["attention"] = attention_records(metrics)
     if champion is not None:
         header = ["metric", f"candidate {champion['candidate_run_id']}", f"champion {champion['champion_run_id']}", "difference"]
         decision = champion.get("decision", "")
@@ -279,6 +328,10 @@ def render_markdown(records: dict[str, Any], summary: str) -> str:
         md += ["## Doctor's findings", "", md_text(diagnosis["text"]), ""]
         if diagnosis["table"]["rows"]:
             md += [_table_md(diagnosis["table"]), ""]
+    attention = records.get("attention")
+    if attention is not None:
+        md += ["## Where the model looks", "", md_text(attention["text"]), "", _table_md(attention["table"]), ""]
+        md += [f"> **{md_text(line)}**" for line in attention["findings"]] + ([""] if attention["findings"] else [])
     comparison = records["comparison"]
     if comparison is not None:
         md += ["## Candidate vs champion (same data)", "", _table_md(comparison["table"]), "",
