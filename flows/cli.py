@@ -113,7 +113,7 @@ def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig
     return load_config(config_file, overrides)
 
 
-def start(command: str, workdir: Optional[Path], tensorflow: bool = True) -> Any:
+def start(command: str, workdir: Optional[Path], tensorflow: bool = True, prefect: bool = True) -> Any:
     """Begin a command's terminal output: quiet logging (flows.console), TensorFlow imported quietly.
 
     Returns:
@@ -122,7 +122,7 @@ def start(command: str, workdir: Optional[Path], tensorflow: bool = True) -> Any
     from imgflow.flows import console
 
     summary = console.Summary(command)
-    summary.log = console.configure(workdir)
+    summary.log = console.configure(workdir, prefect)
     if tensorflow:
         from imgflow.tasks.quiet import import_tensorflow
 
@@ -251,12 +251,13 @@ def validate(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {"--report": report})
     options = build_config(config).validation
-    run = start("validate", workdir, tensorflow=False)
     from imgflow.tasks.atomic import read_json
 
     summary = reused_validation(data_dir, val_dir, workdir, options, report)
     if summary is None:
-        start_prefect_early()
+        start_prefect_early()  # before anything imports Prefect: its settings must see the early server
+    run = start("validate", workdir, tensorflow=False, prefect=summary is None)
+    if summary is None:
         from imgflow.flows.validation import validate_flow
 
         wait_for_prefect()

@@ -87,18 +87,20 @@ def log_file_for(workdir: Path | str) -> Path:
     return (Path(workdir) / LOG_DIR / LOG_FILE).absolute()
 
 
-def configure(workdir: Path | str | None) -> Path | None:
+def configure(workdir: Path | str | None, prefect: bool = True) -> Path | None:
     """Set up the terminal and the log file for one CLI command.
 
     Args:
         workdir: the command's work folder; its ``logs/imgflow.log`` receives every
             Prefect and imgflow line at INFO and above (None: no log file).
+        prefect: also filter Prefect's console handlers (this imports Prefect, which reads
+            its settings: False for a command that runs no flow, or before the early server).
 
     Returns:
         The log file's path, or None when there is none (no workdir, or it cannot be written).
     """
     quiet = not verbose()
-    for handler in _prefect_console_handlers():
+    for handler in _prefect_console_handlers() if prefect else []:
         for old in [f for f in handler.filters if isinstance(f, TerminalFilter)]:
             handler.removeFilter(old)
         handler.addFilter(TerminalFilter(quiet))

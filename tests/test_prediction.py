@@ -217,7 +217,8 @@ def test_short_last_batch_is_padded_traced_once_and_unchanged(model_dir, tmp_pat
 
     x = np.stack([load_image(tmp_path / e.rel, meta["image_size"], meta["aspect"]) for e in entries]).astype("float32")
     expected = keras.ops.convert_to_numpy(model(x, training=False))
-    got = np.array([[float(c) for c in row[3:3 + len(meta["class_names"])]] for row in rows])
+    first = len(P.LEADING_COLUMNS)  # path, label, confidence, novelty, unknown, then prob_<class>...
+    got = np.array([[float(c) for c in row[first:first + len(meta["class_names"])]] for row in rows])
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert [r[1] for r in rows] == [meta["class_names"][i] for i in expected.argmax(axis=1)]
 
