@@ -115,7 +115,7 @@ def make_example(encoded: bytes, encoding: str, height: int, width: int, label: 
         "image/width": _int(width),
         "image/filename": _bytes(filename.encode("utf-8")),
     }
-    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString(deterministic=True)
 
 
 # --------------------------------------------------------------------------- split
