@@ -216,6 +216,10 @@ def preprocess_flow(
     logger = get_run_logger()
     workers = worker_count(options)
     plan = plan_task(Path(validation["report_path"]), options, workdir / TFRECORDS_DIR, workers)
+    from imgflow.tasks.tfrecords import split_warnings
+
+    for warning in split_warnings(plan["per_class"]):
+        logger.warning(warning)
     result = {
         "manifest": plan["manifest"],
         "cached": plan["cached"],

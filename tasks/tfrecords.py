@@ -313,6 +313,22 @@ def plan_shards(report: dict[str, Any], options: PreprocessOptions, out_root: Pa
     }
 
 
+def split_warnings(per_class: dict[str, dict[str, int]]) -> list[str]:
+    """Warnings about the split: a class with no training image, or none to validate on.
+
+    Args:
+        per_class: ``{"train": {class: count}, "val": {class: count}}`` of a plan.
+    """
+    warnings = []
+    for split, what in (("train", "the model never sees it, so it can never predict it"),
+                        ("val", "its accuracy cannot be measured")):
+        empty = [name for name, count in per_class.get(split, {}).items() if count == 0]
+        if empty:
+            warnings.append(f"class(es) {', '.join(empty)} got no {split} image after the split: {what}; "
+                            "add images, raise or lower --val-fraction, or give --val-dir")
+    return warnings
+
+
 def plan_shard_files(plan: dict[str, Any]) -> list[str]:
     """Every shard file name of a plan, train first."""
     return [shard["file"] for split in SPLITS for shard in plan["splits"][split]["shards"]]

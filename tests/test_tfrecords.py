@@ -398,3 +398,13 @@ def test_make_dataset_errors_name_the_problem(tmp_path):
         tfrecords.make_dataset(result["manifest"], "test", 4, training=False)
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         tfrecords.make_dataset(result["manifest"], "train", 0, training=False)
+
+
+def test_split_warnings_name_a_class_left_without_training_or_validation_images():
+    from imgflow.tasks.tfrecords import split_warnings
+
+    assert split_warnings({"train": {"a": 5, "b": 3}, "val": {"a": 1, "b": 1}}) == []
+    warnings = split_warnings({"train": {"a": 5, "b": 0}, "val": {"a": 0, "b": 1}})
+    assert len(warnings) == 2
+    assert warnings[0].startswith("class(es) b got no train image after the split: the model never sees it")
+    assert warnings[1].startswith("class(es) a got no val image after the split: its accuracy cannot be measured")
