@@ -183,7 +183,7 @@ def predictions_written(workdir: Path | str, input_dir: Path | str, summary: Map
 
 def inbox_drift(workdir: Path | str, input_dir: Path | str, drift: Mapping[str, Any],
                 model_dir: Path | str | None = None, report_path: Path | str | None = None) -> Any:
-    """Emit ``imgflow.inbox.drift`` when a drift report says ``drift: true``; the novelty code calls this.
+    """Emit ``imgflow.inbox.drift`` when a drift report says ``drift: true`` (batch prediction calls this).
 
     Args:
         workdir: the imgflow work folder.

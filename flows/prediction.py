@@ -130,11 +130,12 @@ def _publish(summary: dict[str, Any], input_dir: Path) -> None:
 
 
 def _drift(model_dir: Path, metadata: dict[str, Any], parts: list[Path], summary: dict[str, Any],
-           out: Path) -> dict[str, Any]:
+           out: Path, workdir: Path, input_dir: Path) -> dict[str, Any]:
     """Write ``<csv name>.drift.json``, publish it, and warn + emit ``imgflow.inbox.drift`` when it drifted."""
     from prefect.artifacts import create_markdown_artifact
 
-    from imgflow.tasks.drift import emit_drift_event, run_report
+    from imgflow.flows import events
+    from imgflow.tasks.drift import run_report
 
     logger = get_run_logger()
     report = run_report(model_dir, metadata, parts, summary, out)
@@ -157,7 +158,7 @@ def _drift(model_dir: Path, metadata: dict[str, Any], parts: list[Path], summary
     )
     if report["drift"]:
         logger.warning("inbox drift in %s: %s (details in %s)", out, "; ".join(report["reasons"]), report["path"])
-        emit_drift_event(report, str(out), str(model_dir))
+        events.inbox_drift(workdir, input_dir, report, model_dir, report["path"])
     return report
 
 
@@ -300,7 +301,7 @@ def batch_predict(
 
     parts = [P.part_path(run_dir, k) for k in keys]
     summary = P.assemble_csv(out, parts, class_names, top_k, csv_neutralise, unknown_label)
-    drift_report = _drift(model_dir, metadata, parts, summary, out)
+    drift_report = _drift(model_dir, metadata, parts, summary, out, workdir, input_dir)
     stale = P.remove_stale_parts(run_dir, keys)
     P.remove_stale_temporaries(run_dir)
     superseded = P.remove_superseded_runs(run_dir)

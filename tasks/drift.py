@@ -245,30 +245,7 @@ def write_profile(model_dir: Path | str, profile: dict[str, Any], class_counts: 
     return write_json(Path(model_dir) / PROFILE_FILE, {**profile, "classes": dict(class_counts)})
 
 
-def emit_drift_event(report: dict[str, Any], csv_path: str, model_dir: str) -> Any:
-    """Emit the Prefect event ``imgflow.inbox.drift`` for a drift report (no-op result when events are off).
-
-    Payload: ``csv``, ``model_dir``, ``unknown_share``, ``reasons``, ``files`` and the
-    flagged property names.
-    """
-    from prefect.events import emit_event
-
-    return emit_event(
-        event="imgflow.inbox.drift",
-        resource={"prefect.resource.id": f"imgflow.inbox.{Path(csv_path).resolve()}",
-                  "prefect.resource.name": Path(csv_path).name},
-        payload={
-            "csv": str(csv_path),
-            "model_dir": str(model_dir),
-            "files": report.get("files"),
-            "unknown_share": report.get("unknown_share"),
-            "flagged": [k for k, v in report.get("properties", {}).items() if v.get("drift")],
-            "reasons": report.get("reasons", []),
-        },
-    )
-
-
-__all__ = ["PROFILE_FILE", "PROPERTIES", "add", "compare", "emit_drift_event", "image_properties", "js_distance",
+__all__ = ["PROFILE_FILE", "PROPERTIES", "add", "compare", "image_properties", "js_distance",
            "merge", "new_profile", "profile_files", "read_profile", "report_path", "write_profile"]
 
 

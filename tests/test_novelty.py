@@ -170,7 +170,9 @@ def test_batch_predict_writes_novelty_columns_and_a_drift_report(prefect_server,
     from imgflow.flows.prediction import batch_predict
 
     events: list[dict] = []
-    monkeypatch.setattr(D, "emit_drift_event", lambda report, csv_path, model_dir: events.append(report))
+    from imgflow.flows import events as flow_events
+
+    monkeypatch.setattr(flow_events, "inbox_drift", lambda workdir, inbox, report, *a: events.append(report))
     alike = tmp_path / "alike"
     alike.mkdir()
     for i, (_, pixels) in enumerate(_unseen()[200:260]):
