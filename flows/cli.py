@@ -57,8 +57,6 @@ def _global_options(
             os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
-EXIT_OK = 0
-
 WorkdirOption = typer.Option(DEFAULT_WORKDIR, "--workdir", help="where reports, shards, models and predictions go")
 ConfigOption = typer.Option(None, "--config", help="YAML file with the same keys as the options")
 ValDirOption = typer.Option(None, "--val-dir", help="separate validation folder with the same class folders")
@@ -159,11 +157,6 @@ def train_summary(run: Any, result: dict[str, Any]) -> None:
         run.add("Doctor's findings:")
         for finding in result["findings"][:5]:
             run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
-
-
-def print_findings(findings: list[dict[str, Any]], limit: int = 5) -> None:
-    for finding in findings[:limit]:
-        typer.echo(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
 
 
 def start_prefect_early() -> None:
