@@ -356,6 +356,9 @@ def fit_model(
             "has no XLA kernel; training runs as a TensorFlow graph instead")
 
     findings: list[dict[str, Any]] = []
+    if lr_finder and lr_finder.get("suggested"):  # the range test's pick, in the diagnosis as ``lr_range``
+        findings.append(doctor.lr_range_finding(lr_finder["suggested"], lr_finder["min_loss_lr"],
+                                                optimizer=options.optimizer, steps=lr_finder["steps"]))
     start = select_backup(run_dir, log)
     resume_from = int(start["epoch"]) if start else 0
     _trim_history(run_dir, resume_from)

@@ -296,8 +296,11 @@ def test_learning_rate_auto_runs_a_range_test_and_records_the_pick(tmp_path, dig
     before = [w.copy() for w in model.get_weights()]
     logs: list[str] = []
     options = TrainOptions(epochs=1, learning_rate="auto")
-    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=logs.append)
+    result = training.fit_model(model, train, val, tmp_path, options, [55, 55, 55], log=logs.append,
+                                probe=(digits_data[2][:32], digits_data[3][:32]))
     finder = result["lr_finder"]
+    lr_range = [f for f in result["diagnosis"]["findings"] if f["code"] == "lr_range"]
+    assert len(lr_range) == 1 and lr_range[0]["evidence"]["suggested_lr"] == pytest.approx(finder["suggested"], rel=1e-3)
     assert 1e-6 < finder["suggested"] < 1.0 and result["learning_rate"] == finder["suggested"]
     assert 10 <= finder["steps"] <= 100
     assert (tmp_path / "lr_finder.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
