@@ -50,6 +50,16 @@ def predict(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     return predict_outputs(model, np.asarray(images, dtype=np.float32), batch_size)[0]
 
 
+def to_probabilities(outputs: np.ndarray) -> np.ndarray:
+    """Model outputs as float64 class probabilities whose rows sum to 1.
+
+    Outputs that already look like probabilities (non-negative, rows summing to 1
+    within 1e-3) are only renormalised; anything else (logits) goes through softmax.
+    """
+    out = np.asarray(outputs)
+    return as_probabilities(out.reshape(out.shape[0], -1))[0]
+
+
 def run_batch(model: Any, x: np.ndarray, n_classes: int, lock: Any,
               novelty: Any = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """One model call on a batch: (probabilities, novelty or None, unknown or None).
@@ -74,8 +84,7 @@ def run_batch(model: Any, x: np.ndarray, n_classes: int, lock: Any,
         raw = model.predict_on_batch(x)
     if isinstance(raw, (list, tuple, dict)):
         raise ValueError("model: expected one output tensor of class scores, found several outputs")
-    raw = np.asarray(raw)
-    probs = as_probabilities(raw.reshape(raw.shape[0], -1))[0]
+    probs = to_probabilities(raw)
     _check_width(probs.shape[1], n_classes)
     return probs, None, None
 

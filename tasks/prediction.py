@@ -252,18 +252,6 @@ def _decode(
         return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
 
 
-def to_probabilities(outputs: np.ndarray) -> np.ndarray:
-    """Model outputs as float64 class probabilities whose rows sum to 1.
-
-    Outputs that already look like probabilities (non-negative, rows summing to 1
-    within 1e-3) are only renormalised; anything else (logits) goes through softmax.
-    """
-    from imgflow.tasks.inference import as_probabilities
-
-    out = np.asarray(outputs)
-    return as_probabilities(out.reshape(out.shape[0], -1))[0]
-
-
 #: columns before the ``prob_<class>`` columns
 LEADING_COLUMNS = ("path", "label", "confidence", "novelty", "unknown")
 
@@ -566,7 +554,6 @@ __all__ = [
     "remove_superseded_runs",
     "run_dir_for",
     "scan_files",
-    "to_probabilities",
     "write_part",
 ]
 

@@ -155,9 +155,11 @@ def test_new_files_change_only_their_own_chunk():
 
 
 def test_to_probabilities_renormalises_or_applies_softmax():
-    probs = P.to_probabilities(np.array([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]], dtype=np.float32))
+    from imgflow.tasks.inference import to_probabilities
+
+    probs = to_probabilities(np.array([[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]], dtype=np.float32))
     np.testing.assert_allclose(probs, [[0.2, 0.3, 0.5], [0.0, 1.0, 0.0]], atol=1e-7)
-    logits = P.to_probabilities(np.array([[2.0, 0.0, -1.0]]))
+    logits = to_probabilities(np.array([[2.0, 0.0, -1.0]]))
     expected = np.exp([2.0, 0.0, -1.0]) / np.exp([2.0, 0.0, -1.0]).sum()
     np.testing.assert_allclose(logits[0], expected)
     assert P.csv_header(["a", "b"], top_k=5) == [
