@@ -46,8 +46,16 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA_ROOT = ROOT / "bench" / "_data" / "recipe"
 TUXPAINT = Path("/usr/share/tuxpaint/stamps")
 MATE = Path("/usr/share/icons/mate/48x48")
+# 48 px category folders of four Debian icon themes (mate, faenza, moka, faba)
+ICON_THEMES = {
+    "mate-icon-theme": "/usr/share/icons/mate/48x48/{cls}",
+    "faenza-icon-theme": "/usr/share/icons/Faenza/{cls}/48",
+    "moka-icon-theme": "/usr/share/icons/Moka/48x48/{cls}",
+    "faba-icon-theme": "/usr/share/icons/Faba/48x48/{cls}",
+}
+THEMES_MAX_PER_CLASS = 300
 ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "status")
-IMAGE_SIZES = {"digits": 32, "tuxpaint": 48, "icons": 48}
+IMAGE_SIZES = {"digits": 32, "tuxpaint": 48, "icons": 48, "themes": 48}
 VAL_FRACTION = 0.25
 SPLIT_SEED = 0
 
@@ -146,7 +154,26 @@ def build_icons() -> Path:
     return _split_copy("icons", files)
 
 
-BUILDERS = {"digits": build_digits, "tuxpaint": build_tuxpaint, "icons": build_icons}
+def build_themes() -> Path:
+    """The same five categories across four icon themes at 48 px (real files only, at most 300 a class).
+
+    The themes store different colours under transparent pixels (black in mate, white in
+    faenza), in different proportions per class: the false cue of real mixed folders.
+    """
+    rng = random.Random(SPLIT_SEED)
+    files: dict[str, list[Path]] = {}
+    for cls in ICON_CLASSES:
+        found = []
+        for package, pattern in ICON_THEMES.items():
+            folder = Path(pattern.format(cls=cls))
+            if not folder.is_dir():
+                raise SystemExit(f"{folder} not found: apt-get install -y {package}")
+            found += sorted(p for p in folder.glob("*.png") if p.is_file() and not p.is_symlink())
+        files[cls] = sorted(rng.sample(found, min(THEMES_MAX_PER_CLASS, len(found))))
+    return _split_copy("themes", files)
+
+
+BUILDERS = {"digits": build_digits, "tuxpaint": build_tuxpaint, "icons": build_icons, "themes": build_themes}
 
 
 def dataset(name: str, rebuild: bool = False) -> Path:

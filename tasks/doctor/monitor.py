@@ -186,7 +186,13 @@ class DoctorMonitor(keras.callbacks.Callback):
                 layer for layer in self.model.layers
                 if _activation_name(layer) == "relu" and not getattr(layer, "layers", None) and layer is not head
             ]
-            outputs = list(self.model.outputs) + [layer.output for layer in relu]
+            # a unit is dead when it is never positive: its spatial maximum per image says as
+            # much as the whole map, and is all that leaves the graph (not MBs every epoch)
+            outputs = list(self.model.outputs) + [
+                keras.layers.GlobalMaxPooling2D(name=f"probe_max_{layer.name}")(layer.output)
+                if len(layer.output.shape) == 4 else layer.output
+                for layer in relu
+            ]
             self._probe_model = keras.Model(_model_inputs(self.model), outputs)
             self._relu_layers = [layer.name for layer in relu]
         except Exception:  # subclassed model: predictions only
