@@ -342,7 +342,7 @@ def fit_model(
     run_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(class_counts)
     total_steps = (steps_per_epoch or 1) * options.epochs
-    warmup_steps = round((steps_per_epoch or 1) * options.warmup_epochs)
+    warmup_steps = options.warmup_steps(steps_per_epoch or 1)
     lr_finder = None
     if options.learning_rate == "auto":
         lr_finder = find_learning_rate(model, train_ds, run_dir, options, log)
