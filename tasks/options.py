@@ -85,7 +85,7 @@ class TrainOptions(BaseModel):
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adamw"
     learning_rate: Annotated[float, Field(gt=0)] | Literal["auto"] | None = Field(
         None,
-        description="the optimizer's rate; unset: the model's recipe rate (3e-3 default model, else 1e-3); "
+        description="the optimizer's rate; unset: the model's recipe rate (2e-3 default model, else 1e-3); "
         "auto: a learning-rate range test picks it (lr_finder.png in the run folder)",
     )
     schedule: Literal["none", "cosine", "plateau"] = "cosine"

@@ -1,8 +1,8 @@
 """The evaluation plots, as PNG files written atomically.
 
-Every plot draws on matplotlib's object-oriented ``Figure`` (Agg canvas, no pyplot, no
+Every chart draws on matplotlib's object-oriented ``Figure`` (Agg canvas, no pyplot, no
 global backend), imported inside the functions: importing this module stays cheap and
-is safe in threads.
+is safe in threads. Image grids are Pillow mosaics (:mod:`imgflow.tasks.mosaic`).
 """
 
 from __future__ import annotations
@@ -18,19 +18,11 @@ from imgflow.tasks.atomic import atomic_open
 from imgflow.tasks.metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
 
 
-def _figure(width: float, height: float, layout: str | None = "constrained"):
+def _figure(width: float, height: float):
     # The object-oriented Figure needs no pyplot and no global backend: safe in threads.
-    # Image grids pass layout=None and fixed spacing: the constrained-layout solver costs
-    # ~0.3 s a grid of 16 axes, more than drawing them.
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout=layout)
-
-
-def _grid_spacing(fig, height: float, title: bool) -> None:
-    """Fixed margins for a grid of image axes whose titles are 2-3 short caption lines."""
-    top = 1.0 - ((0.4 if title else 0.0) + 0.5) / height  # the first row's captions, then the title
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=top, wspace=0.08, hspace=0.45)
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
 def _save(fig, path: Path) -> Path:
@@ -218,7 +210,7 @@ def plot_image_grid(
     title: str | None = None,
     colors: Sequence[str] | None = None,
 ) -> Path:
-    """A grid of images with a caption under each (gallery, confused pairs).
+    """A grid of images with a caption above each (gallery, confused pairs); see :mod:`imgflow.tasks.mosaic`.
 
     Args:
         images: uint8 HxWx3 (or HxW) arrays.
@@ -231,21 +223,9 @@ def plot_image_grid(
     Returns:
         ``path``.
     """
-    n = max(len(images), 1)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    height = 2.6 * nrows + (0.4 if title else 0)
-    fig = _figure(2.3 * ncols, height, layout=None)
-    _grid_spacing(fig, height, bool(title))
-    axes = np.atleast_1d(fig.subplots(nrows, ncols)).ravel()
-    for index, ax in enumerate(axes):
-        ax.set_axis_off()
-        if index < len(images):
-            ax.imshow(np.asarray(images[index]).astype(np.uint8), interpolation="nearest")
-            ax.set_title(captions[index], fontsize=8, color=(colors[index] if colors else "black"))
-    if title:
-        fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    from imgflow.tasks.mosaic import write_mosaic
+
+    return write_mosaic(images, captions, path, ncols, title, colors)
 
 
 def plot_saliency(
@@ -271,36 +251,17 @@ def plot_saliency(
     Returns:
         ``path``.
     """
-    from matplotlib import colormaps
+    from imgflow.tasks.mosaic import overlay_heatmap, write_mosaic
 
-    cmap = colormaps["jet"]
     methods = [method] * len(images) if isinstance(method, str) else list(method)
     summary = method if isinstance(method, str) else " / ".join(sorted(set(methods)))
-    n = max(len(images), 1)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    height = 2.2 * nrows + 0.4
-    fig = _figure(3.6 * ncols, height, layout=None)
-    _grid_spacing(fig, height, True)
-    axes = np.atleast_2d(fig.subplots(nrows, 2 * ncols))
-    for index in range(nrows * ncols):
-        ax_image, ax_map = axes[index // ncols, 2 * (index % ncols)], axes[index // ncols, 2 * (index % ncols) + 1]
-        ax_image.set_axis_off()
-        ax_map.set_axis_off()
-        if index >= len(images):
-            continue
-        image = np.asarray(images[index]).astype(np.uint8)
-        ax_image.imshow(image, interpolation="nearest")
-        ax_image.set_title(captions[index], fontsize=7, color=(colors[index] if colors else "black"))
-        ax_map.imshow(image, interpolation="nearest")
-        heat = np.clip(np.asarray(heatmaps[index], dtype=np.float32), 0.0, 1.0)
-        overlay = cmap(heat)
-        overlay[..., 3] = 0.15 + 0.6 * heat  # an empty map leaves the image visible
-        ax_map.imshow(overlay, interpolation="bilinear")
-        ax_map.set_title(methods[index], fontsize=7)
-    fig.suptitle(f"What the model looked at ({summary}; red = most important for the predicted class)", fontsize=10)
-    return _save(fig, path)
-
+    tiles, texts, tints = [], [], []
+    for index, image in enumerate(images):
+        tiles += [np.asarray(image), overlay_heatmap(image, heatmaps[index])]
+        texts += [captions[index], methods[index]]
+        tints += [colors[index] if colors else "black", "black"]
+    return write_mosaic(tiles, texts, path, 2 * max(1, ncols),
+                        f"What the model looked at ({summary}; red = most important for the predicted class)", tints)
 
 
 def plot_novelty_histogram(in_scores: np.ndarray, ood_scores: np.ndarray, threshold: float, path: Path,

@@ -11,8 +11,10 @@ from imgflow.tasks.options import EvaluateOptions, PredictOptions, with_override
 def test_defaults():
     config = load_config()
     assert config.preprocess.image_size == 128
-    assert config.train.optimizer == "adam"
-    assert config.train.learning_rate is None  # the model's recipe rate (3e-3 for the default model)
+    assert config.train.optimizer == "adamw" and config.train.schedule == "cosine"
+    assert config.train.warmup_epochs == "auto" and config.train.warmup_steps(30) == 30  # 20 epochs: one
+    assert with_overrides(config.train, epochs=5).warmup_steps(30) == 15  # a tenth of a short run
+    assert config.train.learning_rate is None  # the model's recipe rate (2e-3 for the default model)
     assert config.train.monitor == "val_accuracy" and config.train.class_weights == "off"
     assert config.train.augment is False  # auto: off below 30 epochs (the default is 20)
     assert config.preprocess.background == "black"
