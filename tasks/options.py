@@ -58,7 +58,8 @@ class PreprocessOptions(BaseModel):
     background: str = Field(
         "black", description="colour under transparent pixels: black, white or a hex colour such as #808080"
     )
-    encoding: Literal["jpeg", "png", "raw"] = "jpeg"
+    encoding: Literal["auto", "jpeg", "png", "raw"] = Field(
+        "auto", description="shard image encoding; auto: raw pixels while the records fit 1 GiB, else jpeg")
     jpeg_quality: int = Field(95, ge=1, le=100)
     shard_size_mb: float = Field(128.0, gt=0)
     dask_address: str | None = None

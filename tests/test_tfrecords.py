@@ -166,7 +166,8 @@ def test_round_trip_pixels_labels_and_manifest(tmp_path, digits_dir):
     manifest_path = Path(result["manifest"])
     manifest = json.loads(manifest_path.read_text())
     assert manifest["class_names"] == ["one", "seven", "zero"]
-    assert manifest["image_size"] == 32 and manifest["encoding"] == "jpeg" and manifest["aspect"] == "squash"
+    # encoding auto: 180 records of 32 px fit the raw budget many times over
+    assert manifest["image_size"] == 32 and manifest["encoding"] == "raw" and manifest["aspect"] == "squash"
     assert manifest["data_dir"] == str(digits_dir.resolve()) and manifest["val_dir"] is None
     assert len(manifest["fingerprint"]) == 64 and manifest["code_version"].endswith("+fmt1")
     assert manifest_path.parent.name == manifest["fingerprint"][:16]
@@ -189,10 +190,18 @@ def test_round_trip_pixels_labels_and_manifest(tmp_path, digits_dir):
         assert manifest["class_names"][record["label"]] == record["class"]
         assert record["image"].shape == (32, 32, 3) and (record["height"], record["width"]) == (32, 32)
         original = np.asarray(Image.open(digits_dir / record["filename"]).convert("RGB")).astype(int)
-        assert np.abs(record["image"].astype(int) - original).mean() < 4.0  # JPEG q95 tolerance
+        assert np.array_equal(record["image"].astype(int), original)  # raw: lossless
     # shards mix the classes (hash write order), so interleaving few shards still shuffles well
     first = tfrecords.read_records(manifest_path.parent / manifest["splits"]["train"]["shards"][0]["file"])
     assert len({r["class"] for r in first[:20]}) == 3
+
+
+def test_encoding_auto_is_raw_within_the_budget_and_jpeg_beyond():
+    budget_images = tfrecords.RAW_MAX_BYTES // (128 * 128 * 3)
+    assert tfrecords.resolve_encoding("auto", 13_000, 128) == "raw"  # the seed scale: 640 MB
+    assert tfrecords.resolve_encoding("auto", budget_images, 128) == "raw"
+    assert tfrecords.resolve_encoding("auto", budget_images + 1, 128) == "jpeg"
+    assert tfrecords.resolve_encoding("png", 10, 32) == "png"  # an explicit choice is kept
 
 
 @pytest.mark.parametrize("encoding", ["png", "raw"])
@@ -233,7 +242,7 @@ def test_val_dir_gives_the_val_split(tmp_path):
 
 
 def test_shard_count_follows_size_and_workers():
-    opts = PreprocessOptions(image_size=128, shard_size_mb=1)
+    opts = PreprocessOptions(image_size=128, shard_size_mb=1, encoding="jpeg")
     assert tfrecords.shard_count(0, opts, 8) == 0
     assert tfrecords.shard_count(3, opts, 8) == 3  # never an empty shard
     assert tfrecords.shard_count(100, opts, 4) == 4  # one per worker
