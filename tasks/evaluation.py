@@ -183,6 +183,14 @@ def _caption(name: str, names: Sequence[str], label: int, probs: np.ndarray) -> 
     short = name if len(name) <= 24 else "…" + name[-23:]
     return f"{short}\ntrue {names[label]} → {names[pred]} ({probs[pred]:.2f})"
 
+def _newer(path: Path, than: Path) -> bool:
+    """Whether ``path`` exists and was written no earlier than ``than`` (which must exist)."""
+    try:
+        return Path(than).is_file() and path.stat().st_mtime_ns >= Path(than).stat().st_mtime_ns
+    except OSError:
+        return False
+
+
 def _render(
     out_dir: Path,
     model: Any,
@@ -209,7 +217,10 @@ def _render(
         "reliability": plot_reliability(labels, probs, out_dir / "reliability.png", calibrated=calibrated),
     }
     if history_csv is not None:
-        curves = plot_learning_curves(history_csv, out_dir / "learning_curves.png", best_epoch=best_epoch)
+        curves: Path | None = out_dir / "learning_curves.png"
+        # training drew it already (with the kept epoch marked) unless history.csv changed since
+        if not _newer(curves, history_csv):
+            curves = plot_learning_curves(history_csv, out_dir / "learning_curves.png", best_epoch=best_epoch)
         if curves is not None:
             plots["learning_curves"] = curves
     if len(labels) == 0:  # every output was NaN/inf: there is no example to show

@@ -208,11 +208,14 @@ def backup_epoch(run_dir: Path) -> int:
     return int(start["epoch"]) if start else 0
 
 
-def save_learning_curves(run_dir: Path) -> Path | None:
-    """Plot every metric per epoch (train and val) from ``history.csv`` to ``learning_curves.png``."""
-    from imgflow.tasks.evaluation import plot_learning_curves
+def save_learning_curves(run_dir: Path, best_epoch: int | None = None) -> Path | None:
+    """Plot every metric per epoch (train and val) from ``history.csv`` to ``learning_curves.png``.
 
-    return plot_learning_curves(Path(run_dir) / HISTORY_FILE, Path(run_dir) / CURVES_FILE)
+    ``best_epoch`` (1-based), the epoch whose weights were kept, is marked on every panel.
+    """
+    from imgflow.tasks.plots import plot_learning_curves
+
+    return plot_learning_curves(Path(run_dir) / HISTORY_FILE, Path(run_dir) / CURVES_FILE, best_epoch=best_epoch)
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -456,9 +459,9 @@ def fit_model(
     else:
         diagnosis = _fallback_diagnosis(history)
     write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
-    save_learning_curves(run_dir)
     outcome = training_outcome(history, options.monitor, options.epochs, options.early_stopping_patience,
                                early.best_epoch + 1 if early.best is not None else None, bool(early.stopped_epoch))
+    save_learning_curves(run_dir, outcome.get("best_epoch"))
     log(outcome["sentence"])
     final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
     return {
