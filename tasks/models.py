@@ -48,6 +48,8 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "dense": [128],
     "dropout": 0.0,
 }
+# Training steps per call of Keras' compiled train function (compile's steps_per_execution).
+STEPS_PER_EXECUTION = 8
 # The learning rate a built-in model trains at when ``learning_rate`` is not set.
 DEFAULT_LEARNING_RATES: dict[str, float] = {"default": 2e-3}
 FALLBACK_LEARNING_RATE = 1e-3
@@ -548,6 +550,10 @@ def compile_model(
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         jit_compile=jit_compile,
+        # several steps per call of the compiled function: ~10% less time per epoch on CPU
+        # for small models (Python and callback overhead per step); batch callbacks run
+        # every STEPS_PER_EXECUTION steps
+        steps_per_execution=STEPS_PER_EXECUTION,
     )
     return model
 

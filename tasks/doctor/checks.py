@@ -150,17 +150,34 @@ def _optimizer_facts(model: Any) -> tuple[str | None, float | None]:
     if "loss" in name and hasattr(optimizer, "inner_optimizer"):  # LossScaleOptimizer (mixed precision)
         optimizer = optimizer.inner_optimizer
         name = type(optimizer).__name__.lower()
+    return name, configured_learning_rate(optimizer)
+
+
+def configured_learning_rate(optimizer: Any) -> float | None:
+    """The rate the user set: a schedule's peak (warm-up target, else initial rate), else the rate.
+
+    During a warm-up the optimizer's current rate is a small fraction of the configured
+    one; advice must name the number in the user's config.
+    """
+    schedule = getattr(optimizer, "_learning_rate", None)
+    if isinstance(schedule, keras.optimizers.schedules.LearningRateSchedule):
+        try:
+            config = schedule.get_config()
+            peak = config.get("warmup_target") or config.get("initial_learning_rate")
+            if peak is not None:
+                return float(peak)
+        except Exception:  # a user schedule without a config: evaluate it below
+            pass
     try:
         lr = optimizer.learning_rate
         if callable(lr) and not hasattr(lr, "numpy"):
             lr = lr(0)
-        lr = float(_to_numpy(lr))
+        return float(_to_numpy(lr))
     except Exception:  # a schedule that cannot be evaluated at step 0
         try:
-            lr = float(optimizer.get_config()["learning_rate"]["config"]["initial_learning_rate"])
+            return float(optimizer.get_config()["learning_rate"]["config"]["initial_learning_rate"])
         except Exception:
-            lr = None
-    return name, lr
+            return None
 
 
 def model_facts(

@@ -25,9 +25,9 @@ from imgflow.tasks.doctor.checks import (
     _as_labels,
     _model_inputs,
     _output_layer,
-    _to_numpy,
     check_input_range,
     check_output_layer,
+    configured_learning_rate,
     model_facts,
 )
 from imgflow.tasks.inference import predict_outputs
@@ -216,10 +216,8 @@ class DoctorMonitor(keras.callbacks.Callback):
         self._judge()
 
     def _learning_rate(self) -> float:
-        try:
-            return float(_to_numpy(self.model.optimizer.learning_rate))
-        except Exception:
-            return float("nan")
+        rate = configured_learning_rate(self.model.optimizer)
+        return float("nan") if rate is None else rate
 
     def _probe(self) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if self._probe_model is not None:

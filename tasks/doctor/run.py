@@ -95,6 +95,10 @@ def check_model(
     from imgflow.tasks.options import TrainOptions
 
     options = (options or TrainOptions()).model_copy(update={"epochs": int(epochs)})
+    if "schedule" not in options.model_fields_set:
+        # a few probe epochs at the configured rate: the run's warm-up and decay, squeezed
+        # into them, would leave the rate near its floor and hide what the model can learn
+        options = options.model_copy(update={"schedule": "none"})
     manifest = read_manifest(manifest_path).to_dict()
     class_names = list(manifest["class_names"])
     image_size = int(manifest["image_size"])
