@@ -80,6 +80,9 @@ def serve(port: int, idle_minutes: float, host: str = "127.0.0.1") -> int:
     """
     for name, value in shared._SERVER_ENV.items():  # before Prefect reads its settings
         os.environ[name] = value
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again once its own
+    # handler is restored: make that an exit that runs the `finally` below (the record)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     import prefect
     import uvicorn
     from prefect.server.api.server import create_app
