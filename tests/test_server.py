@@ -29,10 +29,11 @@ PROBE = (
 )
 
 
-def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+def run_cli(home: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2", PREFECT_LOGGING_LEVEL="INFO")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2", PREFECT_LOGGING_LEVEL="INFO",
+               **extra_env)
     return subprocess.run([sys.executable, "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300, env=env, cwd=REPO)
 
@@ -220,6 +221,20 @@ def test_idle_zero_keeps_a_server_per_command_and_leaves_nothing_behind(keepaliv
     assert servers_of(keepalive_home) == []
     assert not (keepalive_home / "imgflow-server.json").exists()
     assert not (keepalive_home / "imgflow-server-clients").exists()
+
+
+def test_validate_commands_share_one_kept_alive_server(shapes_dir, keepalive_home, tmp_path):
+    first = run_cli(keepalive_home, "validate", str(shapes_dir), "--workdir", str(tmp_path / "w1"),
+                    IMGFLOW_SERVER_IDLE_MINUTES="0.5")
+    assert first.returncode == 0, first.stdout
+    pid = json.loads((keepalive_home / "imgflow-server.json").read_text())["pid"]
+    assert servers_of(keepalive_home) == [pid]  # the command exited, its server did not
+    second = run_cli(keepalive_home, "validate", str(shapes_dir), "--workdir", str(tmp_path / "w2"),
+                     IMGFLOW_SERVER_IDLE_MINUTES="0.5")  # another workdir: no report to reuse, the flow runs
+    assert second.returncode == 0, second.stdout
+    assert "Scanned 36 files: 36 usable" in second.stdout
+    assert "Finished in state Completed()" in (tmp_path / "w2" / "logs" / "imgflow.log").read_text()
+    assert servers_of(keepalive_home) == [pid]  # on the same server
 
 
 def test_a_record_is_usable_only_with_the_same_prefect_python_settings_and_a_live_pid(monkeypatch):
