@@ -25,7 +25,9 @@ command using it. The next command finds it there (pid alive, same Prefect, Pyth
 server settings, ``/api/health`` answering within half a second), points
 ``PREFECT_API_URL`` at it and starts nothing. A command that uses a kept-alive server
 registers its pid in ``$PREFECT_HOME/imgflow-server-clients/`` so that a long, quiet
-command (a training run that logs nothing for minutes) never loses its server.
+command (a training run that logs nothing for minutes) never loses its server. Starting
+one is serialised by ``$PREFECT_HOME/imgflow-server.lock``, which the new server holds
+until it listens: a command started meanwhile waits, then uses that server.
 
 With ``IMGFLOW_SERVER_IDLE_MINUTES=0`` the server belongs to the command: at exit it is
 sent SIGTERM and not waited for: the flow run's states
@@ -48,8 +50,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 _PORTS = range(8000, 9000)  # the range SubprocessASGIServer picks from
@@ -61,6 +63,7 @@ DEFAULT_IDLE_MINUTES = 10.0
 STATE_NAME = "imgflow-server.json"
 CLIENTS_NAME = "imgflow-server-clients"
 LOG_NAME = "imgflow-server.log"
+LOCK_NAME = "imgflow-server.lock"
 _LOG_MAX_BYTES = 1 << 20
 # the Prefect environment a server does not depend on: a command may differ in these
 # and still use a kept-alive server (everything else PREFECT_* must match)
@@ -144,7 +147,8 @@ def read_state(path: Path) -> dict[str, Any] | None:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("pid"), int) or not record.get("api_url"):
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), int) for k in ("pid", "port")) \
+            or not isinstance(record.get("api_url"), str):
         return None
     return record
 
@@ -271,14 +275,24 @@ def start_early() -> str | None:
         return None
     idle = idle_minutes()
     home = prefect_home()
-    if idle > 0:
-        found = find_kept_alive(home)
-        if found:
-            _started.update(api_url=found["api_url"], port=found["port"], process=None, ready=True, keep=True,
-                            reused=True, client=found["client"])
-            os.environ["PREFECT_API_URL"] = found["api_url"]
-            atexit.register(_stop)
-            return found["api_url"]
+    lock = _start_lock(home) if idle > 0 else None
+    try:
+        if idle > 0:
+            found = find_kept_alive(home)
+            if found:
+                _started.update(api_url=found["api_url"], port=found["port"], process=None, ready=True, keep=True,
+                                reused=True, client=found["client"])
+                os.environ["PREFECT_API_URL"] = found["api_url"]
+                atexit.register(_stop)
+                return found["api_url"]
+        return _start(home, idle, lock)
+    finally:
+        if lock is not None:
+            os.close(lock)  # a daemon we started holds its own copy of the lock until it listens
+
+
+def _start(home: Path, idle: float, lock: int | None) -> str | None:
+    """Start the server (detached when ``idle`` > 0) on a free port; set ``PREFECT_API_URL``; return it."""
     from importlib.util import find_spec
 
     spec = find_spec("prefect")  # finds the package folder without importing Prefect
@@ -287,7 +301,7 @@ def start_early() -> str | None:
         return None
     try:
         if idle > 0:
-            process = _launch_daemon(home, port, idle)
+            process = _launch_daemon(home, port, idle, lock)
         else:
             process = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
@@ -305,8 +319,45 @@ def start_early() -> str | None:
     return url
 
 
-def _launch_daemon(home: Path, port: int, idle: float) -> subprocess.Popen:
-    """Start ``python -m imgflow.flows.server_daemon`` in its own session, its output to the log under ``home``."""
+def _startup_limit() -> float:
+    return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+
+
+def _start_lock(home: Path) -> int | None:
+    """Wait until no other command is starting a kept-alive server under ``home``; return the locked fd (None: no lock).
+
+    A command that starts a server hands this lock to it, and the server holds it until
+    it listens: a second command started meanwhile waits here, then finds and reuses
+    that server instead of booting another one (two servers migrating a fresh database
+    at once fail with ``duplicate column name``). Waits at most the server start-up limit,
+    then goes on without the lock; no lock where ``fcntl`` is missing (Windows).
+    """
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    deadline = time.monotonic() + _startup_limit()
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return None
+            time.sleep(0.05)
+
+
+def _launch_daemon(home: Path, port: int, idle: float, lock: int | None) -> subprocess.Popen:
+    """Start ``python -m imgflow.flows.server_daemon`` in its own session, its output to the log under ``home``.
+
+    The daemon inherits ``lock`` (the start lock) and releases it once it listens.
+    """
     import imgflow
 
     home.mkdir(parents=True, exist_ok=True)
@@ -321,9 +372,11 @@ def _launch_daemon(home: Path, port: int, idle: float) -> subprocess.Popen:
            "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "imgflow.flows.server_daemon", "--port", str(port), "--idle-minutes", repr(idle)],
+            [sys.executable, "-m", "imgflow.flows.server_daemon", "--port", str(port), "--idle-minutes", repr(idle),
+             *(["--lock-fd", str(lock)] if lock is not None else [])],
             env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in the terminal and the command's exit leave it running
+            pass_fds=() if lock is None else (lock,),
         )
 
 
@@ -375,7 +428,7 @@ def wait_ready(timeout_s: float | None = None) -> str | None:
         return None
     if _started.get("ready"):
         return _started["api_url"]
-    limit = timeout_s or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
+    limit = timeout_s or _startup_limit()
     if not _healthy(_started["api_url"], limit):
         code = _started["process"].poll()
         _stop(force=True)

@@ -18,6 +18,7 @@ after checking that the recorded pid is this module's process) and prints one li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -72,11 +73,14 @@ def watch_idle(server: Any, clock: IdleClock, idle_s: float, alive: Callable[[],
             server.should_exit = True
 
 
-def serve(port: int, idle_minutes: float, host: str = "127.0.0.1") -> int:
+def serve(port: int, idle_minutes: float, host: str = "127.0.0.1", lock_fd: int | None = None) -> int:
     """Run the Prefect API on ``host:port`` until idle for ``idle_minutes`` (or SIGTERM/SIGINT); return the exit code.
 
-    Returns 3 (uvicorn's start-up failure code, as ``uvicorn`` itself exits) when the
-    server never started, e.g. when the port was taken in the meantime.
+    ``lock_fd`` is the start lock inherited from the command that started this server
+    (:func:`imgflow.flows.server.start_early`): closed once the server listens and its
+    record is written, so that a command waiting for it finds it. Returns 3 (uvicorn's
+    start-up failure code, as ``uvicorn`` itself exits) when the server never started,
+    e.g. when the port was taken in the meantime.
     """
     for name, value in shared._SERVER_ENV.items():  # before Prefect reads its settings
         os.environ[name] = value
@@ -101,6 +105,9 @@ def serve(port: int, idle_minutes: float, host: str = "127.0.0.1") -> int:
             if self.started:  # listening: now a command may find it
                 clock.touch()
                 shared.write_state(path, {**record, "started_at": datetime.now(timezone.utc).isoformat()})
+                if lock_fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(lock_fd)
 
     server = Server(uvicorn.Config(clock, host=host, port=port, log_level="error", lifespan="on"))
     watchdog = threading.Thread(target=watch_idle, name="imgflow-idle-watchdog", daemon=True,
@@ -167,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-minutes", type=float, default=None,
                         help=f"stop after this many minutes without requests (default: {shared.IDLE_ENV} or "
                              f"{shared.DEFAULT_IDLE_MINUTES:g})")
+    parser.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # see serve()
     parser.add_argument("--stop", action="store_true", help="stop the server recorded in $PREFECT_HOME/imgflow-server.json")
     args = parser.parse_args(argv)
     if args.stop:
@@ -178,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     idle = shared.idle_minutes() if args.idle_minutes is None else args.idle_minutes
     if not idle > 0:
         parser.error(f"--idle-minutes {idle:g}: expected a number of minutes > 0 (the server would stop at once)")
-    return serve(args.port, idle)
+    return serve(args.port, idle, lock_fd=args.lock_fd)
 
 
 if __name__ == "__main__":
