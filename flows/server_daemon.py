@@ -169,7 +169,7 @@ def stop_recorded(home: Path | None = None, timeout_s: float = 15.0) -> tuple[in
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: serve (``--port``, ``--idle-minutes``) or ``--stop``; return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m imgflow.flows.server_daemon", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m imgflow.flows.server_daemon", description="Run the kept-alive imgflow Prefect server, or stop it (--stop).")
     parser.add_argument("--port", type=int, help="port to listen on (127.0.0.1)")
     parser.add_argument("--idle-minutes", type=float, default=None,
                         help=f"stop after this many minutes without requests (default: {shared.IDLE_ENV} or "
