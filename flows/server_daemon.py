@@ -163,19 +163,22 @@ def stop_recorded(home: Path | None = None, timeout_s: float = 15.0) -> tuple[in
     while shared.pid_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     if shared.pid_alive(pid):
-        return 1, f"Sent SIGTERM to the imgflow Prefect server on {url} (pid {pid}); it is still running after {timeout_s:g} s."
+        return 1, (f"Sent SIGTERM to the imgflow Prefect server on {url} (pid {pid}); it is still running "
+                   f"after {timeout_s:g} s.")
     return 0, f"Stopped the imgflow Prefect server on {url} (pid {pid})."
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: serve (``--port``, ``--idle-minutes``) or ``--stop``; return the exit code."""
-    parser = argparse.ArgumentParser(prog="python -m imgflow.flows.server_daemon", description="Run the kept-alive imgflow Prefect server, or stop it (--stop).")
+    parser = argparse.ArgumentParser(prog="python -m imgflow.flows.server_daemon",
+                                     description="Run the kept-alive imgflow Prefect server, or stop it (--stop).")
     parser.add_argument("--port", type=int, help="port to listen on (127.0.0.1)")
     parser.add_argument("--idle-minutes", type=float, default=None,
                         help=f"stop after this many minutes without requests (default: {shared.IDLE_ENV} or "
                              f"{shared.DEFAULT_IDLE_MINUTES:g})")
     parser.add_argument("--lock-fd", type=int, default=None, help=argparse.SUPPRESS)  # see serve()
-    parser.add_argument("--stop", action="store_true", help="stop the server recorded in $PREFECT_HOME/imgflow-server.json")
+    parser.add_argument("--stop", action="store_true",
+                        help="stop the server recorded in $PREFECT_HOME/imgflow-server.json")
     args = parser.parse_args(argv)
     if args.stop:
         code, line = stop_recorded()

@@ -174,7 +174,8 @@ def test_a_kept_alive_server_is_reused_by_the_next_command_and_stops_on_request(
     assert servers_of(home) == []
     assert not (home / "imgflow-server.json").exists()  # the server removed its own record
     nothing = stop_command(home)
-    assert nothing.stdout.strip() == f"No imgflow Prefect server is recorded in {home / 'imgflow-server.json'}: nothing to stop."
+    record_path = home / "imgflow-server.json"
+    assert nothing.stdout.strip() == f"No imgflow Prefect server is recorded in {record_path}: nothing to stop."
 
 
 def test_an_idle_kept_alive_server_stops_by_itself_and_removes_its_record(keepalive_home):
@@ -279,7 +280,8 @@ def test_idle_minutes_reads_fractions_and_reports_a_bad_value(monkeypatch, capsy
     for raw in ("ten", "-1", "nan"):
         monkeypatch.setenv("IMGFLOW_SERVER_IDLE_MINUTES", raw)
         assert server.idle_minutes() == 10.0
-        assert f"imgflow: IMGFLOW_SERVER_IDLE_MINUTES={raw!r}: expected a number of minutes >= 0" in capsys.readouterr().err
+        message = capsys.readouterr().err
+        assert f"imgflow: IMGFLOW_SERVER_IDLE_MINUTES={raw!r}: expected a number of minutes >= 0" in message
 
 
 def test_the_idle_clock_counts_requests_in_flight_and_the_watchdog_waits_for_live_clients():
