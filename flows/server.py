@@ -275,10 +275,11 @@ def start_early() -> str | None:
         return None
     idle = idle_minutes()
     home = prefect_home()
-    lock = _start_lock(home) if idle > 0 else None
+    lock, waited = _start_lock(home) if idle > 0 else (None, False)
     try:
         if idle > 0:
-            found = find_kept_alive(home)
+            # a server that another command just started is busy with it: give it longer to answer
+            found = find_kept_alive(home, timeout_s=5.0 if waited else 0.5)
             if found:
                 _started.update(api_url=found["api_url"], port=found["port"], process=None, ready=True, keep=True,
                                 reused=True, client=found["client"])
@@ -323,8 +324,10 @@ def _startup_limit() -> float:
     return float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 20)
 
 
-def _start_lock(home: Path) -> int | None:
-    """Wait until no other command is starting a kept-alive server under ``home``; return the locked fd (None: no lock).
+def _start_lock(home: Path) -> tuple[int | None, bool]:
+    """Wait until no other command is starting a kept-alive server under ``home``.
+
+    Returns the locked file descriptor (None: no lock) and whether it had to wait.
 
     A command that starts a server hands this lock to it, and the server holds it until
     it listens: a second command started meanwhile waits here, then finds and reuses
@@ -335,21 +338,23 @@ def _start_lock(home: Path) -> int | None:
     try:
         import fcntl
     except ImportError:
-        return None
+        return None, False
     try:
         home.mkdir(parents=True, exist_ok=True)
         fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError:
-        return None
+        return None, False
     deadline = time.monotonic() + _startup_limit()
+    waited = False
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            return fd, waited
         except OSError:
             if time.monotonic() >= deadline:
                 os.close(fd)
-                return None
+                return None, True
+            waited = True
             time.sleep(0.05)
 
 

@@ -212,7 +212,8 @@ def test_two_commands_starting_at_once_share_one_server(keepalive_home):
         assert child.returncode == 0, out + err
         results.append(next(line for line in out.splitlines() if line.startswith("SERVER ")).split())
     record = json.loads((keepalive_home / "imgflow-server.json").read_text())
-    assert {result[1] for result in results} == {record["api_url"]}  # one waited for the other's server
+    log = (keepalive_home / "imgflow-server.log").read_text()
+    assert {result[1] for result in results} == {record["api_url"]}, log  # one waited for the other's server
     assert sorted(result[2] for result in results) == ["False", "True"]  # one started it, one reused it
     assert servers_of(keepalive_home) == [record["pid"]]
 
