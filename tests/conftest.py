@@ -12,6 +12,9 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# No kept-alive Prefect server outliving a test: every CLI child stops its server at exit.
+# A test that exercises the keep-alive sets IMGFLOW_SERVER_IDLE_MINUTES in its child's env.
+os.environ["IMGFLOW_SERVER_IDLE_MINUTES"] = "0"
 
 import pytest  # noqa: E402
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from imgflow.flows import server
 
@@ -22,10 +29,11 @@ PROBE = (
 )
 
 
-def run_cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+def run_cli(home: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2", PREFECT_LOGGING_LEVEL="INFO")
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2", PREFECT_LOGGING_LEVEL="INFO",
+               **extra_env)
     return subprocess.run([sys.executable, "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, timeout=300, env=env, cwd=REPO)
 
@@ -69,3 +77,240 @@ def test_validate_runs_on_the_early_server_then_reuses_the_report_without_prefec
     assert f"Reusing {workdir / 'validation.json'}: the files, options and code are unchanged" in again.stdout
     assert "Scanned 36 files: 36 usable" in again.stdout
     assert "IMPORTED False False False False" in again.stdout  # nothing to orchestrate: no Prefect at all
+
+
+# --- the kept-alive server (imgflow.flows.server_daemon) ---------------------------------
+
+# what the CLI does around its flows: start_early() first, wait_ready() before the first flow, exit_now()
+START = (
+    "from imgflow.flows import server\n"
+    "url = server.start_early()\n"
+    "server.wait_ready()\n"
+    "process = server._started.get('process')\n"
+    "print('SERVER', url, bool(server._started.get('reused')), process.pid if process else None, flush=True)\n"
+    "server.exit_now(0)\n"
+)
+
+
+def child_env(home: Path, idle: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(home), IMGFLOW_SERVER_IDLE_MINUTES=idle,
+               PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""))
+    return env
+
+
+def start_in_child(home: Path, idle: str) -> tuple[str, bool, int | None]:
+    """Run START in a child process; return (API URL, reused, pid of the server it started)."""
+    done = subprocess.run([sys.executable, "-c", START], capture_output=True, text=True, timeout=180,
+                          env=child_env(home, idle), cwd=REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith("SERVER "))
+    _, url, reused, pid = line.split()
+    return url, reused == "True", None if pid == "None" else int(pid)
+
+
+def servers_of(home: Path) -> list[int]:
+    """Live server processes (the daemon or plain uvicorn) whose PREFECT_HOME is ``home``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT_HOME={home}".encode() in environ and {b"uvicorn", b"imgflow.flows.server_daemon"} & set(args) \
+                and server.pid_alive(int(proc.name)):
+            found.append(int(proc.name))
+    return sorted(found)
+
+
+def wait_until(condition, limit_s: float = 60.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+@pytest.fixture
+def keepalive_home(tmp_path):
+    """A private PREFECT_HOME; every server started with it is stopped afterwards."""
+    home = tmp_path / "prefect-home"
+    home.mkdir()
+    yield home
+    pids = servers_of(home)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if not wait_until(lambda: not servers_of(home), 20):
+        for pid in servers_of(home):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def stop_command(home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "imgflow.flows.server_daemon", "--stop"], capture_output=True,
+                          text=True, timeout=60, env=child_env(home, "10"), cwd=REPO)
+
+
+def test_a_kept_alive_server_is_reused_by_the_next_command_and_stops_on_request(keepalive_home):
+    home = keepalive_home
+    url, reused, pid = start_in_child(home, "0.5")
+    assert not reused and pid is not None
+    record = json.loads((home / "imgflow-server.json").read_text())
+    assert record["pid"] == pid and record["api_url"] == url == f"http://127.0.0.1:{record['port']}/api"
+    assert record["idle_minutes"] == 0.5 and record["python"] == sys.executable
+    assert servers_of(home) == [pid]  # it outlived the command that started it
+    again_url, again_reused, again_pid = start_in_child(home, "0.5")
+    assert (again_url, again_reused, again_pid) == (url, True, None)
+    assert servers_of(home) == [pid]  # no second server
+    assert list((home / "imgflow-server-clients").iterdir()) == []  # both commands let go at exit
+    stopped = stop_command(home)
+    assert stopped.returncode == 0, stopped.stderr
+    assert stopped.stdout.strip() == f"Stopped the imgflow Prefect server on {url} (pid {pid})."
+    assert servers_of(home) == []
+    assert not (home / "imgflow-server.json").exists()  # the server removed its own record
+    nothing = stop_command(home)
+    record_path = home / "imgflow-server.json"
+    assert nothing.stdout.strip() == f"No imgflow Prefect server is recorded in {record_path}: nothing to stop."
+
+
+def test_an_idle_kept_alive_server_stops_by_itself_and_removes_its_record(keepalive_home):
+    url, _, pid = start_in_child(keepalive_home, "0.05")  # 3 s
+    assert wait_until(lambda: not server.pid_alive(pid), 90), "the server did not stop after 3 idle seconds"
+    assert not (keepalive_home / "imgflow-server.json").exists()
+    log = (keepalive_home / "imgflow-server.log").read_text()
+    assert f"imgflow server pid {pid} starting on {url} (stops after 0.05 idle minutes)" in log
+    assert f"imgflow server pid {pid} on {url} stopped" in log
+
+
+def test_a_stale_record_is_ignored_and_replaced(keepalive_home):
+    with contextlib.closing(socket.socket()) as sock:  # a port where nothing answers
+        sock.bind(("127.0.0.1", 0))
+        dead_port = sock.getsockname()[1]
+    stale = {"pid": os.getpid(), "port": dead_port, "api_url": f"http://127.0.0.1:{dead_port}/api",
+             "prefect_version": server.prefect_version(), "python": sys.executable,
+             "key": server.server_key(child_env(keepalive_home, "0.5"))}
+    (keepalive_home / "imgflow-server.json").write_text(json.dumps(stale))
+    url, reused, pid = start_in_child(keepalive_home, "0.5")
+    assert not reused and url != stale["api_url"]  # the live pid did not make it usable: nothing answered
+    record = json.loads((keepalive_home / "imgflow-server.json").read_text())
+    assert (record["pid"], record["api_url"]) == (pid, url)
+    assert servers_of(keepalive_home) == [pid]
+
+
+def test_two_commands_starting_at_once_share_one_server(keepalive_home):
+    # without the start lock the second server's database migration fails on a fresh PREFECT_HOME
+    children = [subprocess.Popen([sys.executable, "-c", START], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True, env=child_env(keepalive_home, "0.5"), cwd=REPO) for _ in range(2)]
+    results = []
+    for child in children:
+        out, err = child.communicate(timeout=180)
+        assert child.returncode == 0, out + err
+        results.append(next(line for line in out.splitlines() if line.startswith("SERVER ")).split())
+    record = json.loads((keepalive_home / "imgflow-server.json").read_text())
+    log = (keepalive_home / "imgflow-server.log").read_text()
+    assert {result[1] for result in results} == {record["api_url"]}, log  # one waited for the other's server
+    assert sorted(result[2] for result in results) == ["False", "True"]  # one started it, one reused it
+    assert servers_of(keepalive_home) == [record["pid"]]
+
+
+def test_idle_zero_keeps_a_server_per_command_and_leaves_nothing_behind(keepalive_home):
+    url, reused, pid = start_in_child(keepalive_home, "0")
+    assert not reused and pid is not None
+    assert wait_until(lambda: not server.pid_alive(pid), 30), "the per-command server outlived its command"
+    assert servers_of(keepalive_home) == []
+    assert not (keepalive_home / "imgflow-server.json").exists()
+    assert not (keepalive_home / "imgflow-server-clients").exists()
+
+
+def test_validate_commands_share_one_kept_alive_server(shapes_dir, keepalive_home, tmp_path):
+    first = run_cli(keepalive_home, "validate", str(shapes_dir), "--workdir", str(tmp_path / "w1"),
+                    IMGFLOW_SERVER_IDLE_MINUTES="0.5")
+    assert first.returncode == 0, first.stdout
+    pid = json.loads((keepalive_home / "imgflow-server.json").read_text())["pid"]
+    assert servers_of(keepalive_home) == [pid]  # the command exited, its server did not
+    second = run_cli(keepalive_home, "validate", str(shapes_dir), "--workdir", str(tmp_path / "w2"),
+                     IMGFLOW_SERVER_IDLE_MINUTES="0.5")  # another workdir: no report to reuse, the flow runs
+    assert second.returncode == 0, second.stdout
+    assert "Scanned 36 files: 36 usable" in second.stdout
+    assert "Finished in state Completed()" in (tmp_path / "w2" / "logs" / "imgflow.log").read_text()
+    assert servers_of(keepalive_home) == [pid]  # on the same server
+
+
+def test_a_record_is_usable_only_with_the_same_prefect_python_settings_and_a_live_pid(monkeypatch):
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////tmp/a.db")
+    good = {"pid": os.getpid(), "port": 8123, "api_url": "http://127.0.0.1:8123/api",
+            "prefect_version": server.prefect_version(), "python": sys.executable, "key": server.server_key(os.environ)}
+    assert server.usable_record(good)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not server.usable_record({**good, "pid": dead.pid})
+    assert not server.usable_record({**good, "prefect_version": "2.0.0"})
+    assert not server.usable_record({**good, "python": "/usr/bin/python2"})
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "DEBUG")  # client-side only: still the same server
+    assert server.usable_record(good)
+    monkeypatch.setenv("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite+aiosqlite:////tmp/b.db")  # another database
+    assert not server.usable_record(good)
+    assert not server.usable_record(None)
+
+
+def test_stop_removes_a_record_whose_process_is_gone(tmp_path):
+    from imgflow.flows.server_daemon import stop_recorded
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    server.write_state(tmp_path / "imgflow-server.json", {"pid": gone.pid, "port": 8124,
+                                                          "api_url": "http://127.0.0.1:8124/api"})
+    code, line = stop_recorded(tmp_path)
+    assert code == 0
+    assert line == (f"The imgflow Prefect server recorded in {tmp_path / 'imgflow-server.json'} (pid {gone.pid}) "
+                    "was not running; removed the record.")
+    assert list(tmp_path.iterdir()) == []  # no record, no temporary file left
+
+
+def test_idle_minutes_reads_fractions_and_reports_a_bad_value(monkeypatch, capsys):
+    monkeypatch.delenv("IMGFLOW_SERVER_IDLE_MINUTES", raising=False)
+    assert server.idle_minutes() == 10.0
+    for raw, value in (("0", 0.0), ("0.05", 0.05), (" 30 ", 30.0)):
+        monkeypatch.setenv("IMGFLOW_SERVER_IDLE_MINUTES", raw)
+        assert server.idle_minutes() == value
+    for raw in ("ten", "-1", "nan"):
+        monkeypatch.setenv("IMGFLOW_SERVER_IDLE_MINUTES", raw)
+        assert server.idle_minutes() == 10.0
+        message = capsys.readouterr().err
+        assert f"imgflow: IMGFLOW_SERVER_IDLE_MINUTES={raw!r}: expected a number of minutes >= 0" in message
+
+
+def test_the_idle_clock_counts_requests_in_flight_and_the_watchdog_waits_for_live_clients():
+    import asyncio
+
+    from imgflow.flows.server_daemon import IdleClock, watch_idle
+
+    seen = []
+
+    async def app(scope, receive, send):
+        seen.append(clock.active)
+
+    clock = IdleClock(app)
+    clock.last -= 100  # long idle
+    asyncio.run(clock({"type": "http"}, None, None))
+    assert seen == [1] and clock.active == 0 and clock.idle_s() < 5  # the request restarted the clock
+    asyncio.run(clock({"type": "lifespan"}, None, None))
+    assert seen == [1, 0]  # lifespan events are not requests
+
+    class FakeServer:
+        started, should_exit = True, False
+
+    calls = []
+
+    def alive() -> int:  # one live client for the first three looks, then none
+        calls.append(1)
+        return 1 if len(calls) <= 3 else 0
+
+    fake, idle_clock = FakeServer(), IdleClock(app)
+    watch_idle(fake, idle_clock, 0.2, alive)  # returns once it decided to stop
+    assert fake.should_exit and len(calls) > 3  # not while the client lived
