@@ -139,26 +139,6 @@ def finish(summary: Any, verdict: str) -> None:
     console.echo_all([*summary.render(), *([verdict] if verdict else [])])
 
 
-def train_summary(run: Any, result: dict[str, Any]) -> None:
-    """Add the training pipeline's outcome to the summary: accuracy, kept epoch, outputs, findings."""
-    from imgflow.flows import console
-
-    metadata = console.read_metadata(result.get("model_dir"))
-    if result.get("val_accuracy") is not None:
-        run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
-    for line in console.epoch_lines(metadata):
-        run.add(line)
-    if result.get("outcome"):
-        run.add(f"Training: {result['outcome']}")
-    run.path("Model", result.get("model_dir"))
-    report = (metadata.get("evaluation") or {}).get("report_html")
-    run.path("Report", report)
-    if result.get("findings"):
-        run.add("Doctor's findings:")
-        for finding in result["findings"][:5]:
-            run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
-
-
 def start_prefect_early() -> None:
     """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
     from imgflow.flows.server import start_early
@@ -322,6 +302,8 @@ def train(
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     model: Optional[str] = typer.Option(None, "--model", help="built-in name or package.module:function"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="pretrained backbone weights: imagenet (Keras "
+                                          "cache, ~/.keras/models) or a local file; fine-tunes in two phases"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop"),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -336,13 +318,17 @@ def train(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
-                       optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+                       weights=weights, optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+    from imgflow.tasks.backbones import ensure_weights
+
+    ensure_weights(cfg.train.model, cfg.train.weights)  # before any work: imagenet cached or downloaded, or exit 2
     run = start("train", workdir)
+    from imgflow.flows import console
     from imgflow.flows.training import training_pipeline
     ready_for_flows()
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
-    train_summary(run, result)
+    console.train_summary(run, result)
     if result.get("promoted"):
         finish(run, result.get("reason", ""))
     else:
