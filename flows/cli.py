@@ -442,6 +442,8 @@ def doctor(
         None, "--label-issues", metavar="DATA_DIR",
         help="rank the images of DATA_DIR whose label a quick cross-validated model disputes "
         "(WORKDIR/label_issues.csv and .html); MODEL and DATA_DIR are then optional"),
+    lr_find: bool = typer.Option(False, "--lr-find", help="run a learning-rate range test on DATA_DIR first "
+                                 "(lr_finder.png in the doctor's folder), print the suggested rate, probe at it"),
 ) -> None:
     """Check a model before a long run: preflight checks and a short probe training."""
     if label_issues is not None:
@@ -453,7 +455,10 @@ def doctor(
     require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
-    cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
+    if lr_find and learning_rate is not None:
+        fail("give --lr-find (a range test picks the rate) or --learning-rate, not both", EXIT_USAGE)
+    cfg = build_config(config, image_size=image_size, optimizer=optimizer,
+                       learning_rate="auto" if lr_find else learning_rate)
     run = start("doctor", workdir)
     from imgflow.flows.doctor import doctor_flow
 
@@ -463,6 +468,12 @@ def doctor(
     for finding in diagnosis["findings"][:10]:
         run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
     run.path("Diagnosis", diagnosis.get("diagnosis_path"))
+    if lr_find:
+        found = diagnosis.get("lr_finder") or {}
+        run.add(f"Suggested learning rate: {found['suggested']:.3g} (range test over {found['steps']} steps, "
+                f"lowest loss at {found['min_loss_lr']:.3g})" if found.get("suggested") else
+                f"Suggested learning rate: none ({found.get('reason', 'the range test found no usable loss curve')})")
+        run.path("LR finder", found.get("plot"))
     if not diagnosis["healthy"]:
         from imgflow.tasks.doctor.findings import root_cause
 

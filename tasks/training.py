@@ -383,6 +383,7 @@ def fit_model(
                 "monitor": options.monitor,
                 "best_epoch": None,
                 "best_value": None,
+                "lr_finder": lr_finder,
                 "final": {},
                 "diagnosis": diagnosis,
                 "fit_seconds": 0.0,
