@@ -260,3 +260,17 @@ def test_train_from_manifest_records_the_phases(tmp_path, shapes_dir, saved_back
     backbone = finetune.backbone_of(loaded)
     first = next(layer.name for layer in backbone.layers if layer.weights)
     assert _same(saved[first], backbone.get_layer(first).get_weights())
+
+
+def test_train_summary_says_how_the_backbone_was_fine_tuned(tmp_path):
+    from imgflow.flows import console
+
+    meta = {"best_epoch": 3, "epochs_run": 3, "monitor": "val_accuracy", "stop_reason": "ran all 3 epochs",
+            "fine_tune": {"frozen_epochs": 1, "backbone": "MobileNetV3Small", "unfrozen_layers": 10,
+                          "learning_rate": 1e-4, "unfreeze_fraction": 0.2}}
+    (tmp_path / "metadata.json").write_text(__import__("json").dumps(meta))
+    run = console.Summary("train")
+    console.train_summary(run, {"model_dir": str(tmp_path), "val_accuracy": 0.5})
+    assert "Fine-tuning MobileNetV3Small: 1 epoch(s) with it frozen, then its top 10 layers at learning rate 0.0001." \
+        in run.lines
+    assert run.lines[0] == "Validation accuracy: 0.5000"
