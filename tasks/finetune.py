@@ -160,6 +160,7 @@ def fit_phases(
         The Keras ``History`` of the last ``fit`` call.
     """
     from imgflow.tasks import progress
+    from imgflow.tasks.doctor.monitor import DoctorMonitor
     from imgflow.tasks.resume import AtomicBackupAndRestore
 
     frozen = plan["frozen_epochs"] if plan else epochs
@@ -169,7 +170,7 @@ def fit_phases(
         return model.fit(epochs=epochs, callbacks=callbacks, **fit_args)
     early = next(c for c in callbacks if isinstance(c, keras.callbacks.EarlyStopping))
     backup = next(c for c in callbacks if isinstance(c, AtomicBackupAndRestore))
-    ending = [c for c in callbacks if c is early or c is backup or type(c).__name__ == "DoctorMonitor"]
+    ending = [c for c in callbacks if c is early or c is backup or isinstance(c, DoctorMonitor)]
     history = None
     if resume_from <= frozen:
         patience = early.patience
