@@ -145,25 +145,39 @@ def tiny_data():
 
 
 @pytest.fixture(scope="module")
-def saved_backbone(tmp_path_factory):
-    """A headless MobileNetV3Small saved to a local ``.weights.h5`` file, and its weights by layer."""
+def saved_backbone(tmp_path_factory, tiny_data):
+    """A headless MobileNetV3Small saved to a local ``.weights.h5`` file, and its weights by layer.
+
+    Stands in for pretrained weights: its BatchNorm statistics are set from the data (with
+    the initial ones, a random MobileNetV3's features vanish to ~1e-11 and a frozen
+    backbone gives the head nothing to learn from).
+    """
     source = _headless_mnv3(seed=7)
+    for layer in source.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    source(tiny_data[0], training=True)
     path = tmp_path_factory.mktemp("weights") / "mnv3.weights.h5"
     source.save_weights(path)
     return path, {layer.name: [w.copy() for w in layer.get_weights()] for layer in source.layers if layer.weights}
 
 
 class _Snapshot(keras.callbacks.Callback):
-    """The backbone's weights (by layer) at the end of every epoch."""
+    """The backbone's weights (by layer) and the head's at the start and the end of every epoch."""
 
     def __init__(self):
         super().__init__()
         self.epochs: dict[int, dict[str, list[np.ndarray]]] = {}
+        self.head: dict[int, list[np.ndarray]] = {}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.head.setdefault(-1, [w.copy() for w in self.model.get_layer("predictions").get_weights()])
 
     def on_epoch_end(self, epoch, logs=None):
         backbone = finetune.backbone_of(self.model)
         self.epochs[epoch] = {layer.name: [w.copy() for w in layer.get_weights()] for layer in backbone.layers
                               if layer.weights}
+        self.head[epoch] = [w.copy() for w in self.model.get_layer("predictions").get_weights()]
 
 
 def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
@@ -190,8 +204,9 @@ def test_fine_tuning_trains_the_head_frozen_then_only_the_top_layers(tmp_path, t
     tune = result["fine_tune"]
     assert tune["frozen_epochs"] == 1 and tune["backbone"] == "MobileNetV3Small"
     assert tune["learning_rate"] == pytest.approx(result["learning_rate"] * 0.1)
-    # phase 1 (epoch 1): the loaded weights, untouched
+    # phase 1 (epoch 1): the loaded weights, untouched, while the new head trains
     assert all(_same(saved[name], snapshot.epochs[0][name]) for name in saved)
+    assert not _same(snapshot.head[-1], snapshot.head[0])
     # phase 2 (epochs 2-3): the top fifth of the weighted layers moved, BatchNorm and the rest did not
     backbone = finetune.backbone_of(model)
     weighted = [layer for layer in backbone.layers if layer.weights]
