@@ -139,26 +139,6 @@ def finish(summary: Any, verdict: str) -> None:
     console.echo_all([*summary.render(), *([verdict] if verdict else [])])
 
 
-def train_summary(run: Any, result: dict[str, Any]) -> None:
-    """Add the training pipeline's outcome to the summary: accuracy, kept epoch, outputs, findings."""
-    from imgflow.flows import console
-
-    metadata = console.read_metadata(result.get("model_dir"))
-    if result.get("val_accuracy") is not None:
-        run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
-    for line in console.epoch_lines(metadata):
-        run.add(line)
-    if result.get("outcome"):
-        run.add(f"Training: {result['outcome']}")
-    run.path("Model", result.get("model_dir"))
-    report = (metadata.get("evaluation") or {}).get("report_html")
-    run.path("Report", report)
-    if result.get("findings"):
-        run.add("Doctor's findings:")
-        for finding in result["findings"][:5]:
-            run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
-
-
 def start_prefect_early() -> None:
     """Boot the temporary Prefect server now, while the command imports and works (imgflow.flows.server)."""
     from imgflow.flows.server import start_early
@@ -322,6 +302,8 @@ def train(
     image_size: Optional[int] = typer.Option(None, "--image-size"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     model: Optional[str] = typer.Option(None, "--model", help="built-in name or package.module:function"),
+    weights: Optional[str] = typer.Option(None, "--weights", help="pretrained backbone weights: imagenet (Keras "
+                                          "cache, ~/.keras/models) or a local file; fine-tunes in two phases"),
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adam, adamw, sgd or rmsprop"),
     learning_rate: Optional[float] = typer.Option(None, "--learning-rate"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -336,13 +318,17 @@ def train(
         require_dir(val_dir, "VAL_DIR")
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, epochs=epochs, image_size=image_size, batch_size=batch_size, model=model,
-                       optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+                       weights=weights, optimizer=optimizer, learning_rate=learning_rate, seed=seed)
+    from imgflow.tasks.backbones import ensure_weights
+
+    ensure_weights(cfg.train.model, cfg.train.weights)  # before any work: imagenet cached or downloaded, or exit 2
     run = start("train", workdir)
+    from imgflow.flows import console
     from imgflow.flows.training import training_pipeline
     ready_for_flows()
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
-    train_summary(run, result)
+    console.train_summary(run, result)
     if result.get("promoted"):
         finish(run, result.get("reason", ""))
     else:
@@ -456,6 +442,8 @@ def doctor(
         None, "--label-issues", metavar="DATA_DIR",
         help="rank the images of DATA_DIR whose label a quick cross-validated model disputes "
         "(WORKDIR/label_issues.csv and .html); MODEL and DATA_DIR are then optional"),
+    lr_find: bool = typer.Option(False, "--lr-find", help="run a learning-rate range test on DATA_DIR first "
+                                 "(lr_finder.png in the doctor's folder), print the suggested rate, probe at it"),
 ) -> None:
     """Check a model before a long run: preflight checks and a short probe training."""
     if label_issues is not None:
@@ -467,7 +455,10 @@ def doctor(
     require_workdir(workdir)
     require_dir(data_dir, "DATA_DIR")
     check_paths({"DATA_DIR": data_dir}, workdir, {})
-    cfg = build_config(config, image_size=image_size, optimizer=optimizer, learning_rate=learning_rate)
+    if lr_find and learning_rate is not None:
+        fail("give --lr-find (a range test picks the rate) or --learning-rate, not both", EXIT_USAGE)
+    cfg = build_config(config, image_size=image_size, optimizer=optimizer,
+                       learning_rate="auto" if lr_find else learning_rate)
     run = start("doctor", workdir)
     from imgflow.flows.doctor import doctor_flow
 
@@ -477,6 +468,12 @@ def doctor(
     for finding in diagnosis["findings"][:10]:
         run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
     run.path("Diagnosis", diagnosis.get("diagnosis_path"))
+    if lr_find:
+        found = diagnosis.get("lr_finder") or {}
+        run.add(f"Suggested learning rate: {found['suggested']:.3g} (range test over {found['steps']} steps, "
+                f"lowest loss at {found['min_loss_lr']:.3g})" if found.get("suggested") else
+                f"Suggested learning rate: none ({found.get('reason', 'the range test found no usable loss curve')})")
+        run.path("LR finder", found.get("plot"))
     if not diagnosis["healthy"]:
         from imgflow.tasks.doctor.findings import root_cause
 

@@ -203,6 +203,30 @@ def epoch_lines(metadata: dict[str, Any]) -> list[str]:
     return lines
 
 
+def train_summary(run: Summary, result: dict[str, Any]) -> None:
+    """Add the training pipeline's outcome to the summary: accuracy, kept epoch, fine-tuning, outputs, findings."""
+    metadata = read_metadata(result.get("model_dir"))
+    if result.get("val_accuracy") is not None:
+        run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
+    for line in epoch_lines(metadata):
+        run.add(line)
+    tune = metadata.get("fine_tune")
+    if isinstance(tune, dict) and tune.get("frozen_epochs") is not None:
+        line = f"Fine-tuning {tune.get('backbone', 'the backbone')}: {tune['frozen_epochs']} epoch(s) with it frozen"
+        if tune.get("unfrozen_layers"):
+            line += f", then its top {tune['unfrozen_layers']} layers at learning rate {tune['learning_rate']:.2g}"
+        run.add(line + ".")
+    if result.get("outcome"):
+        run.add(f"Training: {result['outcome']}")
+    run.path("Model", result.get("model_dir"))
+    report = (metadata.get("evaluation") or {}).get("report_html")
+    run.path("Report", report)
+    if result.get("findings"):
+        run.add("Doctor's findings:")
+        for finding in result["findings"][:5]:
+            run.add(f"  [{finding['severity']}] {finding['code']}: {finding['advice']}")
+
+
 def echo_all(lines: Iterable[str]) -> None:
     """Print lines on stdout, flushed (the summary comes after progress on stderr)."""
     sys.stderr.flush()

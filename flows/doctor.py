@@ -70,13 +70,15 @@ def doctor_flow(
         model: built-in model name, ``package.module:function``, a model directory or ``champion``.
         data_dir: the class-folder dataset (validated and preprocessed like for training).
         workdir: imgflow workdir (shards are shared with training; output in ``<workdir>/doctor/``).
-        config: parameters (image size, batch size, optimizer, learning rate, seed...).
+        config: parameters (image size, batch size, optimizer, learning rate, seed...);
+            ``learning_rate: auto`` (``imgflow doctor --lr-find``) runs the range test first
+            (``lr_finder.png`` in the doctor's folder) and probes at its rate.
         epochs: probe training epochs (fewer than ``config.train.epochs`` when that is smaller).
         overfit_steps: steps of the overfit-one-batch preflight check (0 to skip).
 
     Returns:
         ``{"healthy", "findings", "epochs_run", "history", "model", "diagnosis_path",
-        "markdown_path", "manifest"}``.
+        "markdown_path", "lr_finder", "manifest"}``.
 
     Raises:
         imgflow.tasks.dataset.DatasetUnusable: the data failed validation.
@@ -103,6 +105,9 @@ def doctor_flow(
     publish_diagnosis(result, key="doctor-diagnosis", title=f"Doctor: {model}")
     print(f"doctor: {model} is {'healthy' if result['healthy'] else 'UNHEALTHY'} after "
           f"{result['epochs_run']} probe epoch(s); diagnosis in {result['diagnosis_path']}")
+    if (result.get("lr_finder") or {}).get("suggested"):
+        print(f"doctor: the learning-rate range test suggests {result['lr_finder']['suggested']:.3g} "
+              f"(plot {result['lr_finder']['plot']})")
     return {**result, "manifest": prep["manifest"]}
 
 

@@ -334,9 +334,11 @@ def build_application(
     augment: bool = True,
     seed: int = 42,
 ) -> keras.Model:
-    """A keras.applications backbone with a new softmax head; nothing is downloaded.
+    """A keras.applications backbone with a new softmax head.
 
-    EfficientNetV2B0 and MobileNetV3Small rescale 0-255 input themselves
+    ``weights="imagenet"`` loads the ImageNet weights from the Keras cache, downloading
+    them there first when missing (:mod:`imgflow.tasks.backbones`); a path loads a local
+    file. EfficientNetV2B0 and MobileNetV3Small rescale 0-255 input themselves
     (``include_preprocessing=True``); ResNet50 gets its "caffe" preprocessing
     (RGB->BGR, ImageNet mean subtraction) as a frozen 1x1 convolution in front.
 
@@ -344,8 +346,8 @@ def build_application(
         name: ``efficientnetv2b0``, ``mobilenetv3small`` or ``resnet50``.
         image_size: side of the square input images (at least 32).
         num_classes: number of output classes.
-        weights: a local weights file for the headless backbone (``include_top=False``),
-            or None for random initialisation.
+        weights: ``imagenet``, a local weights file for the headless backbone
+            (``include_top=False``), or None for random initialisation.
         architecture: ``dropout`` (head dropout, default 0.2), ``trainable_backbone``
             (default True) and ``augmentation`` options.
         augment: include the augmentation block.
@@ -353,27 +355,38 @@ def build_application(
 
     Raises:
         ModelConfigError: unknown backbone, missing weights file or too small images.
+        imgflow.tasks.backbones.WeightsUnavailable: ``imagenet`` weights neither cached nor downloadable.
     """
+    from imgflow.tasks.backbones import resolve_weights
+
     arch, aug = _split_architecture(architecture, {"dropout": 0.2, "trainable_backbone": True})
-    if weights is not None and not Path(weights).is_file():
-        raise ModelConfigError(f"weights: expected a local weights file, found no file at {weights}")
     if image_size < 32:
         raise ModelConfigError(f"image_size: {name} needs images of at least 32 px, found {image_size}")
+    weights = resolve_weights(name, weights)
+    if weights is not None and not Path(weights).is_file():
+        raise ModelConfigError(f"weights: expected a local weights file (or imagenet), found no file at {weights}")
     shape = (image_size, image_size, 3)
     common: dict[str, Any] = {"include_top": False, "weights": weights, "input_shape": shape, "pooling": "avg"}
     inputs = keras.Input(shape=shape, name="image")
     x = inputs
     if augment:
         x = augmentation_block(aug, seed)(x)
-    if name == "efficientnetv2b0":
-        backbone = keras.applications.EfficientNetV2B0(include_preprocessing=True, **common)
-    elif name == "mobilenetv3small":
-        backbone = keras.applications.MobileNetV3Small(include_preprocessing=True, **common)
-    elif name == "resnet50":
+    if name == "resnet50":
         x = _channel_reverse_and_center(_CAFFE_MEAN_BGR)(x)
-        backbone = keras.applications.ResNet50(**common)
-    else:
+    constructors = {"efficientnetv2b0": (keras.applications.EfficientNetV2B0, {"include_preprocessing": True}),
+                    "mobilenetv3small": (keras.applications.MobileNetV3Small, {"include_preprocessing": True}),
+                    "resnet50": (keras.applications.ResNet50, {})}
+    if name not in constructors:
         raise ModelConfigError(f"model: unknown keras.applications backbone {name!r}")
+    constructor, extra = constructors[name]
+    try:
+        backbone = constructor(**extra, **common)
+    except (OSError, ValueError) as exc:
+        if weights is None:
+            raise
+        raise ModelConfigError(f"weights: cannot load {weights} into {name} ({' '.join(str(exc).split())[:200]}): "
+                               f"give the headless (include_top=False) {name} weights, or delete the file and "
+                               "run again") from None
     backbone.trainable = bool(arch["trainable_backbone"])
     x = backbone(x)
     if arch["dropout"]:
@@ -454,7 +467,7 @@ def build_model(
         num_classes: number of classes (at least 2).
         architecture: options for the chosen builder (``TrainOptions.architecture``).
         augment: include augmentation layers (built-in models only).
-        weights: local weights file (keras.applications backbones only).
+        weights: ``imagenet`` or a local weights file (keras.applications backbones only).
         seed: seed of the random layers.
         steps_per_epoch: training steps an epoch (sizes BatchNorm momentum of the CNNs).
 
@@ -465,7 +478,7 @@ def build_model(
         raise ModelConfigError(f"num_classes: a classifier needs at least 2 classes, found {num_classes}")
     canonical = resolve_model_name(name)
     if weights is not None and canonical not in ("efficientnetv2b0", "mobilenetv3small", "resnet50"):
-        raise ModelConfigError(f"weights: only keras.applications backbones take a weights file, not {name!r}")
+        raise ModelConfigError(f"weights: only keras.applications backbones take imagenet or a weights file, not {name!r}")
     if canonical == "default":
         return build_default(image_size, num_classes, architecture, augment, seed, steps_per_epoch)
     if canonical == "conv_blocks":
@@ -532,14 +545,16 @@ def compile_model(
     total_steps: int | None = None,
     jit_compile: bool | str = "auto",
     warmup_steps: int = 0,
+    force: bool = False,
 ) -> keras.Model:
     """Compile ``model`` with sparse categorical cross-entropy and accuracy, unless it already is.
 
     A model that a user builder compiled keeps its optimizer, loss and metrics. A
     ``learning_rate`` of None (or ``auto`` here, where no range test runs) is the model's
-    recipe rate (see :func:`recipe_learning_rate`).
+    recipe rate (see :func:`recipe_learning_rate`). ``force`` compiles anew (a new phase
+    of fine-tuning: other trainable layers, another rate).
     """
-    if is_compiled(model):
+    if is_compiled(model) and not force:
         return model
     if not isinstance(learning_rate, (int, float)):
         learning_rate = recipe_learning_rate("default" if model.name == "imgflow_default" else model.name)

@@ -108,7 +108,9 @@ class TrainOptions(BaseModel):
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     architecture: dict[str, Any] = Field(default_factory=dict, description="options for the chosen model builder")
-    weights: str | None = Field(None, description="local weights file for keras.applications backbones")
+    weights: str | None = Field(
+        None, description="pretrained weights of a keras.applications backbone: imagenet (downloaded once into "
+        "the Keras cache, ~/.keras/models) or a local weights file; training then fine-tunes in two phases")
     seed: int = 42
     promotion_tolerance: float = Field(0.01, ge=0)
     min_class_images_for_recall_gate: int = Field(

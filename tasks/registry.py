@@ -135,7 +135,7 @@ def read_metadata(model_dir: Path) -> dict[str, Any]:
 # Keys of the train summary (``train_summary.json``) that metadata.json carries over when present.
 _SUMMARY_KEYS = (
     "aspect", "background", "best_epoch", "best_value", "epochs_run", "epochs_planned", "stopped_early",
-    "stop_reason", "monitor", "outcome", "learning_rate", "device_plan", "resumed", "lr_finder",
+    "stop_reason", "monitor", "outcome", "learning_rate", "device_plan", "resumed", "lr_finder", "fine_tune",
 )
 # Keys of the manifest that metadata.json carries over when the train summary lacks them.
 _MANIFEST_KEYS = ("background",)

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from imgflow.tasks.options import TrainOptions
-from imgflow.tasks import doctor
+from imgflow.tasks import doctor, finetune
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
 from imgflow.tasks.errors import DiskFullError, disk_full, is_disk_full
 from imgflow.tasks.resume import (
@@ -344,7 +344,8 @@ def fit_model(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     num_classes = len(class_counts)
-    total_steps = (steps_per_epoch or 1) * options.epochs
+    tune = finetune.prepare(model, options)  # pretrained backbone: frozen for phase 1 (tasks/finetune.py)
+    total_steps = (steps_per_epoch or 1) * (tune["frozen_epochs"] if tune else options.epochs)
     warmup_steps = options.warmup_steps(steps_per_epoch or 1)
     lr_finder = None
     if options.learning_rate == "auto":
@@ -385,6 +386,7 @@ def fit_model(
                 "monitor": options.monitor,
                 "best_epoch": None,
                 "best_value": None,
+                "lr_finder": lr_finder,
                 "final": {},
                 "diagnosis": diagnosis,
                 "fit_seconds": 0.0,
@@ -437,14 +439,12 @@ def fit_model(
     try:
         # one line per epoch comes from EpochLogger (verbose=0); shuffle=False because the
         # tf.data pipeline shuffles itself (Keras warns that shuffle=True is ignored otherwise)
-        keras_history = model.fit(
-            train_ds,
-            validation_data=val_ds,
-            epochs=options.epochs,
-            callbacks=callbacks,
-            class_weight=weights,
-            shuffle=False,
-            verbose=0,
+        keras_history = finetune.fit_phases(
+            model, tune, callbacks, options.epochs, resume_from,
+            lambda rate, steps: compile_model(model, options.optimizer, rate, options.schedule, steps, jit_compile,
+                                              force=True),
+            learning_rate, steps_per_epoch or 1, log,
+            x=train_ds, validation_data=val_ds, class_weight=weights, shuffle=False, verbose=0,
         )
     except OSError as exc:  # history.csv, a checkpoint or a backup could not be written
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
@@ -471,6 +471,7 @@ def fit_model(
         "outcome": outcome["sentence"],
         "learning_rate": learning_rate,
         "lr_finder": lr_finder,
+        **({"fine_tune": {k: v for k, v in tune.items() if k != "learning_rate_factor"}} if tune else {}),
         "final": final,
         "diagnosis": diagnosis,
         "fit_seconds": round(fit_seconds, 2),

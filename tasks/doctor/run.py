@@ -46,8 +46,9 @@ def run_doctor(
         log: where progress lines go.
 
     Returns:
-        The diagnosis (``healthy``, ``findings``) plus ``"epochs_run"`` and ``"history"``
-        (metric name -> values per epoch).
+        The diagnosis (``healthy``, ``findings``) plus ``"epochs_run"``, ``"history"``
+        (metric name -> values per epoch) and ``"lr_finder"`` (the range test's record when
+        ``options.learning_rate`` is ``auto``, else None).
     """
     from imgflow.tasks.training import fit_model, read_history
 
@@ -56,7 +57,8 @@ def run_doctor(
                     overfit_steps=overfit_steps, class_names=list(class_names or []))
     rows = read_history(Path(out_dir))
     history = {k: [_number(r[k]) for r in rows] for k in (rows[0] if rows else {}) if k not in ("epoch", "seconds")}
-    return {**diagnose(fit["diagnosis"]["findings"]), "epochs_run": fit["epochs_run"], "history": history}
+    return {**diagnose(fit["diagnosis"]["findings"]), "epochs_run": fit["epochs_run"], "history": history,
+            "lr_finder": fit.get("lr_finder")}
 
 
 def check_model(
@@ -85,7 +87,8 @@ def check_model(
 
     Returns:
         ``{"healthy", "findings", "epochs_run", "history", "model", "diagnosis_path",
-        "markdown_path"}``.
+        "markdown_path", "lr_finder"}`` (``lr_finder``: with ``learning_rate: auto``, the range
+        test's ``suggested`` rate and ``plot``, ``lr_finder.png`` in ``out_dir``; else None).
     """
     import keras
 
@@ -118,7 +121,8 @@ def check_model(
     diagnosis_path = write_diagnosis(out_dir / "diagnosis.json", diagnosis)
     markdown_path = write_text(out_dir / "diagnosis.md", findings_markdown(diagnosis))
     return {**diagnosis, "epochs_run": result["epochs_run"], "history": result["history"], "model": model_ref,
-            "diagnosis_path": str(diagnosis_path), "markdown_path": str(markdown_path)}
+            "diagnosis_path": str(diagnosis_path), "markdown_path": str(markdown_path),
+            "lr_finder": result.get("lr_finder")}
 
 
 def _load_or_build(model_ref: str, image_size: int, num_classes: int, options: Any, workdir: Path, steps: int) -> Any:
