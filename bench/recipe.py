@@ -11,9 +11,13 @@ contenders get exactly the same training and validation files):
   categories with at least 35 stamps, at most 120 a class).
 - ``icons``: the category folders of Debian ``mate-icon-theme`` at 48x48 (actions,
   apps, devices, mimetypes, status; symlinks left out so an icon appears once).
+- ``themes``: the same five categories across four Debian icon themes at 48 px (mate,
+  faenza, moka, faba), at most 300 a class: black under the transparent pixels in one
+  theme, white in another, in different proportions per class.
 
 Nothing is installed by this script; it needs
-``apt-get install -y tuxpaint-stamps-default mate-icon-theme`` (and scikit-learn).
+``apt-get install -y tuxpaint-stamps-default mate-icon-theme faenza-icon-theme moka-icon-theme``
+(moka brings faba) and scikit-learn.
 
 For every dataset and seed it runs, alternating which goes first, the whole
 ``python -m imgflow train TRAIN --val-dir VAL`` command (defaults; same image size,
@@ -21,7 +25,7 @@ epochs and batch size) and ``bench/plain_keras.py``, each as its own process, an
 a table: validation accuracy mean ± sd, the lowest per-class recall, the median wall time
 of the whole command, the median seconds per epoch, and the ratios imgflow / plain::
 
-    python bench/recipe.py [--datasets digits,tuxpaint,icons] [--seeds 0,1,2] [--epochs 10]
+    python bench/recipe.py [--datasets digits,tuxpaint,icons,themes] [--seeds 0,1,2] [--epochs 10]
                            [--imgflow-config FILE.yaml] [--contenders imgflow,plain] [--log runs.jsonl]
 
 ``--imgflow-config`` passes a config file to ``imgflow train`` (to measure a candidate
@@ -252,7 +256,7 @@ def _mean_sd(values: list[float]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", default="digits,tuxpaint,icons")
+    parser.add_argument("--datasets", default="digits,tuxpaint,icons,themes")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=32)
