@@ -183,6 +183,7 @@ def _caption(name: str, names: Sequence[str], label: int, probs: np.ndarray) -> 
     short = name if len(name) <= 24 else "…" + name[-23:]
     return f"{short}\ntrue {names[label]} → {names[pred]} ({probs[pred]:.2f})"
 
+
 def _newer(path: Path, than: Path) -> bool:
     """Whether ``path`` exists and was written no earlier than ``than`` (which must exist)."""
     try:

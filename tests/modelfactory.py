@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import keras
 import numpy as np
 
 from tests.imagefactory import DIGIT_CLASSES, digit_images
@@ -53,3 +54,15 @@ def make_champion(workdir: Path, model_dir: Path) -> None:
         "run_id": model_dir.name, "model_dir": str(model_dir), "promoted": "2026-01-01T00:00:00+00:00",
         "val_accuracy": accuracy,
     }))
+
+
+class Crash(keras.callbacks.Callback):
+    """Stand-in for a killed worker: fail after ``after`` finished epochs."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after = after
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.after:
+            raise RuntimeError("worker lost")

@@ -16,6 +16,7 @@ import tensorflow as tf
 from imgflow.tasks import backbones, finetune, training
 from imgflow.tasks.options import TrainOptions
 from imgflow.tasks.models import build_model
+from tests.modelfactory import Crash as _Crash
 
 MNV3 = backbones.IMAGENET_WEIGHTS["mobilenetv3small"].file_name
 
@@ -220,16 +221,6 @@ def test_fine_tuning_trains_the_head_frozen_then_only_the_top_layers(tmp_path, t
     assert any(line.startswith(f"fine-tuning: unfroze the top {len(changed)} layers of MobileNetV3Small")
                for line in logs)
     assert [line.split()[1] for line in logs if line.startswith("epoch ")] == ["1/3", "2/3", "3/3"]
-
-
-class _Crash(keras.callbacks.Callback):
-    def __init__(self, after: int):
-        super().__init__()
-        self.after = after
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.after:
-            raise RuntimeError("worker lost")
 
 
 @pytest.mark.parametrize("killed_after", [1, 2])

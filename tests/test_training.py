@@ -13,6 +13,7 @@ from imgflow.flows.config import TrainOptions
 from imgflow.tasks import training
 from imgflow.tasks.models import build_model
 from tests.imagefactory import digit_images
+from tests.modelfactory import Crash as _Crash
 
 
 # ----------------------------------------------------------------------------- device plan
@@ -163,17 +164,6 @@ def test_monitor_val_loss_keeps_the_lowest_loss_epoch_and_stops_early(tmp_path, 
     else:
         assert result["epochs_run"] == 8
 
-
-class _Crash(keras.callbacks.Callback):
-    """Stand-in for a killed worker: fail after ``after`` finished epochs."""
-
-    def __init__(self, after: int):
-        super().__init__()
-        self.after = after
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch + 1 == self.after:
-            raise RuntimeError("worker lost")
 
 
 def test_fit_resumes_from_last_finished_epoch(tmp_path, digits_data):
