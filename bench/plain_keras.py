@@ -22,6 +22,26 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def tutorial_cnn(image_size: int, num_classes: int):
+    """The TensorFlow tutorial CNN, uncompiled (bench/recipe_grid.py trains the same network)."""
+    import keras
+
+    return keras.Sequential([
+        keras.Input(shape=(image_size, image_size, 3)),
+        keras.layers.Rescaling(1.0 / 255),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(128, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dropout(0.5),
+        keras.layers.Dense(num_classes, activation="softmax"),
+    ])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("train_dir")
@@ -44,20 +64,7 @@ def main() -> None:
     val = keras.utils.image_dataset_from_directory(args.val_dir, image_size=size, batch_size=args.batch_size,
                                                    shuffle=False)
     classes = train.class_names
-    model = keras.Sequential([
-        keras.Input(shape=(*size, 3)),
-        keras.layers.Rescaling(1.0 / 255),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(128, 3, padding="same", activation="relu"),
-        keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dropout(0.5),
-        keras.layers.Dense(len(classes), activation="softmax"),
-    ])
+    model = tutorial_cnn(args.image_size, len(classes))
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
 
     seconds: list[float] = []

@@ -6,7 +6,7 @@ every candidate of a JSON file for each seed, 10 epochs, batch 32, and prints on
 line per (dataset, candidate): the validation accuracy of the best epoch (``best``, what
 imgflow keeps) and of the last (``last``, what the plain script keeps), the final training
 accuracy and the median seconds per epoch. A candidate is a dict: ``plain: true`` (the
-tutorial script's network and Adam 1e-3) or imgflow's ``default`` builder with
+tutorial script's network, ``bench/plain_keras.py``, and Adam 1e-3) or imgflow's ``default`` builder with
 ``arch`` (architecture overrides), ``opt``, ``lr``, ``schedule``, ``warmup`` (epochs),
 ``wd`` (AdamW weight decay), ``ls`` (label smoothing), ``augment``, ``bg`` (unset: Adam
 3e-3, constant rate, the builder's current architecture, black background)::
@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -32,6 +33,7 @@ import tensorflow as tf  # noqa: E402
 
 from imgflow.tasks.images import load_image  # noqa: E402
 from imgflow.tasks.models import build_model, make_optimizer  # noqa: E402
+from plain_keras import tutorial_cnn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "_data" / "recipe"
 SIZES = {"digits": 32, "tuxpaint": 48, "icons": 48, "themes": 48}
@@ -53,18 +55,6 @@ def load(ds: str, split: str, bg: str | None) -> tuple[np.ndarray, np.ndarray, l
     return _cache[key]
 
 
-def plain_model(size: int, n: int) -> keras.Model:
-    """The TensorFlow tutorial CNN of bench/plain_keras.py."""
-    return keras.Sequential([
-        keras.Input((size, size, 3)), keras.layers.Rescaling(1 / 255),
-        keras.layers.Conv2D(32, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(64, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Conv2D(128, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
-        keras.layers.Flatten(), keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.5),
-        keras.layers.Dense(n, activation="softmax"),
-    ])
-
-
 def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     """Train one candidate ``v`` on dataset ``ds`` with ``seed``; its figures."""
     bg = v.get("bg", "black")
@@ -74,7 +64,7 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     n, size = len(classes), SIZES[ds]
     steps = int(np.ceil(len(xt) / batch))
     if v.get("plain"):
-        model, opt = plain_model(size, n), keras.optimizers.Adam(1e-3)
+        model, opt = tutorial_cnn(size, n), keras.optimizers.Adam(1e-3)
     else:
         model = build_model("default", size, n, architecture=v.get("arch"), augment=v.get("augment", False),
                             seed=seed, steps_per_epoch=steps)

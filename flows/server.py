@@ -405,12 +405,8 @@ def _healthy(url: str, timeout_s: float) -> bool:
     while time.monotonic() < deadline:
         if process.poll() is not None:
             return False
-        try:
-            with _DIRECT.open(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return True
-        except OSError:
-            pass
+        if answers(url, 2.0):
+            return True
         time.sleep(0.05)
     return False
 
