@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -33,7 +32,7 @@ import tensorflow as tf  # noqa: E402
 
 from imgflow.tasks.images import load_image  # noqa: E402
 from imgflow.tasks.models import build_model, make_optimizer  # noqa: E402
-from plain_keras import tutorial_cnn  # noqa: E402
+from plain_keras import epoch_clock, tutorial_cnn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent / "_data" / "recipe"
 SIZES = {"digits": 32, "tuxpaint": 48, "icons": 48, "themes": 48}
@@ -81,15 +80,7 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     train = train.batch(batch).prefetch(2)
     val = tf.data.Dataset.from_tensor_slices((xv, yva)).batch(batch)
     times: list[float] = []
-
-    class Clock(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            times.append(time.perf_counter() - self.started)
-
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[Clock()]).history
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[epoch_clock(times)]).history
     va = history["val_accuracy"]
     return {"best": max(va), "last": va[-1], "best_ep": int(np.argmax(va)) + 1,
             "train_last": history["accuracy"][-1], "spe": float(np.median(times[1:]))}
