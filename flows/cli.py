@@ -154,6 +154,25 @@ def wait_for_prefect() -> None:
         wait_ready()
     except ServerStartError as exc:
         fail(str(exc), EXIT_USAGE)
+    skip_unconfigured_heartbeats()
+
+
+def skip_unconfigured_heartbeats() -> None:
+    """Run this command's flows without Prefect's heartbeat thread unless ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set.
+
+    A flow run started by hand lives and dies with this process; its heartbeats (Prefect's
+    default: one every 180 s) only feed automations that mark a silent run Crashed, and
+    imgflow's apply those to deployment runs, which set the frequency themselves. The
+    thread costs every flow run up to 1 s at its end (Prefect joins it, and it sleeps in
+    1 s steps): three flow runs in ``imgflow train``. A frequency set in the environment or
+    the Prefect profile is kept. The setting lasts until the command returns.
+    """
+    import click
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    command = click.get_current_context(silent=True)
+    if command is not None and "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+        command.with_resource(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
 
 
 def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,

@@ -51,29 +51,34 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(target: Path | str, mode: str = "w", **kwargs: Any) -> Iterator[IO[Any]]:
+def atomic_open(target: Path | str, mode: str = "w", durable: bool = True, **kwargs: Any) -> Iterator[IO[Any]]:
     """Open a temporary file beside ``target`` for writing; rename it into place on close.
 
-    The data is flushed and fsynced before the rename, so the new name never points
-    at a file whose content is still in flight.
+    With ``durable`` (the default) the data is flushed and fsynced before the rename, so
+    even after a power cut the new name never points at a file whose content was still
+    in flight. Without it a crashed process still never leaves a half file under
+    ``target``, but a power cut may leave an empty one: for caches that are re-derived when
+    found empty (a prediction run's part files), where one fsync per small file costs
+    more than the work it saves.
     """
     with atomic_path(target) as tmp:
         with open(tmp, mode, **kwargs) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
 
 
-def write_text(target: Path | str, text: str) -> Path:
-    """Write ``text`` (UTF-8) atomically and return the target path."""
-    with atomic_open(target, "w", encoding="utf-8") as handle:
+def write_text(target: Path | str, text: str, durable: bool = True) -> Path:
+    """Write ``text`` (UTF-8) atomically and return the target path (``durable``: as :func:`atomic_open`)."""
+    with atomic_open(target, "w", durable=durable, encoding="utf-8") as handle:
         handle.write(text)
     return Path(target)
 
 
-def write_json(target: Path | str, data: Any) -> Path:
-    """Write ``data`` as indented UTF-8 JSON atomically and return the target path."""
-    return write_text(target, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
+def write_json(target: Path | str, data: Any, durable: bool = True) -> Path:
+    """Write ``data`` as indented UTF-8 JSON atomically and return the target path (``durable``: as :func:`atomic_open`)."""
+    return write_text(target, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n", durable)
 
 
 def read_json(path: Path | str) -> Any:

@@ -135,7 +135,8 @@ def load_image(
         if img.format in ("JPEG", "MPO"):
             # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
             img.draft("RGB", size)
-        img = to_rgb(ImageOps.exif_transpose(img), background)
+        ImageOps.exif_transpose(img, in_place=True)  # turned only when EXIF says so: no copy otherwise
+        img = to_rgb(img, background)
         if aspect == "squash":
             out = img.resize(size, _RESAMPLE) if img.size != size else img
         elif aspect == "crop":

@@ -442,9 +442,12 @@ def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(
     rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8, "aspect": "squash"}, root,
                            [entries["pipe.png"], entries["self.png"]])
     assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)
-def test_one_new_file_re_predicts_its_small_group_not_its_chunk(prefect_server, model_dir, inbox, tmp_path):
-    from imgflow.flows.prediction import GROUP_SIZE, batch_predict
+def test_one_new_file_re_predicts_its_small_group_not_its_chunk(prefect_server, model_dir, inbox, tmp_path, monkeypatch):
+    from imgflow.flows import prediction
+    from imgflow.flows.prediction import batch_predict
 
+    GROUP_SIZE = 8  # the default (32) would put these 48 files into one or two groups
+    monkeypatch.setattr(prediction, "GROUP_SIZE", GROUP_SIZE)
     root, truth, broken = inbox
     out = tmp_path / "preds.csv"
     # the default chunk_size (1024) puts all 48 files into one task; part files stay small groups
