@@ -7,6 +7,7 @@ Flows are imported inside each command so ``imgflow --help`` stays instant.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -30,6 +31,7 @@ app = typer.Typer(
 )
 
 _USER_TF_LOG_LEVEL = "TF_CPP_MIN_LOG_LEVEL" in os.environ  # --verbose leaves a user's own setting alone
+_PROCESS_SETTINGS = contextlib.ExitStack()  # Prefect settings for the rest of the process, never closed
 
 
 def _version(value: bool) -> None:
@@ -165,14 +167,13 @@ def skip_unconfigured_heartbeats() -> None:
     imgflow's apply those to deployment runs, which set the frequency themselves. The
     thread costs every flow run up to 1 s at its end (Prefect joins it, and it sleeps in
     1 s steps): three flow runs in ``imgflow train``. A frequency set in the environment or
-    the Prefect profile is kept. The setting lasts until the command returns.
+    the Prefect profile is kept. The setting lasts for the rest of the process (the
+    command is the process; an in-process caller such as a test keeps it too).
     """
-    import click
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
 
-    command = click.get_current_context(silent=True)
-    if command is not None and "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
-        command.with_resource(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
+    if "heartbeat_frequency" not in get_current_settings().flows.model_fields_set:
+        _PROCESS_SETTINGS.enter_context(temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}))
 
 
 def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, options: Any,
