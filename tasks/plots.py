@@ -18,11 +18,31 @@ from imgflow.tasks.atomic import atomic_open
 from imgflow.tasks.metrics import CALIBRATION_BINS, expected_calibration_error, reliability_bins
 
 
+#: inches per character of a 10 pt tick label (DejaVu Sans runs ~0.6 em a character)
+_CHAR_INCHES = 0.085
+
+
 def _figure(width: float, height: float):
     # The object-oriented Figure needs no pyplot and no global backend: safe in threads.
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+    return Figure(figsize=(width, height), dpi=100)
+
+
+def _subplots(fig, rows: int, cols: int, left: float, right: float, bottom: float, top: float,
+              gap_x: float = 0.0, gap_y: float = 0.0) -> np.ndarray:
+    """A rows x cols grid of axes placed with fixed margins and gaps, in inches.
+
+    Fixed margins instead of matplotlib's constrained layout: the layout engine measures
+    every text on an extra draw of the figure, a third of each chart's cost (~0.15 s).
+    """
+    width, height = fig.get_size_inches()
+    axes_width = (width - left - right - (cols - 1) * gap_x) / cols
+    axes_height = (height - top - bottom - (rows - 1) * gap_y) / rows
+    grid = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
+        "left": left / width, "right": 1 - right / width, "bottom": bottom / height, "top": 1 - top / height,
+        "wspace": gap_x / axes_width, "hspace": gap_y / axes_height})
+    return grid.ravel()
 
 
 def _save(fig, path: Path) -> Path:
@@ -47,9 +67,15 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
     k = len(class_names)
     support = cm.sum(axis=1, keepdims=True)
     norm = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0)
-    side = max(3.5, 0.55 * k + 2.0)
-    fig = _figure(2 * side + 0.5, side)
-    axes = fig.subplots(1, 2)
+    side = max(2.5, 0.45 * k + 1.2)  # the matrix itself
+    rotate = k > 4
+    names = _CHAR_INCHES * max((len(str(name)) for name in class_names), default=1)
+    left = names + 0.55  # tick labels, then "True class"
+    bottom = (0.72 * names if rotate else 0.2) + 0.5  # 45-degree labels, then "Predicted class"
+    cell = side / (1 - 0.15 - 0.03)  # the matrix and its colour bar (colorbar's fraction and pad)
+    numbers = 0.55  # the colour bar's tick labels, right of each cell
+    fig = _figure(2 * (left + cell + numbers), side + bottom + 0.35)
+    axes = _subplots(fig, 1, 2, left=left, right=numbers, bottom=bottom, top=0.35, gap_x=numbers + left)
     annotate = k <= 25
     for ax, data, title, fmt in (
         (axes[0], cm, "Counts", "{:.0f}"),
@@ -57,11 +83,11 @@ def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Seque
     ):
         vmax = data.max() if data.max() > 0 else 1.0
         image = ax.imshow(data, cmap="Blues", vmin=0, vmax=vmax)
-        fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.colorbar(image, ax=ax, shrink=0.8, fraction=0.15, pad=0.03)
         ax.set_title(title)
         ax.set_xlabel("Predicted class")
         ax.set_ylabel("True class")
-        ax.set_xticks(range(k), labels=list(class_names), rotation=45 if k > 4 else 0, ha="right" if k > 4 else "center")
+        ax.set_xticks(range(k), labels=list(class_names), rotation=45 if rotate else 0, ha="right" if rotate else "center")
         ax.set_yticks(range(k), labels=list(class_names))
         if annotate:
             for i in range(k):
@@ -116,8 +142,9 @@ def plot_learning_curves(history_csv: Path, path: Path, best_epoch: int | None =
     bases.sort(key=lambda key: (key != "loss", key))
     extra = [key for key in ("learning_rate", "lr") if key in history]
     panels = bases + extra[:1]
-    fig = _figure(4.2 * min(len(panels), 3), 3.2 * math.ceil(len(panels) / 3))
-    axes = np.atleast_1d(fig.subplots(math.ceil(len(panels) / 3), min(len(panels), 3))).ravel()
+    rows, cols = math.ceil(len(panels) / 3), min(len(panels), 3)
+    fig = _figure(4.2 * cols, 3.2 * rows)
+    axes = _subplots(fig, rows, cols, left=0.6, right=0.15, bottom=0.5, top=0.3, gap_x=0.65, gap_y=0.8)
     from matplotlib.ticker import MaxNLocator
 
     for ax, key in zip(axes, panels):
@@ -171,7 +198,7 @@ def plot_reliability(labels: np.ndarray, probabilities: np.ndarray, path: Path, 
     ece = expected_calibration_error(labels, probabilities, bins)
     centers = [(r["low"] + r["high"]) / 2 for r in rows]
     fig = _figure(8.5, 3.8)
-    ax, hist = fig.subplots(1, 2)
+    ax, hist = _subplots(fig, 1, 2, left=0.6, right=0.15, bottom=0.55, top=0.35, gap_x=0.75)
     acc = [r["accuracy"] if r["accuracy"] is not None else 0.0 for r in rows]
     ax.bar(centers, acc, width=1 / bins, edgecolor="black", color="#4c72b0", alpha=0.85, label="accuracy")
     gap = [(r["confidence"] - r["accuracy"]) if r["accuracy"] is not None else 0.0 for r in rows]
@@ -279,7 +306,7 @@ def plot_novelty_histogram(in_scores: np.ndarray, ood_scores: np.ndarray, thresh
     both = np.concatenate([in_scores, ood_scores, [threshold]])
     edges = np.linspace(float(both.min()), float(both.max()) + 1e-9, 41)
     fig = _figure(7.5, 3.6)
-    ax = fig.subplots()
+    (ax,) = _subplots(fig, 1, 1, left=0.6, right=0.15, bottom=0.55, top=0.35)
     ax.hist(in_scores, bins=edges, alpha=0.6, color="#4c72b0", label=f"evaluation images ({len(in_scores)})")
     ax.hist(ood_scores, bins=edges, alpha=0.6, color="#c44e52", label=f"--ood-dir images ({len(ood_scores)})")
     ax.axvline(threshold, color="black", linestyle="--", linewidth=1, label="unknown threshold")
