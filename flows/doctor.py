@@ -24,6 +24,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig
+from imgflow.flows.gpu_slot import as_gpu_task
 
 DOCTOR_DIR = "doctor"
 
@@ -100,7 +101,7 @@ def doctor_flow(
     prep = preprocess_flow(data_dir, workdir=workdir, config=config)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     out_dir = workdir / DOCTOR_DIR / f"{_slug(model)}-{stamp}"
-    result = check_model_task(model, prep["manifest"], str(out_dir), config, str(workdir),
+    result = as_gpu_task(check_model_task)(model, prep["manifest"], str(out_dir), config, str(workdir),
                               min(epochs, config.train.epochs), overfit_steps)
     publish_diagnosis(result, key="doctor-diagnosis", title=f"Doctor: {model}")
     print(f"doctor: {model} is {'healthy' if result['healthy'] else 'UNHEALTHY'} after "

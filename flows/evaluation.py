@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR
+from imgflow.flows.gpu_slot import as_gpu_task
 from imgflow.tasks.options import EvaluateOptions
 
 # keys of the small summary a task hands back (the full metrics live in metrics.json)
@@ -149,7 +150,7 @@ def evaluate_flow(
     tolerance = float(config.get("promotion_tolerance", 0.0))
     min_images = int(config.get("min_class_images_for_recall_gate", 10))
     options = options or EvaluateOptions()
-    summary = evaluate_folder_task(str(model_dir), str(data_dir), str(out_dir), str(champion_dir) if champion_dir else None,
+    summary = as_gpu_task(evaluate_folder_task)(str(model_dir), str(data_dir), str(out_dir), str(champion_dir) if champion_dir else None,
                                    tolerance, min_images, options.csv_neutralise, options.batch_size,
                                    [str(p) for p in workdirs_to_skip(workdir, {"DATA_DIR": data_dir})],
                                    str(ood_dir) if ood_dir else None)

@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from imgflow.flows.config import DEFAULT_WORKDIR, load_config
+from imgflow.flows.gpu_slot import log_gpu_slot_wait
 from imgflow.tasks.errors import UsageError
 
 TRAINING_DEPLOYMENT = "nightly-retraining"
@@ -171,31 +172,6 @@ def publish_summary(result: dict[str, Any]) -> list[str]:
                           description="Where the outputs are (paths on the machine that ran the flow)")
     keys.append("retraining-files")
     return keys
-
-
-def log_gpu_slot_wait(logger: Any, tag: str = "gpu") -> bool:
-    """Log a line when the ``gpu`` tag concurrency limit is full, so a run waiting for it says why.
-
-    Returns:
-        True when every slot is taken (training will wait for one).
-    """
-    try:
-        from prefect.client.orchestration import get_client
-        from prefect.exceptions import ObjectNotFound
-
-        with get_client(sync_client=True) as client:
-            try:
-                limit = client.read_concurrency_limit_by_tag(tag)
-            except ObjectNotFound:
-                return False
-    except Exception:  # noqa: BLE001 - only a log line depends on it
-        return False
-    holders = list(limit.active_slots or [])
-    if limit.concurrency_limit is not None and len(holders) >= limit.concurrency_limit:
-        logger.info("waiting for the %r concurrency slot (limit %d, held by task runs %s); training starts when "
-                    "one frees", tag, limit.concurrency_limit, ", ".join(str(h) for h in holders))
-        return True
-    return False
 
 
 # No flow-level retries: Prefect cannot filter them by exception, so unusable data or a

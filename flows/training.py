@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ConfigError, ImgflowConfig, TrainOptions
+from imgflow.flows.gpu_slot import as_gpu_task
 from imgflow.flows.locking import with_workdir_lock
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks import registry
@@ -313,20 +314,20 @@ def training_pipeline(
         state = "new"
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
-    summary = train_task(str(manifest_path), str(model_dir), config.train)
+    summary = as_gpu_task(train_task)(str(manifest_path), str(model_dir), config.train)
     previous = registry.read_metadata(model_dir) if (model_dir / registry.METADATA_FILE).is_file() else None
     metadata = registry.build_metadata(run_id, summary, manifest, manifest_path, config.flat(), _metrics(summary, {}),
                                        data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
-    metadata.update(fit_novelty_task(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
+    metadata.update(as_gpu_task(fit_novelty_task)(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
 
     skip_reason = _skip_evaluation_reason(summary["diagnosis"])
     if skip_reason:
         return _finish_unevaluated(model_dir, workdir, metadata, skip_reason)
 
     champion_dir = registry.champion_dir(workdir)
-    evaluation = evaluate_task(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
+    evaluation = as_gpu_task(evaluate_task)(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
                                config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
                                config.evaluate.csv_neutralise, config.evaluate.batch_size)
     metadata["metrics"] = _metrics(summary, evaluation)

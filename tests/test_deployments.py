@@ -232,6 +232,23 @@ def test_training_task_carries_the_gpu_tag():
     assert "gpu" in train_task.tags
 
 
+def test_gpu_tasks_keep_their_tag_only_where_the_server_limits_it(prefect_server):
+    """Without a `gpu` limit the tag only costs a slot request (answered 503 by a busy SQLite server)."""
+    from prefect.client.orchestration import get_client
+
+    from imgflow.flows.gpu_slot import as_gpu_task
+    from imgflow.flows.training import evaluate_task, train_task
+
+    assert as_gpu_task(train_task).tags == set()
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=1)
+        try:
+            assert as_gpu_task(train_task) is train_task and "gpu" in as_gpu_task(evaluate_task).tags
+        finally:
+            client.delete_concurrency_limit_by_tag("gpu")
+    assert "gpu" in train_task.tags  # the task itself is unchanged
+
+
 def test_serve_refuses_without_a_server_url(tmp_path, monkeypatch):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
