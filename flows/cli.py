@@ -170,8 +170,6 @@ def collect_garbage_from_here() -> None:
     so the collections during training and prediction stay short too. Does nothing when
     the collector was not paused (an in-process caller such as a test).
     """
-    import gc
-
     if not gc.isenabled():
         gc.freeze()
         gc.enable()

@@ -442,6 +442,21 @@ def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(
     rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8, "aspect": "squash"}, root,
                            [entries["pipe.png"], entries["self.png"]])
     assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)
+def test_a_part_file_left_empty_is_predicted_again(prefect_server, model_dir, inbox, tmp_path):
+    from imgflow.flows.prediction import batch_predict
+
+    root, truth, broken = inbox
+    out = tmp_path / "preds.csv"
+    first = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    parts = sorted(Path(first["run_dir"]).glob("part-*.csv"))
+    assert first["chunks"] == len(parts) >= 1
+    parts[0].write_bytes(b"")  # what a power cut may leave of a part file written without fsync
+    second = batch_predict(model=str(model_dir), input_dir=root, workdir=tmp_path / "w", out=out, csv_neutralise=False)
+    assert second["skipped_chunks"] == second["chunks"] - 1 and second["predicted"] >= 1
+    _, rows = _read_csv(out)
+    assert len(rows) == first["rows"] == 48 and _check_rows(rows, truth, broken) >= 0.9
+
+
 def test_one_new_file_re_predicts_its_small_group_not_its_chunk(prefect_server, model_dir, inbox, tmp_path, monkeypatch):
     from imgflow.flows import prediction
     from imgflow.flows.prediction import batch_predict
