@@ -454,17 +454,19 @@ def exit_now(code: int | None) -> None:
     the standard streams, stops the command's own temporary server without waiting (a
     kept-alive one keeps running), and exits.
     """
+    import logging
+
     if "prefect" in sys.modules:
         try:
             from prefect.events.worker import EventsWorker
             from prefect.logging.handlers import APILogWorker
 
+            for worker in (APILogWorker, EventsWorker):  # their "Still processing items" while draining is no news
+                logging.getLogger(worker.__name__).setLevel(logging.ERROR)
             APILogWorker.drain_all(timeout=10)
             EventsWorker.drain_all(timeout=10)
         except Exception:  # noqa: BLE001 - never turn a finished command into a failure
             pass
-    import logging
-
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):

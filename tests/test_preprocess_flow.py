@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +28,21 @@ def _records_by_name(manifest_path: str) -> dict[str, tuple[str, int]]:
 
 
 def _task_states(flow_run_id, prefix: str) -> list[str]:
+    """The final state names of a flow run's tasks, once the server has recorded them.
+
+    The server records task-run states from events, a moment after the flow returns.
+    """
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 
+    deadline = time.monotonic() + 15
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
-    return sorted(run.state.name for run in runs if run.name.startswith(prefix))
+        while True:
+            runs = client.read_task_runs(task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[flow_run_id])))
+            states = [run.state for run in runs if run.name.startswith(prefix)]
+            if all(state is not None and state.is_final() for state in states) or time.monotonic() > deadline:
+                return sorted(state.name if state else "None" for state in states)
+            time.sleep(0.2)
 
 
 def _mtimes(folder: Path) -> dict[str, int]:

@@ -67,6 +67,7 @@ def test_command_flows_run_without_heartbeats_unless_the_frequency_is_configured
 
     from imgflow.flows import cli
 
+    cli._PROCESS_SETTINGS.close()  # an in-process command of an earlier test set it for the session
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):  # the user's setting wins
         cli.skip_unconfigured_heartbeats()
         assert get_current_settings().flows.heartbeat_frequency == 45
