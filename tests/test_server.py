@@ -62,22 +62,26 @@ def test_start_early_does_nothing_once_prefect_is_imported_or_an_api_is_set(monk
     assert server.wait_ready() is None  # nothing started, nothing to wait for
 
 
-def test_command_flows_run_without_heartbeats_unless_the_frequency_is_configured():
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+def test_command_flows_run_without_heartbeats_unless_the_frequency_is_configured(monkeypatch):
+    from prefect.context import SettingsContext
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, Settings, get_current_settings, temporary_settings
 
     from imgflow.flows import cli
 
-    cli._PROCESS_SETTINGS.close()  # an in-process command of an earlier test set it for the session
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):  # the user's setting wins
+    # a fresh stack and settings as a new process reads them: in-process commands of earlier
+    # tests may have switched heartbeats off for the session already
+    monkeypatch.setattr(cli, "_PROCESS_SETTINGS", contextlib.ExitStack())
+    with SettingsContext(profile=SettingsContext.get().profile, settings=Settings()):
+        with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}):  # the user's setting wins
+            cli.skip_unconfigured_heartbeats()
+            assert get_current_settings().flows.heartbeat_frequency == 45
+        assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default, set by no one
         cli.skip_unconfigured_heartbeats()
-        assert get_current_settings().flows.heartbeat_frequency == 45
-    assert get_current_settings().flows.heartbeat_frequency == 180  # Prefect's default, set by no one
-    cli.skip_unconfigured_heartbeats()
-    try:
-        assert get_current_settings().flows.heartbeat_frequency is None  # no thread to join at each flow's end
-    finally:
-        cli._PROCESS_SETTINGS.close()  # give the session its settings back
-    assert get_current_settings().flows.heartbeat_frequency == 180
+        try:
+            assert get_current_settings().flows.heartbeat_frequency is None  # no thread to join at each flow's end
+        finally:
+            cli._PROCESS_SETTINGS.close()
+        assert get_current_settings().flows.heartbeat_frequency == 180
 
 
 def test_validate_runs_on_the_early_server_then_reuses_the_report_without_prefect(shapes_dir, tmp_path):
