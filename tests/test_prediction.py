@@ -442,6 +442,8 @@ def test_scan_gives_fifos_and_loops_an_error_row_and_non_utf8_names_a_text_path(
     rows = P.predict_files(None, {"class_names": ["a", "b"], "image_size": 8, "aspect": "squash"}, root,
                            [entries["pipe.png"], entries["self.png"]])
     assert [r[0] for r in rows] == ["pipe.png", "self.png"] and all(r[-1] for r in rows)
+
+
 def test_a_part_file_left_empty_is_predicted_again(prefect_server, model_dir, inbox, tmp_path):
     from imgflow.flows.prediction import batch_predict
 
