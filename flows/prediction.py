@@ -10,7 +10,7 @@ Where things go:
 
 * the CSV: ``out``, by default ``<workdir>/predictions/<INPUT_DIR name>.csv``;
 * part files: ``<workdir>/predictions/runs/<hash of model, INPUT_DIR, out>/part-<group key>.csv``,
-  one per small content-defined group of about ``GROUP_SIZE`` files (4 to 16). They are kept
+  one per small content-defined group of about ``GROUP_SIZE`` files (16 to 64). They are kept
   after a run: the next run over the same inbox skips every group whose files are unchanged
   and predicts only groups holding new or changed files (a task bundles such groups up to
   ``chunk_size`` files, so the model still sees full batches); parts
