@@ -210,7 +210,34 @@ def reused_validation(data_dir: Path, val_dir: Optional[Path], workdir: Path, op
     return summary
 
 
-SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
+def reused_shards(data_dir: Path, val_dir: Optional[Path], workdir: Path, cfg: ImgflowConfig) -> Optional[dict[str, Any]]:
+    """The result of an unchanged ``imgflow preprocess`` when no Prefect API is configured, else None (run the flow).
+
+    Unchanged means the validation report is reusable (:func:`reused_validation`) and the
+    shards its files and the options give are complete: answered from the manifest
+    without starting Prefect or importing TensorFlow. With ``PREFECT_API_URL`` set (or a
+    Dask cluster named) the flow runs, so the run is recorded.
+    """
+    if cfg.preprocess.dask_address:
+        return None
+    validation = reused_validation(data_dir, val_dir, workdir, cfg.validation, None)
+    if validation is None or not validation["usable"]:
+        return None
+    from imgflow.tasks import tfrecords
+    from imgflow.tasks.atomic import read_json
+
+    result = tfrecords.reusable_shards(read_json(validation["report_path"]), cfg.preprocess,
+                                       Path(workdir).absolute() / tfrecords.TFRECORDS_DIR)
+    if result is not None:
+        typer.echo(f"Reusing {result['manifest']}: the files, options and code are unchanged")
+        for warning in tfrecords.split_warnings(result["per_class"]):
+            typer.echo(f"Warning: {warning}")
+    return result
+
+
+# all of them use TensorFlow; main() starts the temporary Prefect server first thing for
+# these, but preprocess decides itself (it may answer from an unchanged manifest)
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}
 
 
 def ready_for_flows() -> None:
@@ -316,11 +343,15 @@ def preprocess(
             fail("give --val-dir or --val-fraction, not both", EXIT_USAGE)
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
-    run = start("preprocess", workdir)
-    from imgflow.flows.preprocessing import preprocess_flow
+    result = reused_shards(data_dir, val_dir, workdir, cfg)
+    if result is None:
+        start_prefect_early()  # before anything imports Prefect: its settings must see the early server
+    run = start("preprocess", workdir, tensorflow=result is None, prefect=result is None)
+    if result is None:
+        from imgflow.flows.preprocessing import preprocess_flow
 
-    ready_for_flows()
-    result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
+        ready_for_flows()
+        result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
             f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
@@ -606,7 +637,7 @@ def main() -> None:
         lambda record: not record.getMessage().startswith("Stopping temporary server")
     )
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if command in SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
+    if command in SERVER_COMMANDS - {"preprocess"} and not {"--help", "-h"} & set(sys.argv[1:]):
         start_prefect_early()  # the commands call ready_for_flows() once their options are checked
     if command in SERVER_COMMANDS or command == "validate":
         gc.disable()  # until the imports are done: collect_garbage_from_here(), before the first flow

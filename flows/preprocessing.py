@@ -32,8 +32,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig, PreprocessOptions
 from imgflow.flows.retrying import retry_unless
 
-TFRECORDS_DIR = "tfrecords"
-
 
 def _shard_cache_key(context: Any, parameters: dict[str, Any]) -> str:
     """Fingerprint (data + options + code version), output folder and shard name.
@@ -215,8 +213,9 @@ def preprocess_flow(
         )
     logger = get_run_logger()
     workers = worker_count(options)
+    from imgflow.tasks.tfrecords import TFRECORDS_DIR, split_warnings
+
     plan = plan_task(Path(validation["report_path"]), options, workdir / TFRECORDS_DIR, workers)
-    from imgflow.tasks.tfrecords import split_warnings
 
     for warning in split_warnings(plan["per_class"]):
         logger.warning(warning)

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
 from imgflow.tasks.options import PreprocessOptions
@@ -57,6 +56,7 @@ from imgflow.tasks.scan import decode_path
 # Bump when the record layout or the image preparation changes: old shards are rebuilt.
 FORMAT_VERSION = 1
 MANIFEST_NAME = records.MANIFEST_NAME
+TFRECORDS_DIR = "tfrecords"  # under the workdir
 PLAN_NAME = "plan.json"
 SPLITS = ("train", "val")
 ENCODINGS = ("jpeg", "png", "raw")
@@ -102,6 +102,7 @@ def encode_image(pixels: np.ndarray, encoding: str, jpeg_quality: int = 95) -> b
 
 def make_example(encoded: bytes, encoding: str, height: int, width: int, label: int, class_name: str, filename: str) -> bytes:
     """A serialized ``tf.train.Example`` with the feature names of DESIGN.md."""
+    import tensorflow as tf
 
     def _bytes(value: bytes) -> tf.train.Feature:
         return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
@@ -384,6 +385,8 @@ def write_shard(plan: dict[str, Any], shard_file: str) -> dict[str, Any]:
     class_names = plan["class_names"]
     size, encoding = int(plan["image_size"]), plan["encoding"]
     target.parent.mkdir(parents=True, exist_ok=True)
+    import tensorflow as tf
+
     with atomic.atomic_path(target) as tmp:
         with tf.io.TFRecordWriter(str(tmp)) as writer:
             for relpath, label in shard["items"]:
@@ -499,6 +502,30 @@ def complete_manifest(plan: dict[str, Any]) -> Path | None:
     return path
 
 
+def reusable_shards(report: dict[str, Any], options: PreprocessOptions, out_root: Path | str) -> dict[str, Any] | None:
+    """The result of preprocessing these files again when their shards are complete, else None.
+
+    Plans (stats every file, decodes nothing) and checks the manifest of the plan's
+    folder, so an unchanged re-run needs neither TensorFlow nor Prefect.
+
+    Returns:
+        ``{"manifest", "cached": True, "counts", "shards", "per_class"}`` (shards: those
+        the manifest lists), or None when anything must be written.
+    """
+    plan = plan_shards(report, options, out_root)
+    done = complete_manifest(plan)
+    if done is None:
+        return None
+    manifest = records.read_manifest(done)
+    return {
+        "manifest": str(done),
+        "cached": True,
+        "counts": {split: plan["splits"][split]["count"] for split in SPLITS},
+        "shards": sum(len(manifest.split(split).shards) for split in SPLITS),
+        "per_class": {split: plan["splits"][split]["per_class"] for split in SPLITS},
+    }
+
+
 def preprocess(report: dict[str, Any], options: PreprocessOptions, out_root: Path | str, workers: int = 1) -> dict[str, Any]:
     """Plan, write every shard in this process (one after another) and write the manifest.
 
@@ -533,5 +560,14 @@ def read_manifest(manifest_path: Path | str) -> dict[str, Any]:
     return records.read_manifest(manifest_path).to_dict()
 
 
-# the input pipeline lives in its own module; these names stay importable from here
-from imgflow.tasks.input_pipeline import make_dataset, read_records, shard_paths  # noqa: E402,F401
+# the input pipeline lives in its own module; these names stay importable from here, and
+# TensorFlow is imported only when one of them is used (planning and reuse checks need none)
+_INPUT_PIPELINE_NAMES = ("make_dataset", "read_records", "shard_paths")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _INPUT_PIPELINE_NAMES:
+        from imgflow.tasks import input_pipeline
+
+        return getattr(input_pipeline, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,10 +19,15 @@ from imgflow.flows import server
 REPO = Path(__file__).resolve().parents[1]
 
 # run the command in a child and report, at exit, whether heavy libraries were imported
+# (the TensorFlow commands leave through server.exit_now, which skips atexit)
 PROBE = (
     "import atexit, sys\n"
-    "atexit.register(lambda: print('IMPORTED', 'tensorflow' in sys.modules, 'keras' in sys.modules, "
-    "'prefect' in sys.modules, 'prefect.server.api.server' in sys.modules))\n"
+    "report = lambda: print('IMPORTED', 'tensorflow' in sys.modules, 'keras' in sys.modules, "
+    "'prefect' in sys.modules, 'prefect.server.api.server' in sys.modules)\n"
+    "atexit.register(report)\n"
+    "from imgflow.flows import server\n"
+    "exit_now = server.exit_now\n"
+    "server.exit_now = lambda code: (report(), exit_now(code))\n"
     "from imgflow.flows.cli import main\n"
     "sys.argv = ['imgflow'] + sys.argv[1:]\n"
     "main()\n"
@@ -99,6 +104,27 @@ def test_validate_runs_on_the_early_server_then_reuses_the_report_without_prefec
     assert f"Reusing {workdir / 'validation.json'}: the files, options and code are unchanged" in again.stdout
     assert "Scanned 36 files: 36 usable" in again.stdout
     assert "IMPORTED False False False False" in again.stdout  # nothing to orchestrate: no Prefect at all
+
+
+def test_preprocess_answers_an_unchanged_rerun_from_the_manifest_without_prefect(shapes_dir, tmp_path):
+    home, workdir = tmp_path / "prefect-home", tmp_path / "work"
+    home.mkdir()
+    cold = run_cli(home, "preprocess", str(shapes_dir), "--workdir", str(workdir), "--image-size", "16")
+    assert cold.returncode == 0, cold.stdout
+    assert "IMPORTED True True True False" in cold.stdout  # the flow ran, on the early server
+    manifest = next((workdir / "tfrecords").glob("*/manifest.json"))
+    shards = sorted(p.name for p in manifest.parent.glob("*.tfrecord"))
+    mtimes = {p: p.stat().st_mtime_ns for p in manifest.parent.iterdir()}
+    again = run_cli(home, "preprocess", str(shapes_dir), "--workdir", str(workdir), "--image-size", "16")
+    assert again.returncode == 0, again.stdout
+    assert f"Reusing {manifest}: the files, options and code are unchanged" in again.stdout
+    assert f"Reused cached {len(shards)} shards: 33 train, 3 val images." in again.stdout
+    assert "IMPORTED False False False False" in again.stdout  # no TensorFlow, no Prefect
+    assert {p: p.stat().st_mtime_ns for p in manifest.parent.iterdir()} == mtimes  # nothing rewritten
+    other = run_cli(home, "preprocess", str(shapes_dir), "--workdir", str(workdir), "--image-size", "24")
+    assert other.returncode == 0, other.stdout
+    assert "Reusing" not in other.stdout.replace(f"Reusing {workdir / 'validation.json'}", "")
+    assert "Wrote " in other.stdout and "IMPORTED True True True False" in other.stdout  # new option: new shards
 
 
 # --- the kept-alive server (imgflow.flows.server_daemon) ---------------------------------
