@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best time of each counts")
-    parser.add_argument("--encoding", choices=("jpeg", "png", "raw"), default="jpeg", help="shard encoding")
+    parser.add_argument("--encoding", choices=("auto", "jpeg", "png", "raw"), default="auto",
+                        help="shard encoding (default: imgflow's default, auto)")
     args = parser.parse_args()
 
     train_dir, _ = ensure_seed_data(args.scale)
@@ -61,7 +62,8 @@ def main() -> None:
     result = tfrecords.preprocess(report, options, DATA / "tfrecords", workers=os.cpu_count() or 1)
     print(f"shards {'reused' if result['cached'] else 'written'} in {time.perf_counter() - start:.1f}s: "
           f"{result['counts']['train']} images, {result['shards']} shards")
-    print(f"encoding {args.encoding}, image_size {args.image_size}, batch_size {args.batch_size}, {os.cpu_count()} cores, "
+    encoding = tfrecords.read_manifest(result["manifest"])["encoding"]
+    print(f"encoding {args.encoding} ({encoding} shards), image_size {args.image_size}, batch_size {args.batch_size}, {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
 
     size = (args.image_size, args.image_size)

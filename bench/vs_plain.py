@@ -18,6 +18,11 @@ Scenarios (``--only`` picks some; default all but predict-50000):
   workdir / the same one again vs ``plain_preprocess.py`` (Pillow + TFRecordWriter).
 
 Run: python bench/vs_plain.py [--rounds 3] [--only predict-5000,validate-noop]
+
+At the seed scale (13,000 JPEGs of 256 px, made by ``bench/preprocess.py``, shards at 128 px)::
+
+    python bench/vs_plain.py --only preprocess-cold,preprocess-unchanged --rounds 2 \
+        --dataset bench/_data/seed-13000-1400-256/train --image-size 128
 Data and the model are generated once under ``bench/_data`` (git-ignored).
 """
 
@@ -89,7 +94,8 @@ def scenario(name: str, data: Path, scratch: Path, args: argparse.Namespace):
         return (lambda r: imgflow("predict", str(model), str(inbox), "--workdir", str(scratch / f"w{r}"),
                                   "--out", str(scratch / f"imgflow{r}.csv")),
                 lambda r: plain("predict", str(model), str(inbox), str(scratch / f"plain{r}.csv")), None)
-    dataset = build_dataset(data / f"classes-{args.per_class}-{args.source_size}", args.per_class, args.source_size)
+    dataset = args.dataset or build_dataset(data / f"classes-{args.per_class}-{args.source_size}", args.per_class,
+                                            args.source_size)
     if name.startswith("validate-"):
         fixed = scratch / "validate-fixed"
         setup = (lambda: run(imgflow("validate", str(dataset), "--workdir", str(fixed)), os.environ.copy())) \
@@ -114,6 +120,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=32, help="model input / shard image size")
     parser.add_argument("--per-class", type=int, default=30, help="images per class for validate/preprocess")
     parser.add_argument("--data", type=Path, default=ROOT / "_data" / "vs_plain")
+    parser.add_argument("--dataset", type=Path, default=None,
+                        help="an existing class folder for validate/preprocess instead of the generated one "
+                             "(e.g. the seed-scale train folder of bench/preprocess.py)")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
