@@ -8,7 +8,9 @@ imgflow keeps) and of the last (``last``, what the plain script keeps), the fina
 accuracy and the median seconds per epoch. A candidate is a dict: ``plain: true`` (the
 tutorial script's network, ``bench/plain_keras.py``, and Adam 1e-3) or imgflow's ``default`` builder with
 ``arch`` (architecture overrides), ``opt``, ``lr``, ``schedule``, ``warmup`` (epochs),
-``wd`` (AdamW weight decay), ``ls`` (label smoothing), ``augment``, ``bg`` (unset: Adam
+``wd`` (AdamW weight decay), ``ema`` (AdamW with an exponential moving average of the
+weights at this momentum, swapped in for each epoch's validation: Keras ``use_ema`` +
+``SwapEMAWeights``), ``ls`` (label smoothing), ``augment``, ``bg`` (unset: Adam
 3e-3, constant rate, the builder's current architecture, black background)::
 
     python bench/recipe.py --datasets themes --seeds 0 --contenders plain   # builds the folders once
@@ -69,8 +71,9 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
                             seed=seed, steps_per_epoch=steps)
         opt = make_optimizer(v.get("opt", "adam"), v.get("lr", 3e-3), v.get("schedule", "none"), steps * epochs,
                              int(steps * v.get("warmup", 0)))
-        if "wd" in v:
-            opt = keras.optimizers.AdamW(opt._learning_rate, weight_decay=v["wd"])
+        if "wd" in v or "ema" in v:
+            opt = keras.optimizers.AdamW(opt._learning_rate, weight_decay=v.get("wd", 0.004),
+                                         use_ema="ema" in v, ema_momentum=v.get("ema", 0.99))
     smoothing = v.get("ls", 0)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=smoothing) if smoothing else "sparse_categorical_crossentropy"
     model.compile(optimizer=opt, loss=loss, metrics=["accuracy"])
@@ -80,7 +83,8 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     train = train.batch(batch).prefetch(2)
     val = tf.data.Dataset.from_tensor_slices((xv, yva)).batch(batch)
     times: list[float] = []
-    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=[epoch_clock(times)]).history
+    callbacks = [epoch_clock(times)] + ([keras.callbacks.SwapEMAWeights(swap_on_epoch=True)] if "ema" in v else [])
+    history = model.fit(train, validation_data=val, epochs=epochs, verbose=0, callbacks=callbacks).history
     va = history["val_accuracy"]
     return {"best": max(va), "last": va[-1], "best_ep": int(np.argmax(va)) + 1,
             "train_last": history["accuracy"][-1], "spe": float(np.median(times[1:]))}
