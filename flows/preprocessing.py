@@ -13,8 +13,8 @@ mtime of every usable file + the options that shape the shards + the code versio
 * each shard task has a Prefect cache key (fingerprint + shard name + the task's source),
   and a shard already renamed into place is kept, so a crashed run resumes where it died.
 
-Nothing heavy is imported at module import time: TensorFlow comes in with ``imgflow.tasks.tfrecords``
-inside the tasks.
+Nothing heavy is imported at module import time: TensorFlow comes in when the flow runs
+(``imgflow.tasks.tfrecords`` itself plans and checks the cache without it).
 """
 
 from __future__ import annotations
