@@ -16,6 +16,12 @@ Scenarios (``--only`` picks some; default all but predict-50000):
 * ``validate-cold``: ``imgflow validate`` into a fresh workdir vs ``plain_validate.py``.
 * ``preprocess-cold`` / ``preprocess-unchanged``: ``imgflow preprocess`` into a fresh
   workdir / the same one again vs ``plain_preprocess.py`` (Pillow + TFRecordWriter).
+* ``train``: ``imgflow train TRAIN --val-dir VAL`` (defaults, ``--epochs``) into a fresh
+  workdir vs ``plain_keras.py`` (the TensorFlow tutorial CNN) on ``--train-folder``'s
+  ``train``/``val`` (a ``bench/recipe.py`` dataset, themes by default: give
+  ``--image-size 48``), and each side's fixed cost: wall minus the time inside ``fit``
+  (imgflow's ``fit_seconds`` in ``metadata.json``, the script's epoch times). imgflow's
+  includes validation, preprocessing, evaluation, the report and promotion.
 
 Run: python bench/vs_plain.py [--rounds 3] [--only predict-5000,validate-noop]
 
@@ -44,7 +50,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(REPO))
 PY = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-SCENARIOS = ["predict-5000", "validate-noop", "validate-cold", "preprocess-cold", "preprocess-unchanged", "predict-50000"]
+SCENARIOS = ["predict-5000", "validate-noop", "validate-cold", "preprocess-cold", "preprocess-unchanged", "predict-50000",
+             "train"]
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -83,6 +90,14 @@ def scenario(name: str, data: Path, scratch: Path, args: argparse.Namespace):
     """(imgflow command factory, plain command factory, setup) for one scenario; factories take the round."""
     from predict import build_inbox, build_model_dir
 
+    if name == "train":
+        folder, size, epochs = args.train_folder, str(args.image_size), str(args.epochs)
+        if not (folder / "train").is_dir():
+            raise SystemExit(f"{folder}/train: build it first with python bench/recipe.py --datasets {folder.name}")
+        return (lambda r: imgflow("train", str(folder / "train"), "--val-dir", str(folder / "val"), "--workdir",
+                                  str(scratch / f"w{r}"), "--image-size", size, "--epochs", epochs, "--seed", "0"),
+                lambda r: plain("keras", str(folder / "train"), str(folder / "val"), "--image-size", size, "--epochs",
+                                epochs, "--seed", "0", "--out", str(scratch / f"plain{r}.json")), None)
     if name.startswith("predict-"):
         count = int(name.split("-")[1])
         inbox = build_inbox(data / f"inbox-{count}-{args.source_size}", count, args.source_size)
@@ -112,6 +127,18 @@ def scenario(name: str, data: Path, scratch: Path, args: argparse.Namespace):
             lambda r: plain("preprocess", str(dataset), str(scratch / f"plain{r}"), "--image-size", size), setup)
 
 
+def fit_seconds(name: str, side: str, scratch: Path, r: int) -> float | None:
+    """Seconds a train round spent inside ``fit`` (None for other scenarios)."""
+    if name != "train":
+        return None
+    import json
+
+    if side == "plain":
+        return sum(json.loads((scratch / f"plain{r}.json").read_text())["epoch_seconds"])
+    meta = sorted((scratch / f"w{r}").glob("models/*/metadata.json"))[-1]
+    return float(json.loads(meta.read_text())["metrics"]["fit_seconds"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -123,6 +150,9 @@ def main() -> None:
     parser.add_argument("--dataset", type=Path, default=None,
                         help="an existing class folder for validate/preprocess instead of the generated one "
                              "(e.g. the seed-scale train folder of bench/preprocess.py)")
+    parser.add_argument("--train-folder", type=Path, default=ROOT / "_data" / "recipe" / "themes",
+                        help="train scenario: a folder with train/ and val/ class folders (bench/recipe.py builds them)")
+    parser.add_argument("--epochs", type=int, default=10, help="train scenario: epochs")
     args = parser.parse_args()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TF_CPP_MIN_LOG_LEVEL": "2", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
@@ -138,15 +168,23 @@ def main() -> None:
                 setup()
             times: dict[str, list[float]] = {"imgflow": [], "plain": []}
             rss: dict[str, list[float]] = {"imgflow": [], "plain": []}
+            fixed: dict[str, list[float]] = {"imgflow": [], "plain": []}
             for r in range(args.rounds):
                 for side, factory in (("imgflow", ours), ("plain", theirs)):
                     wall, peak = run(factory(r), env)
                     times[side].append(wall)
                     rss[side].append(peak)
+                    fit = fit_seconds(name, side, scratch, r)
+                    if fit is not None:
+                        fixed[side].append(wall - fit)
             a, b = statistics.median(times["imgflow"]), statistics.median(times["plain"])
             print(f"{name:<22} {a:>10.2f} {b:>9.2f} {a / b:>6.2f}x {max(rss['imgflow']):>12.0f} "
                   f"{max(rss['plain']):>10.0f}  imgflow {[round(t, 1) for t in times['imgflow']]} "
                   f"plain {[round(t, 1) for t in times['plain']]}", flush=True)
+            if fixed["imgflow"]:
+                print(f"{'  fixed (wall - fit)':<22} {statistics.median(fixed['imgflow']):>10.2f} "
+                      f"{statistics.median(fixed['plain']):>9.2f}  imgflow {[round(t, 1) for t in fixed['imgflow']]} "
+                      f"plain {[round(t, 1) for t in fixed['plain']]}", flush=True)
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

@@ -15,6 +15,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # No kept-alive Prefect server outliving a test: every CLI child stops its server at exit.
 # A test that exercises the keep-alive sets IMGFLOW_SERVER_IDLE_MINUTES in its child's env.
 os.environ["IMGFLOW_SERVER_IDLE_MINUTES"] = "0"
+# CLI children start their own temporary server: on a loaded 2-core machine booting one in
+# a fresh PREFECT_HOME has taken over 20 s (Prefect's default limit), as the session's own
+# harness is given 120 s below. No test here measures how fast a server starts.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import pytest  # noqa: E402
 
