@@ -6,7 +6,7 @@ as separate processes, alternating (imgflow, plain, imgflow, plain, ...) for
 median wall time of each side, their ratio (imgflow / plain: below 1 imgflow is
 faster) and the peak RSS of each side's main process (``os.wait4``).
 
-Scenarios (``--only`` picks some; default all but predict-50000):
+Scenarios (``--only`` picks some; default all but predict-50000 and train):
 
 * ``predict-5000`` / ``predict-50000``: ``imgflow predict MODEL INBOX`` into a fresh
   workdir and CSV each round (no resume) vs ``plain_predict.py`` (Keras folder loader,
@@ -29,6 +29,7 @@ At the seed scale (13,000 JPEGs of 256 px, made by ``bench/preprocess.py``, shar
 
     python bench/vs_plain.py --only preprocess-cold,preprocess-unchanged --rounds 2 \
         --dataset bench/_data/seed-13000-1400-256/train --image-size 128
+
 Data and the model are generated once under ``bench/_data`` (git-ignored).
 """
 
@@ -52,6 +53,7 @@ PY = sys.executable
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SCENARIOS = ["predict-5000", "validate-noop", "validate-cold", "preprocess-cold", "preprocess-unchanged", "predict-50000",
              "train"]
+DEFAULT_SCENARIOS = [name for name in SCENARIOS if name not in ("predict-50000", "train")]
 
 
 def run(cmd: list[str], env: dict[str, str]) -> tuple[float, float]:
@@ -142,7 +144,7 @@ def fit_seconds(name: str, side: str, scratch: Path, r: int) -> float | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", default=",".join(SCENARIOS[:-1]), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    parser.add_argument("--only", default=",".join(DEFAULT_SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
     parser.add_argument("--source-size", type=int, default=64, help="side of the generated JPEGs")
     parser.add_argument("--image-size", type=int, default=32, help="model input / shard image size")
     parser.add_argument("--per-class", type=int, default=30, help="images per class for validate/preprocess")
