@@ -14,7 +14,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import random
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,9 +178,25 @@ def _split_architecture(architecture: dict[str, Any] | None, defaults: dict[str,
     return {**defaults, **arch}, augment
 
 
-def _output_layer(num_classes: int) -> keras.layers.Dense:
+def _kernel_initializers(seed: int) -> Iterator[keras.initializers.Initializer]:
+    """Keras' default Glorot-uniform kernel initializers, one per layer, seeded from a private generator.
+
+    An unseeded initializer draws its seed from Python's global ``random`` when the layer
+    is created, and Prefect's client threads draw from it too (retry jitter): a busy
+    server could then give two runs with the same seed different starting weights. These
+    draw the same seeds, in layer order, from ``random.Random(seed)`` instead, which is
+    what ``keras.utils.set_random_seed(seed)`` gave them when nothing else drew in between
+    (the same seed gives the same weights as before).
+    """
+    draws = random.Random(seed)
+    while True:
+        yield keras.initializers.GlorotUniform(seed=draws.randint(1, int(1e9)))
+
+
+def _output_layer(num_classes: int, initializer: keras.initializers.Initializer) -> keras.layers.Dense:
     # float32 output keeps softmax and the loss stable under mixed precision
-    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions")
+    return keras.layers.Dense(num_classes, activation="softmax", dtype="float32", name="predictions",
+                              kernel_initializer=initializer)
 
 
 def build_conv_blocks(
@@ -204,7 +222,7 @@ def build_conv_blocks(
             ``global_pool`` (avg|max|flatten), ``dense`` (list of units), ``dropout``,
             and ``augmentation`` (see :func:`augmentation_block`).
         augment: include the augmentation block.
-        seed: seed of augmentation and dropout.
+        seed: seed of the initial weights, augmentation and dropout.
         defaults: the base architecture the overrides apply to.
         name: the model's name.
         steps_per_epoch: training steps an epoch, for ``bn_momentum: auto``.
@@ -256,6 +274,7 @@ def build_conv_blocks(
     if arch["norm_position"] not in ("conv", "pool"):
         raise ModelConfigError(f"architecture.norm_position: expected conv or pool, found {arch['norm_position']!r}")
     after_pool = arch["norm_position"] == "pool"
+    initializers = _kernel_initializers(seed)
     for b, width in enumerate(filters):
         for c in range(int(arch["convs_per_block"])):
             x = keras.layers.Conv2D(
@@ -263,6 +282,7 @@ def build_conv_blocks(
                 arch["kernel_size"],
                 padding="same",
                 use_bias=not norm[b] or after_pool,
+                kernel_initializer=next(initializers),
                 name=f"block{b + 1}_conv{c + 1}",
             )(x)
             if norm[b] and not after_pool:
@@ -285,10 +305,11 @@ def build_conv_blocks(
     else:
         x = keras.layers.Flatten(name="flatten")(x)
     for i, units in enumerate(arch["dense"] or []):
-        x = keras.layers.Dense(int(units), activation=arch["activation"], name=f"dense{i + 1}")(x)
+        x = keras.layers.Dense(int(units), activation=arch["activation"], name=f"dense{i + 1}",
+                               kernel_initializer=next(initializers))(x)
     if arch["dropout"]:
         x = keras.layers.Dropout(float(arch["dropout"]), seed=seed, name="dropout")(x)
-    outputs = _output_layer(num_classes)(x)
+    outputs = _output_layer(num_classes, next(initializers))(x)
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -391,7 +412,7 @@ def build_application(
     x = backbone(x)
     if arch["dropout"]:
         x = keras.layers.Dropout(float(arch["dropout"]), seed=seed, name="head_dropout")(x)
-    outputs = _output_layer(num_classes)(x)
+    outputs = _output_layer(num_classes, next(_kernel_initializers(seed)))(x)
     return keras.Model(inputs, outputs, name=f"{name}_classifier")
 
 

@@ -42,6 +42,26 @@ def test_default_model_takes_raw_images_and_outputs_probabilities():
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
 
 
+def test_starting_weights_follow_the_seed_whatever_else_draws_from_python_random():
+    """Prefect's client threads draw retry jitter from Python's global ``random``; the
+    starting weights of a run must depend on its seed only (a full-suite CI run once gave
+    two same-seed trainings different first-epoch losses)."""
+    import random
+
+    def weights(seed: int, disturb: int) -> list[np.ndarray]:
+        keras.utils.set_random_seed(0)
+        for _ in range(disturb):
+            random.random()
+        return build_model("conv-blocks", 32, 3, {"filters": [4, 8], "dense": [6]}, seed=seed).get_weights()
+
+    first, disturbed, other_seed = weights(7, 0), weights(7, 5), weights(8, 0)
+    assert len(first) == 8  # 2 convolutions, 1 hidden dense, the head: kernels and biases
+    assert all(np.array_equal(a, b) for a, b in zip(first, disturbed))
+    kernels = [i for i, w in enumerate(first) if w.ndim > 1]
+    assert len(kernels) == 4 and not any(np.array_equal(first[i], other_seed[i]) for i in kernels)
+    assert len({first[i].ravel()[:4].tobytes() for i in kernels}) == 4  # each layer its own draw
+
+
 def test_no_augmentation_block_when_disabled():
     model = build_model("default", 32, 2, augment=False)
     assert "Sequential" not in _layer_types(model)
