@@ -166,6 +166,7 @@ def compare(
     unknown: int,
     scored: int,
     unknown_rate: float | None,
+    calibration_count: int | None = None,
 ) -> dict[str, Any]:
     """The drift report of an inbox against the training data; pure.
 
@@ -177,6 +178,8 @@ def compare(
         unknown: files flagged ``unknown``.
         scored: files with a novelty score.
         unknown_rate: the model's calibrated share of unknowns (None: no novelty statistics).
+        calibration_count: validation images the threshold was calibrated on: its own
+            sampling error then widens the limit (None: the rate is taken as exact).
 
     Returns:
         ``{"drift", "reasons", "files", "unknown_share", "unknown_rate", "unknown_drift",
@@ -202,8 +205,11 @@ def compare(
     share = unknown / scored if scored else None
     unknown_drift = False
     if share is not None and unknown_rate:
-        # clearly above the calibrated rate: 3 binomial standard errors and at least twice the rate
-        limit = max(2.0 * unknown_rate, unknown_rate + 3.0 * math.sqrt(unknown_rate * (1 - unknown_rate) / scored))
+        # clearly above the calibrated rate: at least twice it, and 3 standard errors of the
+        # difference of two binomial shares (this inbox's, and the calibration set's: a
+        # threshold set on 100 validation images is itself a few points off its rate)
+        spread = 1.0 / scored + (1.0 / calibration_count if calibration_count else 0.0)
+        limit = max(2.0 * unknown_rate, unknown_rate + 3.0 * math.sqrt(unknown_rate * (1 - unknown_rate) * spread))
         unknown_drift = share > limit
         if unknown_drift:
             reasons.append(f"unknown share {share:.2f} > {limit:.2f} (calibrated rate {unknown_rate:g})")
@@ -284,7 +290,7 @@ def run_report(model_dir: Path | str, metadata: dict[str, Any], parts: Sequence[
 
     Args:
         model_dir: the model directory (its stored training profile).
-        metadata: its metadata (``novelty.unknown_rate``).
+        metadata: its metadata (``novelty.unknown_rate`` and ``novelty.val_count``).
         parts: the part files of the run, in scan order (their profiles).
         summary: :func:`imgflow.tasks.prediction.assemble_csv`'s result.
         out_csv: the predictions CSV.
@@ -298,7 +304,7 @@ def run_report(model_dir: Path | str, metadata: dict[str, Any], parts: Sequence[
     classes = dict((stored or {}).get("classes") or {})
     report = compare(training, read_profiles(parts), classes, summary.get("predicted_counts", {}),
                      int(summary.get("unknown", 0)), int(summary.get("scored", 0)),
-                     (metadata.get("novelty") or {}).get("unknown_rate"))
+                     (metadata.get("novelty") or {}).get("unknown_rate"), (metadata.get("novelty") or {}).get("val_count"))
     report = {"csv": str(out_csv), "model_dir": str(model_dir), "training_profile": stored is not None, **report}
     path = write_json(report_path(out_csv), report)
     return {**report, "path": str(path)}

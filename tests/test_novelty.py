@@ -88,6 +88,23 @@ def test_js_distance_and_drift_flags():
     assert D.report_path(Path("out/inbox.csv")) == Path("out/inbox.drift.json")
 
 
+def test_unknown_share_limit_counts_the_calibration_sets_own_sampling_error():
+    """9 unknown of 60 against a 5% threshold set on 105 validation images (the demo's
+    figures): within three standard errors of the difference of the two shares; taken as
+    an exact rate (no calibration count) the same share is flagged."""
+    from imgflow.tasks import drift as D
+
+    profile = D.new_profile()
+    args = (profile, profile, {"a": 10}, {"a": 60})
+    exact = D.compare(*args, unknown=9, scored=60, unknown_rate=0.05)
+    assert exact["unknown_drift"] is True and exact["reasons"] == ["unknown share 0.15 > 0.13 (calibrated rate 0.05)"]
+    calibrated = D.compare(*args, unknown=9, scored=60, unknown_rate=0.05, calibration_count=105)
+    assert calibrated["unknown_drift"] is False and calibrated["drift"] is False
+    # the limit there is 0.05 + 3 * sqrt(0.05 * 0.95 * (1/60 + 1/105)) = 0.1563
+    assert D.compare(*args, unknown=10, scored=60, unknown_rate=0.05, calibration_count=105)["reasons"] == [
+        "unknown share 0.17 > 0.16 (calibrated rate 0.05)"]
+
+
 # ------------------------------------------------------------------ a real model
 
 
