@@ -28,8 +28,14 @@ from tests.imagefactory import make_class_folder, make_digit_folder  # noqa: E40
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect API for the whole session (it costs ~10 s to start)."""
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
     from prefect.testing.utilities import prefect_test_harness
 
+    if not PROCESS_LOGGING_CONFIG:
+        # Prefect's console handlers keep the sys.stderr of the moment they are made: made
+        # inside a CliRunner invocation (the first command of a session run alone), they
+        # write to its closed stream when the harness logs its shutdown
+        setup_logging()
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
