@@ -239,11 +239,10 @@ def run_imgflow(folder: Path, size: int, epochs: int, batch: int, seed: int, scr
 
     with open(metas[-1].parent / "history.csv", newline="") as fh:
         seconds = [float(row["seconds"]) for row in csv.DictReader(fh)]
-    summary = [line for line in proc.stdout.splitlines() if "kept the weights" in line or "ran all" in line]
     return {"val_accuracy": metrics["val_accuracy"],
             "min_recall": min(v for v in metrics["per_class_recall"].values() if v is not None),
             "wall": wall, "epoch_seconds": statistics.median(seconds), "epochs_run": len(seconds),
-            "best_epoch": metrics.get("best_epoch"), "summary": summary[-1].strip() if summary else ""}
+            "best_epoch": metrics.get("best_epoch"), "summary": meta.get("outcome") or ""}
 
 
 # ----------------------------------------------------------------------------- table

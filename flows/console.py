@@ -11,6 +11,7 @@ everything. Nothing heavy is imported here: Prefect's logging only when configur
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -178,8 +179,8 @@ def read_metadata(model_dir: Path | str | None) -> dict[str, Any]:
 def epoch_lines(metadata: dict[str, Any]) -> list[str]:
     """The kept epoch and why training stopped, from model metadata (read defensively).
 
-    Reads ``best_epoch``, ``epochs_run``, ``stopped_early`` (a bool, or ``{"stopped",
-    "reason"}``), ``stop_reason`` and ``monitor``; missing keys are left out of the words.
+    Reads ``best_epoch``, ``best_value``, ``epochs_run``, ``stopped_early`` (a bool, or
+    ``{"stopped", "reason"}``), ``stop_reason`` and ``monitor``; missing keys are left out of the words.
     """
     best = metadata.get("best_epoch")
     run = metadata.get("epochs_run")
@@ -190,16 +191,19 @@ def epoch_lines(metadata: dict[str, Any]) -> list[str]:
     if isinstance(stopped, dict):
         reason = reason or stopped.get("reason")
         stopped = stopped.get("stopped", stopped.get("value"))
+    value = metadata.get("best_value")
     lines = []
     if best is not None:
         kept = f"Kept epoch {best}"
         if run is not None:
             kept += f" of {run} run"
-        lines.append(f"{kept} (best {monitor}).")
+        shown = f" {value:.4f}" if isinstance(value, (int, float)) and math.isfinite(value) else ""
+        lines.append(f"{kept} (best {monitor}{shown}).")
     if stopped:
         lines.append(f"Training stopped early: {reason or f'{monitor} stopped improving'}.")
     elif run is not None:
-        lines.append(f"Training ran all {planned or run} epochs." if not reason else f"Training stopped: {reason}.")
+        ran_all = not reason or reason.startswith("ran all")
+        lines.append(f"Training ran all {planned or run} epochs." if ran_all else f"Training stopped: {reason}.")
     return lines
 
 
@@ -208,7 +212,8 @@ def train_summary(run: Summary, result: dict[str, Any]) -> None:
     metadata = read_metadata(result.get("model_dir"))
     if result.get("val_accuracy") is not None:
         run.add(f"Validation accuracy: {result['val_accuracy']:.4f}")
-    for line in epoch_lines(metadata):
+    lines = epoch_lines(metadata)
+    for line in lines:
         run.add(line)
     tune = metadata.get("fine_tune")
     if isinstance(tune, dict) and tune.get("frozen_epochs") is not None:
@@ -216,7 +221,7 @@ def train_summary(run: Summary, result: dict[str, Any]) -> None:
         if tune.get("unfrozen_layers"):
             line += f", then its top {tune['unfrozen_layers']} layers at learning rate {tune['learning_rate']:.2g}"
         run.add(line + ".")
-    if result.get("outcome"):
+    if result.get("outcome") and not lines:  # the same facts, for metadata without the figures
         run.add(f"Training: {result['outcome']}")
     run.path("Model", result.get("model_dir"))
     report = (metadata.get("evaluation") or {}).get("report_html")

@@ -96,6 +96,14 @@ def test_epoch_lines_read_metadata_defensively():
     legacy = {"best_epoch": 2, "epochs_run": 3, "stopped_early": {"stopped": False}, "config": {"epochs": 3}}
     assert console.epoch_lines(legacy) == ["Kept epoch 2 of 3 run (best val_loss).", "Training ran all 3 epochs."]
     assert console.epoch_lines({}) == []
+    ran_all = {"best_epoch": 9, "best_value": 0.775, "epochs_run": 10, "stopped_early": False,
+               "stop_reason": "ran all 10 epochs", "monitor": "val_accuracy"}
+    assert console.epoch_lines(ran_all) == ["Kept epoch 9 of 10 run (best val_accuracy 0.7750).",
+                                            "Training ran all 10 epochs."]
+    cut = {**ran_all, "best_epoch": 2, "epochs_run": 3, "best_value": float("nan"),
+           "stop_reason": "stopped after 3 of 10 epochs (the loss became NaN or training was interrupted)"}
+    assert console.epoch_lines(cut) == ["Kept epoch 2 of 3 run (best val_accuracy).", "Training stopped: stopped after 3 of "
+                                        "10 epochs (the loss became NaN or training was interrupted)."]
 
 
 def test_summary_paths_are_absolute_and_time_comes_last(tmp_path, monkeypatch):
@@ -210,7 +218,9 @@ def test_train_and_predict_read_well_piped_and_in_a_terminal(prefect_server, tmp
     assert len(lines) <= 40, "\n".join(lines)
     metadata = json.loads(next((work / "models").glob("*/metadata.json")).read_text())
     kept = [line for line in lines if line.startswith("Kept epoch ")]
-    assert kept and kept[0].startswith(f"Kept epoch {metadata['best_epoch']} of {metadata['epochs_run']} run"), kept
+    assert kept == [f"Kept epoch {metadata['best_epoch']} of {metadata['epochs_run']} run "
+                    f"(best {metadata['monitor']} {metadata['best_value']:.4f})."], kept
+    assert not any(line.startswith("Training: kept") for line in lines)  # said once
     assert "* best" in epochs[0] and any(f"Model:        {work.absolute()}" in line for line in lines)
     assert lines[-1].startswith("promoted"), lines[-1]
     assert (work / "logs" / "imgflow.log").read_text().count("Finished in state") >= 3  # Prefect's lines went there
