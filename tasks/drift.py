@@ -302,9 +302,10 @@ def run_report(model_dir: Path | str, metadata: dict[str, Any], parts: Sequence[
     stored = read_profile(model_dir)
     training = stored or new_profile()
     classes = dict((stored or {}).get("classes") or {})
+    novelty = metadata.get("novelty") or {}
     report = compare(training, read_profiles(parts), classes, summary.get("predicted_counts", {}),
                      int(summary.get("unknown", 0)), int(summary.get("scored", 0)),
-                     (metadata.get("novelty") or {}).get("unknown_rate"), (metadata.get("novelty") or {}).get("val_count"))
+                     novelty.get("unknown_rate"), novelty.get("val_count"))
     report = {"csv": str(out_csv), "model_dir": str(model_dir), "training_profile": stored is not None, **report}
     path = write_json(report_path(out_csv), report)
     return {**report, "path": str(path)}
