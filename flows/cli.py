@@ -235,9 +235,10 @@ def reused_shards(data_dir: Path, val_dir: Optional[Path], workdir: Path, cfg: I
     return result
 
 
-# all of them use TensorFlow; main() starts the temporary Prefect server first thing for
-# these, but preprocess decides itself (it may answer from an unchanged manifest)
-SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}
+SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo"}  # all of them use TensorFlow
+# main() starts the temporary Prefect server first thing for these; preprocess, like
+# validate, first checks whether it can answer from its outputs without Prefect
+EARLY_SERVER_COMMANDS = SERVER_COMMANDS - {"preprocess"}
 
 
 def ready_for_flows() -> None:
@@ -637,7 +638,7 @@ def main() -> None:
         lambda record: not record.getMessage().startswith("Stopping temporary server")
     )
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
-    if command in SERVER_COMMANDS - {"preprocess"} and not {"--help", "-h"} & set(sys.argv[1:]):
+    if command in EARLY_SERVER_COMMANDS and not {"--help", "-h"} & set(sys.argv[1:]):
         start_prefect_early()  # the commands call ready_for_flows() once their options are checked
     if command in SERVER_COMMANDS or command == "validate":
         gc.disable()  # until the imports are done: collect_garbage_from_here(), before the first flow
