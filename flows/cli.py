@@ -18,6 +18,7 @@ from typing import Any, Optional
 import typer
 
 from imgflow.flows.config import DEFAULT_WORKDIR, ImgflowConfig, load_config
+from imgflow.flows import validate_ahead
 from imgflow.flows.errormap import ImgflowGroup, debug_requested, fail, map_errors, note_outputs  # noqa: F401
 from imgflow.tasks.errors import EXIT_FAILED_CHECK, EXIT_USAGE
 
@@ -241,9 +242,14 @@ SERVER_COMMANDS = {"preprocess", "train", "evaluate", "predict", "doctor", "demo
 EARLY_SERVER_COMMANDS = SERVER_COMMANDS - {"preprocess"}
 
 
-def ready_for_flows() -> None:
-    """Right before a command's first flow: import TensorFlow while the early server boots, then wait for it."""
+def ready_for_flows(ahead: validate_ahead.Child | None = None) -> None:
+    """Right before a command's first flow: import TensorFlow while the early server boots, then wait for it.
+
+    ``ahead``: the child validating the data meanwhile (:mod:`imgflow.flows.validate_ahead`), waited for too.
+    """
     preload_tensorflow()
+    if ahead is not None:
+        ahead.finish()
     wait_for_prefect()
 
 
@@ -345,13 +351,15 @@ def preprocess(
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     result = reused_shards(data_dir, val_dir, workdir, cfg)
+    ahead = None
     if result is None:
         start_prefect_early()  # before anything imports Prefect: its settings must see the early server
+        ahead = validate_ahead.start(data_dir, val_dir, workdir, cfg.validation)
     run = start("preprocess", workdir, tensorflow=result is None, prefect=result is None)
     if result is None:
         from imgflow.flows.preprocessing import preprocess_flow
 
-        ready_for_flows()
+        ready_for_flows(ahead)
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
     counts = result["counts"]
     run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
@@ -390,10 +398,11 @@ def train(
     from imgflow.tasks.backbones import ensure_weights
 
     ensure_weights(cfg.train.model, cfg.train.weights)  # before any work: imagenet cached or downloaded, or exit 2
+    ahead = validate_ahead.start(data_dir, val_dir, workdir, cfg.validation)
     run = start("train", workdir)
     from imgflow.flows import console
     from imgflow.flows.training import training_pipeline
-    ready_for_flows()
+    ready_for_flows(ahead)
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
     console.train_summary(run, result)

@@ -12,8 +12,8 @@ from prefect.cache_policies import NO_CACHE
 from imgflow.flows.config import DEFAULT_WORKDIR, ValidationOptions
 from imgflow.tasks import atomic, paths
 from imgflow.flows.retrying import retry_unless
-from imgflow.tasks.dataset import DatasetError, report_markdown, validate_dataset
-from imgflow.tasks.validation_reuse import REPORT_NAME, fingerprint, read_report, summarize
+from imgflow.tasks.dataset import DatasetError, report_markdown
+from imgflow.tasks.validation_reuse import REPORT_NAME, summarize, validate_or_reuse, validated_ahead
 
 __all__ = ["REPORT_NAME", "summarize", "validate_flow", "validate_task"]
 
@@ -37,15 +37,12 @@ def validate_task(
     and modification times), options and code, it is reused and nothing is decoded.
     ``exclude`` lists folders never scanned as data (the work folder inside DATA_DIR).
     """
-    exclude = list(exclude or [])
-    previous = read_report(report_path)
-    if previous is not None and previous.get("fingerprint") == fingerprint(data_dir, val_dir, options, exclude):
+    summary, reused = validate_or_reuse(data_dir, val_dir, options, report_path, list(exclude or []))
+    if reused and validated_ahead(report_path):
+        get_run_logger().info("Validated %s while TensorFlow was imported: %s", data_dir, report_path)
+    elif reused:
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)
-        return summarize(previous, report_path)
-    report = validate_dataset(data_dir, val_dir, options, exclude=exclude)
-    atomic.write_json(report_path, report)
-    atomic.write_text(paths.summary_path(report_path), report_markdown(report))
-    return summarize(report, report_path)
+    return summary
 
 
 def _publish_artifacts(report_path: Path) -> None:

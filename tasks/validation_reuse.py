@@ -1,7 +1,9 @@
 """Reusing a validation report: is the report on disk the one these files would give?
 
 Kept free of Prefect (and of TensorFlow) so the ``imgflow validate`` command can answer
-from an unchanged report in a fraction of a second, without starting any server.
+from an unchanged report in a fraction of a second, without starting any server, and
+so a child process can validate beside a command's TensorFlow import
+(:mod:`imgflow.flows.validate_ahead`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from typing import Any
 from imgflow.tasks import atomic, paths, scan
 
 REPORT_NAME = "validation.json"
+
+# reports this process's command had written by a child beside its imports: the flow
+# still runs its validation step (artifacts, events), which reuses them
+_validated_ahead: set[str] = set()
 
 
 def summarize(report: dict[str, Any], report_path: Path) -> dict[str, Any]:
@@ -63,3 +69,33 @@ def reusable_summary(
     if previous["fingerprint"] != fingerprint(data_dir, val_dir, options, exclude):
         return None
     return summarize(previous, report_path)
+
+
+def validate_or_reuse(
+    data_dir: Path, val_dir: Path | None, options: Any, report_path: Path, exclude: list[Path]
+) -> tuple[dict[str, Any], bool]:
+    """Write the report of these files to ``report_path`` unless the one there is still valid.
+
+    Returns:
+        ``(summary, reused)``: the report's summary, and whether the report on disk
+        (same paths, sizes, modification times, options and code) was kept.
+    """
+    previous = read_report(report_path)
+    if previous is not None and previous.get("fingerprint") == fingerprint(data_dir, val_dir, options, exclude):
+        return summarize(previous, report_path), True
+    from imgflow.tasks.dataset import report_markdown, validate_dataset
+
+    report = validate_dataset(data_dir, val_dir, options, exclude=exclude)
+    atomic.write_json(report_path, report)
+    atomic.write_text(paths.summary_path(report_path), report_markdown(report))
+    return summarize(report, report_path), False
+
+
+def note_validated_ahead(report_path: Path | str) -> None:
+    """Record that this command's child wrote ``report_path`` (:mod:`imgflow.flows.validate_ahead`)."""
+    _validated_ahead.add(str(Path(report_path).absolute()))
+
+
+def validated_ahead(report_path: Path | str) -> bool:
+    """Whether ``report_path`` was written beside this command's imports (see :func:`note_validated_ahead`)."""
+    return str(Path(report_path).absolute()) in _validated_ahead

@@ -98,7 +98,7 @@ def test_unchanged_data_reuses_the_report_and_a_change_rescans(prefect_server, s
     stamp = report_path.stat().st_mtime_ns
     calls = []
     real = imgflow.tasks.dataset.validate_dataset
-    monkeypatch.setattr("imgflow.flows.validation.validate_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr("imgflow.tasks.dataset.validate_dataset", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert validate_flow(data_dir=shapes_dir, workdir=workdir) == first
     assert calls == [] and report_path.stat().st_mtime_ns == stamp  # nothing decoded, nothing rewritten
 
@@ -123,3 +123,75 @@ def test_cli_validate_unwritable_report_exits_2(prefect_server, shapes_dir, tmp_
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == (
         f"imgflow: --report {blocker / 'r.json'}: {blocker} is a file, not a folder: choose another path")
+
+
+def test_validation_ahead_writes_the_report_the_flow_then_shows_as_its_own(prefect_server, shapes_dir, tmp_path, caplog,
+                                                                           monkeypatch):
+    import logging
+
+    from imgflow.flows import validate_ahead
+    from imgflow.flows.preprocessing import _reusable_validation
+    from imgflow.flows.config import ImgflowConfig
+    from imgflow.tasks.options import ValidationOptions
+    from imgflow.tasks.validation_reuse import validated_ahead
+
+    workdir = tmp_path / "work"
+    child = validate_ahead.start(shapes_dir, None, workdir, ValidationOptions())
+    assert child.finish() is True
+    report = json.loads((workdir / "validation.json").read_text())
+    assert report["classes"] == {"birds": 12, "cats": 12, "dogs": 12}
+    assert (workdir / "validation.md").is_file() and validated_ahead(workdir / "validation.json")
+    # the flow's validation step still runs (artifacts, events) and reuses the child's report
+    assert _reusable_validation(shapes_dir, None, workdir, ImgflowConfig()) is None
+    stamp = (workdir / "validation.json").stat().st_mtime_ns
+    monkeypatch.setattr("imgflow.flows.validation.get_run_logger", lambda: logging.getLogger("test.validation"))
+    with caplog.at_level("INFO", logger="test.validation"):
+        assert validate_flow(data_dir=shapes_dir, workdir=workdir)["classes"] == report["classes"]
+    assert f"Validated {shapes_dir} while TensorFlow was imported: {workdir / 'validation.json'}" in caplog.text
+    assert (workdir / "validation.json").stat().st_mtime_ns == stamp
+
+
+def test_validation_ahead_writes_nothing_when_the_lock_is_held_the_data_is_large_or_the_report_valid(shapes_dir, tmp_path):
+    from imgflow.flows import validate_ahead
+    from imgflow.tasks.options import ValidationOptions
+
+    workdir = tmp_path / "work"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from imgflow.tasks.locks import workdir_lock\n"
+        f"with workdir_lock({str(workdir)!r}, 'test holder'):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert validate_ahead.start(shapes_dir, None, workdir, ValidationOptions()).finish() is False
+        assert not (workdir / "validation.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # 39 entries: 36 images and 3 class folders
+    assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions(), max_entries=38) == validate_ahead.NOTHING_TO_DO
+    assert not (workdir / "validation.json").exists()
+    assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions(), max_entries=39) == validate_ahead.WROTE
+    assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions()) == validate_ahead.NOTHING_TO_DO
+
+
+def test_validation_ahead_failure_is_logged_and_leaves_the_work_to_the_flow(tmp_path, caplog):
+    from imgflow.flows import validate_ahead
+    from imgflow.tasks.options import ValidationOptions
+
+    with caplog.at_level("INFO", logger="imgflow.validate_ahead"):
+        ok = validate_ahead.start(tmp_path / "missing", None, tmp_path / "work", ValidationOptions()).finish()
+    assert ok is False and not (tmp_path / "work" / "validation.json").exists()
+    assert "validation beside the imports ended with exit 1" in caplog.text and "missing" in caplog.text
+
+
+def test_validation_ahead_skips_a_workdir_inside_the_data_as_the_flow_does(shapes_dir):
+    from imgflow.flows import validate_ahead
+    from imgflow.tasks.options import ValidationOptions
+    from imgflow.tasks.validation_reuse import reusable_summary
+
+    workdir = shapes_dir / "work"
+    assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions()) == validate_ahead.WROTE
+    report = json.loads((workdir / "validation.json").read_text())
+    assert report["classes"] == {"birds": 12, "cats": 12, "dogs": 12}
+    assert [p["code"] for p in report["problems"]] == ["workdir_skipped"]
+    assert reusable_summary(shapes_dir, None, workdir, ValidationOptions()) is not None

@@ -1,0 +1,106 @@
+"""Validate the data in a child process while the command imports TensorFlow.
+
+``imgflow train`` (and a cold ``imgflow preprocess``) spend about 5 s on one core
+importing TensorFlow and Keras before their first flow, and that flow starts by
+validating the data, which needs neither. :func:`start` hands the validation to a child
+process at once, so it decodes on the other cores during the imports: the child takes
+the workdir's lock (without waiting), writes ``<workdir>/validation.json`` and its
+Markdown summary exactly as the validate task would (:func:`imgflow.tasks.validation_reuse.validate_or_reuse`),
+and exits. :meth:`Child.finish` waits for it before the first flow. The flow then finds the
+report valid for these files and its validation step reuses it, saying so; its
+artifacts and events are the same as ever.
+
+It is only a head start. A child that finds the lock taken, the report already valid,
+more than :data:`MAX_ENTRIES` files and folders (it would still be decoding long after
+the imports, without the terminal's progress bar), or fails in any way writes nothing,
+and the flow validates as before and reports any error itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+MAX_ENTRIES = 4000
+WROTE, NOTHING_TO_DO = 0, 3  # the child's exit codes; anything else is a failure
+DISABLE_ENV = "IMGFLOW_VALIDATE_AHEAD"  # "0": validate in the flow only
+
+log = logging.getLogger("imgflow.validate_ahead")
+
+
+class Child:
+    """A running child validation and the report it writes."""
+
+    def __init__(self, process: subprocess.Popen[bytes], report_path: Path):
+        self.process = process
+        self.report_path = report_path
+
+    def finish(self) -> bool:
+        """Wait for the child; True (and the report noted for the flow) when it wrote the report."""
+        from imgflow.tasks.validation_reuse import note_validated_ahead
+
+        _, err = self.process.communicate()
+        code = self.process.returncode
+        if code == WROTE:
+            note_validated_ahead(self.report_path)
+        elif code != NOTHING_TO_DO:
+            tail = err.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no message"]
+            log.info("validation beside the imports ended with exit %s (%s); the flow validates", code, tail[0])
+        return code == WROTE
+
+
+def start(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any) -> Child | None:
+    """Start validating ``data_dir`` (and ``val_dir``) into ``<workdir>/validation.json`` in a child process.
+
+    ``options`` is the command's :class:`imgflow.tasks.options.ValidationOptions`. None
+    when ``IMGFLOW_VALIDATE_AHEAD=0``.
+    """
+    if os.environ.get(DISABLE_ENV) == "0":
+        return None
+    from imgflow.tasks.validation_reuse import report_path_for
+
+    request = {"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "workdir": str(workdir),
+               "options": options.model_dump(mode="json")}
+    process = subprocess.Popen([sys.executable, "-m", "imgflow.flows.validate_ahead", json.dumps(request)],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return Child(process, report_path_for(workdir))
+
+
+def validate(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, max_entries: int = MAX_ENTRIES) -> int:
+    """The child's work: :data:`WROTE` the report, or :data:`NOTHING_TO_DO`; raises on failure."""
+    from imgflow.tasks import paths, scan
+    from imgflow.tasks.dataset import tree_fingerprint
+    from imgflow.tasks.errors import LockHeld
+    from imgflow.tasks.locks import workdir_lock
+    from imgflow.tasks.validation_reuse import report_path_for, validate_or_reuse
+
+    inputs = {"DATA_DIR": data_dir, "VAL_DIR": val_dir}
+    report_path = report_path_for(workdir)
+    paths.check_run(inputs, workdir, {"--report": report_path, "the Markdown summary": paths.summary_path(report_path)})
+    roots = [data_dir] + ([val_dir] if val_dir else [])
+    try:
+        with workdir_lock(workdir, "imgflow (validating beside the imports)", wait=False, log=lambda _: None):
+            exclude = paths.workdirs_to_skip(workdir, inputs)  # the lock made the workdir: skip it when inside
+            if tree_fingerprint(roots, options, scan.file_ids(exclude)).entries > max_entries:
+                return NOTHING_TO_DO
+            _, reused = validate_or_reuse(data_dir, val_dir, options, report_path, exclude)
+    except LockHeld:
+        return NOTHING_TO_DO
+    return NOTHING_TO_DO if reused else WROTE
+
+
+def main(argv: list[str]) -> int:
+    from imgflow.tasks.options import ValidationOptions
+
+    request = json.loads(argv[0])
+    return validate(Path(request["data_dir"]), Path(request["val_dir"]) if request["val_dir"] else None,
+                    Path(request["workdir"]), ValidationOptions(**request["options"]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
