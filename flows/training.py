@@ -10,6 +10,7 @@ TensorFlow and Keras are imported inside the tasks: importing this module stays 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -320,17 +321,21 @@ def training_pipeline(
                                        data_dir, val_dir, previous)
     # evaluation reads class names and image size from metadata.json: write it first
     registry.write_metadata(model_dir, metadata)
+    started = time.perf_counter()
     metadata.update(as_gpu_task(fit_novelty_task)(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
+    seconds = {"novelty_seconds": round(time.perf_counter() - started, 2)}
 
     skip_reason = _skip_evaluation_reason(summary["diagnosis"])
     if skip_reason:
         return _finish_unevaluated(model_dir, workdir, metadata, skip_reason)
 
     champion_dir = registry.champion_dir(workdir)
+    started = time.perf_counter()
     evaluation = as_gpu_task(evaluate_task)(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
                                config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
                                config.evaluate.csv_neutralise, config.evaluate.batch_size)
-    metadata["metrics"] = _metrics(summary, evaluation)
+    seconds["evaluation_seconds"] = round(time.perf_counter() - started, 2)
+    metadata["metrics"] = {**_metrics(summary, evaluation), **seconds}
     metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
     registry.write_metadata(model_dir, metadata)
 
