@@ -79,7 +79,7 @@ def plan_task(report_path: Path, options: PreprocessOptions, out_root: Path, wor
 
     plan = tfrecords.plan_shards(atomic.read_json(report_path), options, out_root, workers)
     done = tfrecords.complete_manifest(plan)
-    files = tfrecords.plan_shard_files(plan)
+    files = tfrecords.listed_shard_files(done) if done is not None else tfrecords.plan_shard_files(plan)
     summary = {
         "fingerprint": plan["fingerprint"],
         "manifest": plan["manifest"],

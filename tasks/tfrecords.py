@@ -354,6 +354,17 @@ def plan_shard_files(plan: dict[str, Any]) -> list[str]:
     return [shard["file"] for split in SPLITS for shard in plan["splits"][split]["shards"]]
 
 
+def listed_shard_files(manifest_path: Path | str) -> list[str]:
+    """Every shard file a manifest lists, train first.
+
+    A complete manifest found for a plan may come from a run with another worker count
+    (more workers, more shards; the fingerprint does not include it): a reused run
+    reports these, not the plan's.
+    """
+    manifest = records.read_manifest(manifest_path)
+    return [shard.file for split in SPLITS for shard in manifest.split(split).shards]
+
+
 def _find_shard(plan: dict[str, Any], shard_file: str) -> tuple[str, dict[str, Any]]:
     for split in SPLITS:
         for shard in plan["splits"][split]["shards"]:
@@ -516,12 +527,11 @@ def reusable_shards(report: dict[str, Any], options: PreprocessOptions, out_root
     done = complete_manifest(plan)
     if done is None:
         return None
-    manifest = records.read_manifest(done)
     return {
         "manifest": str(done),
         "cached": True,
         "counts": {split: plan["splits"][split]["count"] for split in SPLITS},
-        "shards": sum(len(manifest.split(split).shards) for split in SPLITS),
+        "shards": len(listed_shard_files(done)),
         "per_class": {split: plan["splits"][split]["per_class"] for split in SPLITS},
     }
 
@@ -536,10 +546,10 @@ def preprocess(report: dict[str, Any], options: PreprocessOptions, out_root: Pat
     """
     plan = plan_shards(report, options, out_root, workers)
     counts = {split: plan["splits"][split]["count"] for split in SPLITS}
-    files = plan_shard_files(plan)
     done = complete_manifest(plan)
     if done is not None:
-        return {"manifest": str(done), "cached": True, "counts": counts, "shards": len(files)}
+        return {"manifest": str(done), "cached": True, "counts": counts, "shards": len(listed_shard_files(done))}
+    files = plan_shard_files(plan)
     remove_temporaries(plan["out_dir"])
     write_plan(plan)
     results = [write_shard(plan, name) for name in files]

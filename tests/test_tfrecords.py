@@ -254,6 +254,23 @@ def test_shard_count_follows_size_and_workers():
 # --------------------------------------------------------------------------- caching
 
 
+def test_a_rerun_with_another_worker_count_reports_the_shards_the_manifest_lists(tmp_path):
+    data = make_class_folder(tmp_path / "data", {"a": 8, "b": 8}, size=16)
+    work = tmp_path / "work"
+    first = _preprocess(data, work, workers=3)  # more workers, more shards
+    manifest = json.loads(Path(first["manifest"]).read_text())
+    listed = sum(len(split["shards"]) for split in manifest["splits"].values())
+    report = validate_dataset(data)
+    one_worker_plan = tfrecords.plan_shard_files(tfrecords.plan_shards(report, OPTS, work / "tfrecords", 1))
+    assert first["shards"] == listed == 5 and len(one_worker_plan) == 2
+
+    again = _preprocess(data, work, workers=1)
+    assert again == {**first, "cached": True}
+    assert tfrecords.reusable_shards(report, OPTS, work / "tfrecords")["shards"] == 5
+    assert tfrecords.listed_shard_files(first["manifest"]) == [
+        s["file"] for split in ("train", "val") for s in manifest["splits"][split]["shards"]]
+
+
 def test_rerun_is_cached_and_changes_rebuild(tmp_path):
     data = make_class_folder(tmp_path / "data", {"a": 8, "b": 8}, size=16)
     work = tmp_path / "work"
