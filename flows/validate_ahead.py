@@ -74,7 +74,6 @@ def start(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any) -> 
 def validate(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, max_entries: int = MAX_ENTRIES) -> int:
     """The child's work: :data:`WROTE` the report, or :data:`NOTHING_TO_DO`; raises on failure."""
     from imgflow.tasks import paths, scan
-    from imgflow.tasks.dataset import tree_fingerprint
     from imgflow.tasks.errors import LockHeld
     from imgflow.tasks.locks import workdir_lock
     from imgflow.tasks.validation_reuse import report_path_for, validate_or_reuse
@@ -86,12 +85,25 @@ def validate(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, 
     try:
         with workdir_lock(workdir, "imgflow (validating beside the imports)", wait=False, log=lambda _: None):
             exclude = paths.workdirs_to_skip(workdir, inputs)  # the lock made the workdir: skip it when inside
-            if tree_fingerprint(roots, options, scan.file_ids(exclude)).entries > max_entries:
+            if _more_entries_than(roots, scan.file_ids(exclude), max_entries):
                 return NOTHING_TO_DO
             _, reused = validate_or_reuse(data_dir, val_dir, options, report_path, exclude)
     except LockHeld:
         return NOTHING_TO_DO
     return NOTHING_TO_DO if reused else WROTE
+
+
+def _more_entries_than(roots: list[Path], exclude: frozenset[tuple[int, int]], limit: int) -> bool:
+    """Whether the walk of ``roots`` yields more than ``limit`` entries (it stops counting there)."""
+    from imgflow.tasks import scan
+
+    seen = 0
+    for root in roots:
+        for _ in scan.walk(root, exclude=exclude):
+            seen += 1
+            if seen > limit:
+                return True
+    return False
 
 
 def main(argv: list[str]) -> int:
