@@ -351,16 +351,16 @@ def preprocess(
     check_paths({"DATA_DIR": data_dir, "VAL_DIR": val_dir}, workdir, {})
     cfg = build_config(config, val_fraction=val_fraction, image_size=image_size, seed=seed, dask_address=dask_address)
     result = reused_shards(data_dir, val_dir, workdir, cfg)
-    ahead = None
     if result is None:
         start_prefect_early()  # before anything imports Prefect: its settings must see the early server
-        ahead = validate_ahead.start(data_dir, val_dir, workdir, cfg.validation)
-    run = start("preprocess", workdir, tensorflow=result is None, prefect=result is None)
-    if result is None:
-        from imgflow.flows.preprocessing import preprocess_flow
+        with validate_ahead.head_start(data_dir, val_dir, workdir, cfg.validation) as ahead:
+            run = start("preprocess", workdir)
+            from imgflow.flows.preprocessing import preprocess_flow
 
-        ready_for_flows(ahead)
+            ready_for_flows(ahead)
         result = preprocess_flow(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg)
+    else:
+        run = start("preprocess", workdir, tensorflow=False, prefect=False)
     counts = result["counts"]
     run.add(f"{'Reused cached' if result['cached'] else 'Wrote'} {result['shards']} shards: "
             f"{counts.get('train', 0)} train, {counts.get('val', 0)} val images.")
@@ -398,11 +398,11 @@ def train(
     from imgflow.tasks.backbones import ensure_weights
 
     ensure_weights(cfg.train.model, cfg.train.weights)  # before any work: imagenet cached or downloaded, or exit 2
-    ahead = validate_ahead.start(data_dir, val_dir, workdir, cfg.validation)
-    run = start("train", workdir)
-    from imgflow.flows import console
-    from imgflow.flows.training import training_pipeline
-    ready_for_flows(ahead)
+    with validate_ahead.head_start(data_dir, val_dir, workdir, cfg.validation) as ahead:
+        run = start("train", workdir)
+        from imgflow.flows import console
+        from imgflow.flows.training import training_pipeline
+        ready_for_flows(ahead)
     result = training_pipeline(data_dir=data_dir, val_dir=val_dir, workdir=workdir, config=cfg, force=force,
                                wait_for_lock=not no_wait)
     console.train_summary(run, result)

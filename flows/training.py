@@ -324,6 +324,7 @@ def training_pipeline(
     started = time.perf_counter()
     metadata.update(as_gpu_task(fit_novelty_task)(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
     seconds = {"novelty_seconds": round(time.perf_counter() - started, 2)}
+    metadata["metrics"].update(seconds)  # kept by a diverged run too, which is not evaluated
 
     skip_reason = _skip_evaluation_reason(summary["diagnosis"])
     if skip_reason:

@@ -38,7 +38,7 @@ def validate_task(
     ``exclude`` lists folders never scanned as data (the work folder inside DATA_DIR).
     """
     summary, reused = validate_or_reuse(data_dir, val_dir, options, report_path, list(exclude or []))
-    if reused and validated_ahead(report_path):
+    if reused and validated_ahead(report_path, forget=True):
         get_run_logger().info("Validated %s while TensorFlow was imported: %s", data_dir, report_path)
     elif reused:
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", report_path)

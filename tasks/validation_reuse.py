@@ -96,6 +96,14 @@ def note_validated_ahead(report_path: Path | str) -> None:
     _validated_ahead.add(str(Path(report_path).absolute()))
 
 
-def validated_ahead(report_path: Path | str) -> bool:
-    """Whether ``report_path`` was written beside this command's imports (see :func:`note_validated_ahead`)."""
-    return str(Path(report_path).absolute()) in _validated_ahead
+def validated_ahead(report_path: Path | str, forget: bool = False) -> bool:
+    """Whether ``report_path`` was written beside this command's imports (see :func:`note_validated_ahead`).
+
+    ``forget``: the validation step that reuses it clears the mark, so a later run in the
+    same process (a test session, a long-lived caller) reuses the report as usual.
+    """
+    key = str(Path(report_path).absolute())
+    found = key in _validated_ahead
+    if forget:
+        _validated_ahead.discard(key)
+    return found

@@ -112,6 +112,8 @@ def test_preprocess_answers_an_unchanged_rerun_from_the_manifest_without_prefect
     cold = run_cli(home, "preprocess", str(shapes_dir), "--workdir", str(workdir), "--image-size", "16")
     assert cold.returncode == 0, cold.stdout
     assert "IMPORTED True True True False" in cold.stdout  # the flow ran, on the early server
+    # a child validated during the imports; the flow's validation step reused its report
+    assert f"Validated {shapes_dir} while TensorFlow was imported" in (workdir / "logs" / "imgflow.log").read_text()
     manifest = next((workdir / "tfrecords").glob("*/manifest.json"))
     shards = sorted(p.name for p in manifest.parent.glob("*.tfrecord"))
     mtimes = {p: p.stat().st_mtime_ns for p in manifest.parent.iterdir()}

@@ -162,11 +162,13 @@ def test_validation_ahead_writes_nothing_when_the_lock_is_held_the_data_is_large
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        assert validate_ahead.start(shapes_dir, None, workdir, ValidationOptions()).finish() is False
+        child = validate_ahead.start(shapes_dir, None, workdir, ValidationOptions())
+        assert child.finish() is False and child.process.returncode == validate_ahead.NOTHING_TO_DO
         assert not (workdir / "validation.json").exists()
     finally:
         holder.kill()
         holder.wait()
+    assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions(), max_bytes=1000) == validate_ahead.NOTHING_TO_DO
     # 39 entries: 36 images and 3 class folders
     assert validate_ahead.validate(shapes_dir, None, workdir, ValidationOptions(), max_entries=38) == validate_ahead.NOTHING_TO_DO
     assert not (workdir / "validation.json").exists()
@@ -195,3 +197,17 @@ def test_validation_ahead_skips_a_workdir_inside_the_data_as_the_flow_does(shape
     assert report["classes"] == {"birds": 12, "cats": 12, "dogs": 12}
     assert [p["code"] for p in report["problems"]] == ["workdir_skipped"]
     assert reusable_summary(shapes_dir, None, workdir, ValidationOptions()) is not None
+
+
+def test_a_command_that_fails_before_its_flow_stops_the_child_and_frees_the_lock(shapes_dir, tmp_path):
+    from imgflow.flows import validate_ahead
+    from imgflow.tasks.locks import workdir_lock
+    from imgflow.tasks.options import ValidationOptions
+
+    workdir = tmp_path / "work"
+    with pytest.raises(RuntimeError, match="the import failed"):
+        with validate_ahead.head_start(shapes_dir, None, workdir, ValidationOptions()) as child:
+            raise RuntimeError("the import failed")
+    assert child.process.returncode is not None  # stopped and reaped, not left running
+    with workdir_lock(workdir, "test", wait=False):  # released: no LockHeld
+        pass
