@@ -73,8 +73,11 @@ _SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PRE
 
 
 def prefect_home() -> Path:
-    """``PREFECT_HOME`` (default ``~/.prefect``), without importing Prefect."""
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    """``PREFECT_HOME`` (default ``~/.prefect``) as an absolute path, without importing Prefect.
+
+    Absolute: the servers run in it, and a relative home would point elsewhere from there.
+    """
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser().absolute()
 
 
 def state_path(home: Path | None = None) -> Path:
@@ -304,11 +307,14 @@ def _start(home: Path, idle: float, lock: int | None) -> str | None:
         if idle > 0:
             process = _launch_daemon(home, port, idle, lock)
         else:
+            home.mkdir(parents=True, exist_ok=True)
             process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
+                # run in PREFECT_HOME, like the daemon, with -P: the server puts "." on sys.path
+                # and the command's working folder may hold a stray uvicorn.py or numpy.py
+                [sys.executable, "-P", "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
                  "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
                  "--port", str(port), "--log-level", "error", "--lifespan", "on"],
-                env={**os.environ, **_SERVER_ENV},
+                env={**os.environ, **_SERVER_ENV, "PREFECT_HOME": str(home)}, cwd=home,
             )
     except OSError:
         return None

@@ -34,13 +34,15 @@ PROBE = (
 )
 
 
-def run_cli(home: Path, *args: str, **extra_env: str) -> subprocess.CompletedProcess:
+def run_cli(home: Path, *args: str, cwd: Path = REPO, **extra_env: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+    # no empty PYTHONPATH entry: it would mean the working folder
+    env.update(PREFECT_HOME=str(home), PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p),
                PREFECT_SERVER_ANALYTICS_ENABLED="false", TF_CPP_MIN_LOG_LEVEL="2", PREFECT_LOGGING_LEVEL="INFO",
                **extra_env)
-    return subprocess.run([sys.executable, "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=300, env=env, cwd=REPO)
+    # -P: like the `imgflow` console script, the command does not import from its working folder
+    return subprocess.run([sys.executable, "-P", "-c", PROBE, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=300, env=env, cwd=cwd)
 
 
 def test_configured_api_url_reads_the_environment_then_the_active_profile(tmp_path, monkeypatch):
@@ -364,3 +366,19 @@ def test_the_idle_clock_counts_requests_in_flight_and_the_watchdog_waits_for_liv
     fake, idle_clock = FakeServer(), IdleClock(app)
     watch_idle(fake, idle_clock, 0.2, alive)  # returns once it decided to stop
     assert fake.should_exit and len(calls) > 3  # not while the client lived
+
+
+
+def test_a_command_run_from_a_folder_with_stray_modules_never_imports_them(shapes_dir, tmp_path):
+    # the server started for one command (IMGFLOW_SERVER_IDLE_MINUTES=0 here) and the
+    # validation child are `python -m` processes: they must not import from the working folder
+    hostile, marker, home = tmp_path / "downloaded", tmp_path / "ran", tmp_path / "prefect-home"
+    hostile.mkdir()
+    home.mkdir()
+    for name in ("uvicorn.py", "numpy.py"):
+        (hostile / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\nraise SystemExit(9)\n")
+    workdir = tmp_path / "work"
+    cold = run_cli(home, "preprocess", str(shapes_dir), "--workdir", str(workdir), "--image-size", "16", cwd=hostile)
+    assert cold.returncode == 0, cold.stdout
+    assert not marker.exists(), marker.read_text()
+    assert f"Validated {shapes_dir} while TensorFlow was imported" in (workdir / "logs" / "imgflow.log").read_text()

@@ -211,3 +211,16 @@ def test_a_command_that_fails_before_its_flow_stops_the_child_and_frees_the_lock
     assert child.process.returncode is not None  # stopped and reaped, not left running
     with workdir_lock(workdir, "test", wait=False):  # released: no LockHeld
         pass
+
+
+def test_validation_ahead_never_imports_modules_from_the_working_folder(shapes_dir, tmp_path, monkeypatch):
+    from imgflow.flows import validate_ahead
+    from imgflow.tasks.options import ValidationOptions
+
+    hostile = tmp_path / "downloaded"
+    hostile.mkdir()
+    marker = tmp_path / "ran"
+    (hostile / "numpy.py").write_text(f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit(9)\n")
+    monkeypatch.chdir(hostile)
+    child = validate_ahead.start(shapes_dir, None, tmp_path / "work", ValidationOptions())
+    assert child.finish() is True and not marker.exists()
