@@ -364,23 +364,31 @@ def _start_lock(home: Path) -> tuple[int | None, bool]:
             time.sleep(0.05)
 
 
+def pythonpath_with_imgflow() -> str:
+    """``PYTHONPATH`` for a ``python -m imgflow...`` child that does not run in the command's folder.
+
+    First the folder that makes ``imgflow`` importable here (a source checkout or
+    site-packages), then the command's own ``PYTHONPATH``; no empty entry (it would mean
+    the working folder).
+    """
+    import imgflow
+
+    root = str(Path(imgflow.__file__).resolve().parent.parent)
+    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+
+
 def _launch_daemon(home: Path, port: int, idle: float, lock: int | None) -> subprocess.Popen:
     """Start ``python -m imgflow.flows.server_daemon`` in its own session, its output to the log under ``home``.
 
     The daemon inherits ``lock`` (the start lock) and releases it once it listens.
     """
-    import imgflow
-
     home.mkdir(parents=True, exist_ok=True)
     log = home / LOG_NAME
     with contextlib.suppress(OSError):
         if log.stat().st_size > _LOG_MAX_BYTES:
             os.replace(log, log.with_name(LOG_NAME + ".1"))
-    # the folder that makes `imgflow` importable here (a source checkout or site-packages):
     # the daemon runs in PREFECT_HOME, not in the command's working directory
-    root = str(Path(imgflow.__file__).resolve().parent.parent)
-    env = {**os.environ, **_SERVER_ENV,
-           "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    env = {**os.environ, **_SERVER_ENV, "PYTHONPATH": pythonpath_with_imgflow()}
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "imgflow.flows.server_daemon", "--port", str(port), "--idle-minutes", repr(idle),

@@ -105,13 +105,11 @@ def start(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any) -> 
 
     request = {"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "workdir": str(workdir),
                "options": options.model_dump(mode="json")}
-    # -P: `-m` would put the working folder first on sys.path, and a stray numpy.py or PIL/
-    # there (a downloaded dataset's folder) would run in the child; the command itself never
-    # does. PYTHONPATH keeps a source checkout's imgflow importable, as for the server daemon.
-    import imgflow
+    from imgflow.flows.server import pythonpath_with_imgflow
 
-    root = str(Path(imgflow.__file__).resolve().parent.parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)}
+    # -P: `-m` would put the working folder first on sys.path, and a stray numpy.py or PIL/
+    # there (a downloaded dataset's folder) would run in the child; the command itself never does
+    env = {**os.environ, "PYTHONPATH": pythonpath_with_imgflow()}
     process = subprocess.Popen([sys.executable, "-P", "-m", "imgflow.flows.validate_ahead", json.dumps(request)],
                                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return Child(process, report_path_for(workdir))
