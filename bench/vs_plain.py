@@ -130,7 +130,7 @@ def scenario(name: str, data: Path, scratch: Path, args: argparse.Namespace):
             lambda r: plain("preprocess", str(dataset), str(scratch / f"plain{r}"), "--image-size", size), setup)
 
 
-def fit_seconds(name: str, side: str, scratch: Path, r: int) -> tuple[float, float] | None:
+def fit_and_evaluation_seconds(name: str, side: str, scratch: Path, r: int) -> tuple[float, float] | None:
     """Seconds a train round spent inside ``fit`` and in evaluation (None for other scenarios).
 
     The plain script has no evaluation step: its evaluation seconds are 0.
@@ -182,7 +182,7 @@ def main() -> None:
                     wall, peak = run(factory(r), env)
                     times[side].append(wall)
                     rss[side].append(peak)
-                    spent = fit_seconds(name, side, scratch, r)
+                    spent = fit_and_evaluation_seconds(name, side, scratch, r)
                     if spent is not None:
                         fixed[side].append(wall - spent[0])
                         unevaluated[side].append(wall - spent[0] - spent[1])

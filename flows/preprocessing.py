@@ -162,13 +162,13 @@ def _publish_artifact(plan_summary: dict[str, Any], cached: bool) -> None:
 def _reusable_validation(data_dir: Path, val_dir: Path | None, workdir: Path, config: ImgflowConfig) -> dict[str, Any] | None:
     """The summary of ``<workdir>/validation.json`` when these files, options and code give it again, else None."""
     from imgflow.tasks import paths
-    from imgflow.tasks.validation_reuse import reusable_summary, validated_ahead
+    from imgflow.tasks.validation_reuse import report_path_for, reusable_summary, validated_ahead
 
+    if validated_ahead(report_path_for(workdir)):
+        return None  # this command's first validation: its subflow runs (artifacts, events) and reuses it
     inputs = {"DATA_DIR": Path(data_dir), "VAL_DIR": Path(val_dir) if val_dir else None}
     paths.check_run(inputs, workdir, {})  # what validate_flow checks first, outputs never inside inputs
     summary = reusable_summary(Path(data_dir), inputs["VAL_DIR"], workdir, config.validation)
-    if summary is not None and validated_ahead(summary["report_path"]):
-        return None  # this command's first validation: its subflow runs (artifacts, events) and reuses it
     if summary is not None:
         get_run_logger().info("Reusing %s: the files, options and code are unchanged", summary["report_path"])
     return summary

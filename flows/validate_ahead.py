@@ -121,11 +121,11 @@ def validate(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, 
     from imgflow.tasks import paths, scan
     from imgflow.tasks.errors import LockHeld
     from imgflow.tasks.locks import workdir_lock
-    from imgflow.tasks.validation_reuse import report_path_for, validate_or_reuse
+    from imgflow.tasks.validation_reuse import report_path_for, validate_or_reuse, validation_outputs
 
     inputs = {"DATA_DIR": data_dir, "VAL_DIR": val_dir}
     report_path = report_path_for(workdir)
-    paths.check_run(inputs, workdir, {"--report": report_path, "the Markdown summary": paths.summary_path(report_path)})
+    paths.check_run(inputs, workdir, validation_outputs(report_path))
     roots = [data_dir] + ([val_dir] if val_dir else [])
     try:
         with workdir_lock(workdir, "imgflow (validating beside the imports)", wait=False, log=lambda _: None):

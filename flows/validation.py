@@ -13,7 +13,8 @@ from imgflow.flows.config import DEFAULT_WORKDIR, ValidationOptions
 from imgflow.tasks import atomic, paths
 from imgflow.flows.retrying import retry_unless
 from imgflow.tasks.dataset import DatasetError, report_markdown
-from imgflow.tasks.validation_reuse import REPORT_NAME, summarize, validate_or_reuse, validated_ahead
+from imgflow.tasks.validation_reuse import (REPORT_NAME, summarize, validate_or_reuse, validated_ahead,
+                                             validation_outputs)
 
 __all__ = ["REPORT_NAME", "summarize", "validate_flow", "validate_task"]
 
@@ -83,7 +84,7 @@ def validate_flow(
     data_dir, val_dir = Path(data_dir), Path(val_dir) if val_dir else None
     inputs = {"DATA_DIR": data_dir, "VAL_DIR": val_dir}
     report_path = Path(report) if report else Path(workdir) / REPORT_NAME
-    paths.check_run(inputs, workdir, {"--report": report_path, "the Markdown summary": paths.summary_path(report_path)})
+    paths.check_run(inputs, workdir, validation_outputs(report_path))
     skip = paths.workdirs_to_skip(workdir, inputs)
     if skip:
         get_run_logger().warning("The work folder %s lies inside the data; it is never scanned as data", workdir)

@@ -52,6 +52,20 @@ def fingerprint(data_dir: Path, val_dir: Path | None, options: Any, exclude: lis
     return tree_fingerprint(roots, options, scan.file_ids(exclude)).digest
 
 
+def validation_outputs(report_path: Path) -> dict[str, Path]:
+    """What a validation writes, by the names a path conflict is reported with (:func:`imgflow.tasks.paths.check_run`)."""
+    return {"--report": report_path, "the Markdown summary": paths.summary_path(report_path)}
+
+
+def _still_valid(report_path: Path, data_dir: Path, val_dir: Path | None, options: Any,
+                 exclude: list[Path]) -> dict[str, Any] | None:
+    """The report at ``report_path`` when its fingerprint is the one of these files, options and code now."""
+    previous = read_report(report_path)
+    if previous is None or "fingerprint" not in previous:
+        return None
+    return previous if previous["fingerprint"] == fingerprint(data_dir, val_dir, options, exclude) else None
+
+
 def reusable_summary(
     data_dir: Path, val_dir: Path | None, workdir: Path, options: Any, report: Path | None = None
 ) -> dict[str, Any] | None:
@@ -62,13 +76,9 @@ def reusable_summary(
     decoding again. Walks the tree and stats each file; decodes nothing.
     """
     report_path = report_path_for(workdir, report)
-    previous = read_report(report_path)
-    if previous is None or "fingerprint" not in previous:
-        return None
     exclude = paths.workdirs_to_skip(workdir, {"DATA_DIR": data_dir, "VAL_DIR": val_dir})
-    if previous["fingerprint"] != fingerprint(data_dir, val_dir, options, exclude):
-        return None
-    return summarize(previous, report_path)
+    previous = _still_valid(report_path, data_dir, val_dir, options, exclude)
+    return None if previous is None else summarize(previous, report_path)
 
 
 def validate_or_reuse(
@@ -80,8 +90,8 @@ def validate_or_reuse(
         ``(summary, reused)``: the report's summary, and whether the report on disk
         (same paths, sizes, modification times, options and code) was kept.
     """
-    previous = read_report(report_path)
-    if previous is not None and previous.get("fingerprint") == fingerprint(data_dir, val_dir, options, exclude):
+    previous = _still_valid(report_path, data_dir, val_dir, options, exclude)
+    if previous is not None:
         return summarize(previous, report_path), True
     from imgflow.tasks.dataset import report_markdown, validate_dataset
 

@@ -368,7 +368,6 @@ def test_the_idle_clock_counts_requests_in_flight_and_the_watchdog_waits_for_liv
     assert fake.should_exit and len(calls) > 3  # not while the client lived
 
 
-
 def test_a_command_run_from_a_folder_with_stray_modules_never_imports_them(shapes_dir, tmp_path):
     # the server started for one command (IMGFLOW_SERVER_IDLE_MINUTES=0 here) and the
     # validation child are `python -m` processes: they must not import from the working folder
