@@ -54,6 +54,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from imgflow.tasks import child
+
 _PORTS = range(8000, 9000)  # the range SubprocessASGIServer picks from
 _started: dict[str, Any] = {}
 _DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an HTTP proxy
@@ -364,19 +366,6 @@ def _start_lock(home: Path) -> tuple[int | None, bool]:
             time.sleep(0.05)
 
 
-def pythonpath_with_imgflow() -> str:
-    """``PYTHONPATH`` for a ``python -m imgflow...`` child that does not run in the command's folder.
-
-    First the folder that makes ``imgflow`` importable here (a source checkout or
-    site-packages), then the command's own ``PYTHONPATH``; no empty entry (it would mean
-    the working folder).
-    """
-    import imgflow
-
-    root = str(Path(imgflow.__file__).resolve().parent.parent)
-    return os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
-
-
 def _launch_daemon(home: Path, port: int, idle: float, lock: int | None) -> subprocess.Popen:
     """Start ``python -m imgflow.flows.server_daemon`` in its own session, its output to the log under ``home``.
 
@@ -388,11 +377,11 @@ def _launch_daemon(home: Path, port: int, idle: float, lock: int | None) -> subp
         if log.stat().st_size > _LOG_MAX_BYTES:
             os.replace(log, log.with_name(LOG_NAME + ".1"))
     # the daemon runs in PREFECT_HOME, not in the command's working directory
-    env = {**os.environ, **_SERVER_ENV, "PYTHONPATH": pythonpath_with_imgflow()}
+    env = child.environment(**_SERVER_ENV)
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "imgflow.flows.server_daemon", "--port", str(port), "--idle-minutes", repr(idle),
-             *(["--lock-fd", str(lock)] if lock is not None else [])],
+            child.module_command("imgflow.flows.server_daemon", "--port", str(port), "--idle-minutes", repr(idle),
+                                 *(["--lock-fd", str(lock)] if lock is not None else [])),
             env=env, cwd=home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,  # Ctrl-C in the terminal and the command's exit leave it running
             pass_fds=() if lock is None else (lock,),

@@ -105,13 +105,11 @@ def start(data_dir: Path, val_dir: Path | None, workdir: Path, options: Any) -> 
 
     request = {"data_dir": str(data_dir), "val_dir": str(val_dir) if val_dir else None, "workdir": str(workdir),
                "options": options.model_dump(mode="json")}
-    from imgflow.flows.server import pythonpath_with_imgflow
+    from imgflow.tasks import child
 
-    # -P: `-m` would put the working folder first on sys.path, and a stray numpy.py or PIL/
-    # there (a downloaded dataset's folder) would run in the child; the command itself never does
-    env = {**os.environ, "PYTHONPATH": pythonpath_with_imgflow()}
-    process = subprocess.Popen([sys.executable, "-P", "-m", "imgflow.flows.validate_ahead", json.dumps(request)],
-                               env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(child.module_command("imgflow.flows.validate_ahead", json.dumps(request)),
+                               env=child.environment(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
     return Child(process, report_path_for(workdir))
 
 
