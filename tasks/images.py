@@ -21,6 +21,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+try:  # libjpeg-turbo without Pillow's per-file Python (see _plain_jpeg); Pillow decodes everything without it
+    import simplejpeg
+except ImportError:  # pragma: no cover - a platform without its wheel
+    simplejpeg = None
+
 ASPECTS = ("squash", "crop", "pad")
 # Named backgrounds; any "#rrggbb" or "#rgb" hex colour works too.
 BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
@@ -128,19 +133,97 @@ def load_image(
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}")
     fill = parse_background(background) if background is not None else (0, 0, 0)
     size = (image_size, image_size)
+    plain = _plain_jpeg(path, size)
+    if plain is not None:
+        pixels, header = plain
+        if info is not None:
+            info.update(header)
+        if pixels.shape[:2] == size[::-1]:
+            return pixels
+        return _fit(Image.fromarray(pixels), size, aspect, fill)
     with Image.open(path) as img:
         if info is not None:
             info.update(format=img.format, mode=img.mode, width=img.size[0], height=img.size[1],
                         has_alpha=img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info)
         if img.format in ("JPEG", "MPO"):
-            # DCT scaling: decodes at 1/2, 1/4 or 1/8 while both sides stay >= the target.
-            img.draft("RGB", size)
+            img.draft("RGB", size)  # DCT scaling: see _draft_scale
         ImageOps.exif_transpose(img, in_place=True)  # turned only when EXIF says so: no copy otherwise
-        img = to_rgb(img, background)
-        if aspect == "squash":
-            out = img.resize(size, _RESAMPLE) if img.size != size else img
-        elif aspect == "crop":
-            out = ImageOps.fit(img, size, _RESAMPLE)
-        else:
-            out = ImageOps.pad(img, size, _RESAMPLE, color=fill)
-        return np.asarray(out, dtype=np.uint8).copy()
+        return _fit(to_rgb(img, background), size, aspect, fill)
+
+
+def _fit(img: Image.Image, size: tuple[int, int], aspect: str, fill: tuple[int, int, int]) -> np.ndarray:
+    """An RGB image at ``size`` by ``aspect``, as a fresh uint8 array."""
+    if aspect == "squash":
+        out = img.resize(size, _RESAMPLE) if img.size != size else img
+    elif aspect == "crop":
+        out = ImageOps.fit(img, size, _RESAMPLE)
+    else:
+        out = ImageOps.pad(img, size, _RESAMPLE, color=fill)
+    return np.asarray(out, dtype=np.uint8).copy()
+
+
+def _draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
+    """The DCT scale (1, 2, 4 or 8) of Pillow's ``draft``: the largest that keeps both sides >= ``size``."""
+    fits = min(width // size[0], height // size[1])
+    return next(scale for scale in (8, 4, 2, 1) if fits >= scale or scale == 1)
+
+
+#: JPEG colour spaces the plain path decodes, and the Pillow mode each opens as
+_PLAIN_JPEG_MODES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "L"}
+
+
+def _plain_jpeg(path: Path | str, size: tuple[int, int]) -> tuple[np.ndarray, dict] | None:
+    """A plain JPEG's RGB pixels exactly as Pillow's draft + load + convert give them, and its header; else None.
+
+    Pillow spends ~100 µs of Python per file opening a small JPEG (parsing its markers),
+    several times libjpeg-turbo's own decode of a 64 px one; ``simplejpeg`` calls the same
+    libjpeg-turbo decode (the same DCT method, upsampling and scale) from C. Only files
+    for which that is provably the same as the Pillow path take it: a baseline or
+    progressive JPEG in YCbCr, RGB or grey, with no APP1 segment (EXIF or XMP can carry
+    an orientation) and no multi-picture (MPO) index, within Pillow's decompression-bomb
+    limit, that libjpeg-turbo decodes without a warning. Everything else (and every
+    error) returns None, and Pillow decodes the file as ever, raising its own errors.
+    """
+    if simplejpeg is None:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\xff\xd8":
+                return None
+            data = b"\xff\xd8" + handle.read()
+    except OSError:
+        return None  # Pillow raises the error the file deserves
+    if not _plain_markers(data):
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        mode = _PLAIN_JPEG_MODES.get(colorspace)
+        if mode is None or (Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS):
+            return None
+        scale = _draft_scale(width, height, size)
+        out_w, out_h = -(-width // scale), -(-height // scale)
+        pixels = simplejpeg.decode_jpeg(data, "RGB", min_height=out_h, min_width=out_w, strict=True)
+    except ValueError:  # corrupt or truncated, or a libjpeg warning: Pillow's path decides
+        return None
+    if pixels.shape != (out_h, out_w, 3):
+        return None
+    return pixels, {"format": "JPEG", "mode": mode, "width": width, "height": height, "has_alpha": False}
+
+
+def _plain_markers(data: bytes) -> bool:
+    """Whether the segments before a JPEG's first scan hold no APP1 (EXIF, XMP) and no APP2 MPF index."""
+    at, end = 2, len(data) - 4
+    while at < end:
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0xDA:  # start of scan: every header segment seen
+            return True
+        length = (data[at + 2] << 8) | data[at + 3]
+        if marker == 0xE1 or (marker == 0xE2 and data[at + 4 : at + 8] == b"MPF\x00"):
+            return False
+        at += 2 + length
+    return False

@@ -1,0 +1,113 @@
+"""Plain JPEGs decoded by libjpeg-turbo directly (simplejpeg) give exactly the pixels of Pillow's path."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgflow.tasks import images
+from imgflow.tasks.drift import image_properties
+
+
+def _photo(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
+    """Smooth gradients plus noise: JPEG blocks with real detail at every scale."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1), (x + y) % 256], -1)
+    rgb = np.clip(rgb + rng.normal(0, 25, rgb.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(rgb, "RGB").convert(mode)
+
+
+def _jpeg(tmp_path, name: str, image: Image.Image, **save) -> str:
+    path = tmp_path / name
+    image.save(path, "JPEG", **save)
+    return str(path)
+
+
+def _through_pillow(monkeypatch, *args, **kwargs):
+    monkeypatch.setattr(images, "simplejpeg", None)
+    try:
+        return images.load_image(*args, **kwargs)
+    finally:
+        monkeypatch.undo()
+
+
+CASES = [
+    # (name, size, mode, save options)
+    ("baseline-420", (64, 64), "RGB", {"quality": 90}),
+    ("odd-sides", (101, 77), "RGB", {"quality": 75}),
+    ("scale-three-eighths-would-fit", (128, 128), "RGB", {}),  # libjpeg-turbo could pick 3/8 for 48 px; Pillow picks 1/2
+    ("eighth", (400, 260), "RGB", {"quality": 95}),
+    ("444", (90, 90), "RGB", {"subsampling": 0}),
+    ("422", (90, 70), "RGB", {"subsampling": 1}),
+    ("progressive", (150, 120), "RGB", {"progressive": True}),
+    ("restart-markers", (96, 96), "RGB", {"restart_marker_blocks": 1}),
+    ("grey", (80, 120), "L", {}),
+    ("smaller-than-target", (20, 30), "RGB", {}),
+    ("with-comment", (64, 64), "RGB", {"comment": b"made by a camera app"}),
+]
+
+
+@pytest.mark.parametrize("name,dims,mode,save", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("aspect", images.ASPECTS)
+def test_plain_jpegs_decode_to_the_same_pixels_and_header_as_through_pillow(tmp_path, monkeypatch, name, dims, mode,
+                                                                            save, aspect):
+    path = _jpeg(tmp_path, f"{name}.jpg", _photo(*dims, mode=mode), **save)
+    assert images._plain_jpeg(path, (48, 48)) is not None, "this file should take the plain path"
+    fast_info: dict = {}
+    fast = images.load_image(path, 48, aspect, info=fast_info)
+    pillow_info: dict = {}
+    slow = _through_pillow(monkeypatch, path, 48, aspect, info=pillow_info)
+    assert fast.shape == (48, 48, 3) and fast.dtype == np.uint8
+    np.testing.assert_array_equal(fast, slow)
+    assert fast_info == pillow_info
+    assert image_properties(path, fast, fast_info) == image_properties(path, slow, pillow_info)
+
+
+def test_jpegs_that_need_pillow_do_not_take_the_plain_path(tmp_path):
+    rotated = _photo(64, 32)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    with_exif = _jpeg(tmp_path, "exif.jpg", rotated, exif=exif.tobytes())
+    cmyk = _jpeg(tmp_path, "cmyk.jpg", _photo(40, 40, "CMYK"))
+    png = tmp_path / "not.jpg"
+    _photo(40, 40).save(png, "PNG")
+    whole = io.BytesIO()
+    _photo(200, 200).save(whole, "JPEG", quality=95)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+    for path in (with_exif, cmyk, png, truncated):
+        assert images._plain_jpeg(path, (32, 32)) is None, path
+    # the EXIF orientation is applied (Pillow's path): 64x32 turned to 32x64
+    assert images.load_image(with_exif, 16, "pad").shape == (16, 16, 3)
+    info: dict = {}
+    images.load_image(with_exif, 16, "squash", info=info)
+    assert (info["width"], info["height"]) == (64, 32)
+    with pytest.raises(OSError, match="truncated"):
+        images.load_image(truncated, 32)
+
+
+def test_the_decompression_bomb_limit_still_applies(tmp_path, monkeypatch):
+    path = _jpeg(tmp_path, "big.jpg", _photo(300, 300))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100 * 100)
+    assert images._plain_jpeg(path, (32, 32)) is None
+    with pytest.raises(Image.DecompressionBombError):
+        images.load_image(path, 32)
+
+
+@pytest.mark.parametrize("dims,target,scale", [((64, 64), 32, 2), ((128, 128), 48, 2), ((400, 260), 32, 8),
+                                               ((63, 64), 32, 1), ((500, 90), 40, 2), ((30, 30), 48, 1)])
+def test_the_dct_scale_is_pillows(dims, target, scale):
+    assert images._draft_scale(*dims, (target, target)) == scale
+    image = Image.open(io.BytesIO(_encoded(dims)))
+    image.draft("RGB", (target, target))
+    assert image.size == (-(-dims[0] // scale), -(-dims[1] // scale))
+
+
+def _encoded(dims: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    _photo(*dims).save(buffer, "JPEG")
+    return buffer.getvalue()
