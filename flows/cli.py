@@ -486,6 +486,10 @@ def predict(
                                             "chunk_size": chunk_size, "dask_address": dask_address,
                                             "csv_neutralise": csv_neutralise}).predict
     check_paths({"INPUT_DIR": input_dir}, workdir, {"--out": options.out})
+    if not options.dask_address:
+        from imgflow.tasks import decoding
+
+        decoding.start()  # the decoding processes import Pillow while this one imports TensorFlow
     run = start("predict", workdir)
     from imgflow.flows.prediction import batch_predict
 

@@ -221,6 +221,10 @@ def batch_predict(
     opts = with_overrides(options or PredictOptions(), out=out, batch_size=batch_size, dask_address=dask_address,
                           top_k=top_k, chunk_size=chunk_size, csv_neutralise=csv_neutralise)
     out, batch_size, dask_address, top_k, chunk_size = opts.out, opts.batch_size, opts.dask_address, opts.top_k, opts.chunk_size
+    if not dask_address:
+        from imgflow.tasks import decoding
+
+        decoding.start()  # local chunk tasks hand their files to these processes (once per process)
     csv_neutralise = opts.csv_neutralise
     workdir, input_dir = Path(workdir), Path(input_dir)
     if not input_dir.is_dir():

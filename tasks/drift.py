@@ -260,13 +260,6 @@ __all__ = ["PROFILE_FILE", "PROPERTIES", "add", "compare", "image_properties", "
 PROFILE_SUFFIX = ".profile.json"
 
 
-def decode_profiled(decode: Any, path: Path, image_size: int, aspect: str) -> tuple[Any, str, dict[str, str]]:
-    """``decode(path, image_size, aspect)`` plus the file's properties (header, brightness of the decoded pixels)."""
-    info: dict[str, Any] = {}
-    pixels, error = decode(path, image_size, aspect, info)
-    return pixels, error, image_properties(path, pixels, info)
-
-
 def profile_path(part: Path | str) -> Path:
     """The drift profile written beside a prediction part file."""
     part = Path(part)

@@ -38,8 +38,9 @@ import numpy as np
 
 from imgflow.tasks.atomic import atomic_open, write_json
 from imgflow.tasks.csvcells import safe_row
-from imgflow.tasks import progress, scan
-from imgflow.tasks.drift import decode_profiled, profile_path, read_profiles
+from imgflow.tasks import decoding, progress, scan
+from imgflow.tasks.decoding import short_error
+from imgflow.tasks.drift import profile_path, read_profiles
 from imgflow.tasks.inference import run_batch
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 PART_PREFIX = "part-"
 #: bumped when the part-file columns change, so parts of an older layout are never resumed
 PART_FORMAT = "v2-novelty"
-MAX_ERROR_CHARS = 200
 
 
 class FileEntry(NamedTuple):
@@ -109,7 +109,7 @@ def scan_files(input_dir: Path | str, exclude: Iterable[Path | str] = ()) -> Ite
         elif entry.kind in _SCAN_ERRORS:
             yield FileEntry(scan.encode_path(entry.rel), 0, 0, _SCAN_ERRORS[entry.kind])
         elif entry.kind == scan.UNLISTABLE and entry.rel:  # the root itself is checked above
-            yield FileEntry(scan.encode_path(entry.rel), 0, 0, _short(entry.message))
+            yield FileEntry(scan.encode_path(entry.rel), 0, 0, short_error(entry.message))
 
 
 def _name_hash(rel: str) -> int:
@@ -246,22 +246,6 @@ def load_model_cached(model_dir: Path | str) -> tuple[Any, dict[str, Any]]:
 # ---------------------------------------------------------------------- predict
 
 
-def _short(message: str) -> str:
-    line = " ".join(str(message).split())
-    return line if len(line) <= MAX_ERROR_CHARS else line[: MAX_ERROR_CHARS - 3] + "..."
-
-
-def _decode(
-    path: Path, image_size: int, aspect: str, info: dict | None = None, background: str | None = None
-) -> tuple[np.ndarray | None, str]:
-    from imgflow.tasks.images import load_image
-
-    try:
-        return load_image(path, image_size, aspect, background, info), ""
-    except Exception as exc:  # any unreadable file becomes an error row, never stops the run
-        return None, _short(f"{type(exc).__name__}: {exc}") or type(exc).__name__
-
-
 #: columns before the ``prob_<class>`` columns
 LEADING_COLUMNS = ("path", "label", "confidence", "novelty", "unknown")
 
@@ -292,13 +276,15 @@ def _row(rel: str, class_names: Sequence[str], probs: np.ndarray | None, error: 
 
 
 def default_decode_threads() -> int:
-    """Half the CPU count (1 to 8): locally two chunk tasks decode at once, each beside its own model calls.
+    """Threads per call that decode: one per decoding process when they run, else half the CPUs (1 to 8).
 
-    Measured on 2 cores, two tasks of 800 files at once: one decoding thread each beat two
-    each, on 64 px (0.67 vs 0.76 s) and 384 px JPEGs (0.78 vs 0.90 s); more threads than
-    cores only fight over the GIL for Pillow's Python-side work.
+    Without decoding processes, locally two chunk tasks decode at once, each beside its own
+    model calls. Measured on 2 cores, two tasks of 800 files at once: one decoding thread
+    each beat two each, on 64 px (0.67 vs 0.76 s) and 384 px JPEGs (0.78 vs 0.90 s); more
+    threads than cores only fight over the GIL for Pillow's Python-side work.
     """
-    return max(1, min(16, os.cpu_count() or 1) // 2)
+    processes = decoding.started()
+    return processes.count if processes else max(1, min(16, os.cpu_count() or 1) // 2)
 
 
 def predict_files(
@@ -323,7 +309,9 @@ def predict_files(
         input_dir: the folder ``entries`` are relative to.
         entries: files to predict.
         batch_size: images per model call.
-        workers: decoding threads (default: :func:`default_decode_threads`).
+        workers: decoding threads (default: :func:`default_decode_threads`); they hand
+            the files to this process's decoding workers when :func:`imgflow.tasks.decoding.start`
+            began them, else decode here.
         novelty: fitted statistics (:class:`imgflow.tasks.novelty.NoveltyModel`): fills
             ``novelty``/``unknown`` and calibrates the probabilities; None leaves those
             cells empty and the probabilities as the model gives them.
@@ -343,21 +331,20 @@ def predict_files(
     class_names = list(metadata["class_names"])
     size, aspect = int(metadata["image_size"]), str(metadata["aspect"])
     background = metadata.get("background")  # as in training; None (older models): alpha dropped, as they saw it
-    root = Path(input_dir)
+    root = os.fspath(input_dir)
     workers = workers or default_decode_threads()
     predict_lock = _PREDICT_LOCKS.setdefault(id(model), threading.Lock())
     rows: list[list[str]] = []
 
-    decoder = partial(_decode, background=background)
-    decode = decoder if profile is None else partial(decode_profiled, decoder)
-
-    def decode_all(paths: Sequence[Path]) -> list[tuple[Any, ...]]:
-        return [decode(path, size, aspect) for path in paths]
+    processes = decoding.started()
+    decode_all = partial(processes.decode if processes else decoding.decode_files,
+                         image_size=size, aspect=aspect, background=background, profiled=profile is not None)
 
     def submit(pool: ThreadPoolExecutor, batch: Sequence[FileEntry]) -> list[Future]:
         # one task per thread and batch, not per file: per-file futures cost more in
         # hand-offs between threads than a small image costs to decode
-        paths = [root / scan.decode_path(e.rel) for e in batch if not e.error]
+        # string joins: a pathlib join costs ~30 µs a file here, more than a worker's pickling of its pixels
+        paths = [os.path.join(root, scan.decode_path(e.rel)) for e in batch if not e.error]
         step = max(1, -(-len(paths) // workers))
         return [pool.submit(decode_all, paths[i : i + step]) for i in range(0, len(paths), step)]
 
