@@ -15,6 +15,7 @@ colour they hide.
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from PIL import Image, ImageOps
 
 try:  # libjpeg-turbo without Pillow's per-file Python (see _plain_jpeg); Pillow decodes everything without it
     import simplejpeg
-except ImportError:  # pragma: no cover - a platform without its wheel
+except ImportError:  # a platform without its wheel
     simplejpeg = None
 
 ASPECTS = ("squash", "crop", "pad")
@@ -170,6 +171,19 @@ def _draft_scale(width: int, height: int, size: tuple[int, int]) -> int:
 
 #: JPEG colour spaces the plain path decodes, and the Pillow mode each opens as
 _PLAIN_JPEG_MODES = {"YCbCr": "RGB", "RGB": "RGB", "Gray": "L"}
+_HEAD_BYTES = 64 * 1024  # a JPEG's header segments usually fit: an EXIF file is not read twice in full
+
+
+def _same_libjpeg() -> bool:
+    """Whether simplejpeg is there and Pillow decodes JPEGs with libjpeg-turbo too (IJG libjpeg scales differently)."""
+    return simplejpeg is not None and _pillow_on_libjpeg_turbo()
+
+
+@functools.cache
+def _pillow_on_libjpeg_turbo() -> bool:
+    from PIL import features
+
+    return bool(features.check_feature("libjpeg_turbo"))
 
 
 def _plain_jpeg(path: Path | str, size: tuple[int, int]) -> tuple[np.ndarray, dict] | None:
@@ -178,23 +192,29 @@ def _plain_jpeg(path: Path | str, size: tuple[int, int]) -> tuple[np.ndarray, di
     Pillow spends ~100 µs of Python per file opening a small JPEG (parsing its markers),
     several times libjpeg-turbo's own decode of a 64 px one; ``simplejpeg`` calls the same
     libjpeg-turbo decode (the same DCT method, upsampling and scale) from C. Only files
-    for which that is provably the same as the Pillow path take it: a baseline or
+    for which that is the same as the Pillow path take it: an 8-bit baseline, extended or
     progressive JPEG in YCbCr, RGB or grey, with no APP1 segment (EXIF or XMP can carry
     an orientation) and no multi-picture (MPO) index, within Pillow's decompression-bomb
-    limit, that libjpeg-turbo decodes without a warning. Everything else (and every
-    error) returns None, and Pillow decodes the file as ever, raising its own errors.
+    limit, that libjpeg-turbo decodes without a warning, when Pillow itself is built on
+    libjpeg-turbo. Everything else (and every error) returns None, and Pillow decodes the
+    file as ever, raising its own errors.
     """
-    if simplejpeg is None:
+    if not _same_libjpeg():
         return None
     try:
         with open(path, "rb") as handle:
-            if handle.read(2) != b"\xff\xd8":
+            data = handle.read(_HEAD_BYTES)
+            if data[:2] != b"\xff\xd8":
                 return None
-            data = b"\xff\xd8" + handle.read()
+            plain = _plain_markers(data)
+            if plain is None:  # header segments beyond the first read (a large ICC profile)
+                data += handle.read()
+                plain = _plain_markers(data)
+            if not plain:
+                return None
+            data += handle.read()
     except OSError:
         return None  # Pillow raises the error the file deserves
-    if not _plain_markers(data):
-        return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         mode = _PLAIN_JPEG_MODES.get(colorspace)
@@ -210,10 +230,17 @@ def _plain_jpeg(path: Path | str, size: tuple[int, int]) -> tuple[np.ndarray, di
     return pixels, {"format": "JPEG", "mode": mode, "width": width, "height": height, "has_alpha": False}
 
 
-def _plain_markers(data: bytes) -> bool:
-    """Whether the segments before a JPEG's first scan hold no APP1 (EXIF, XMP) and no APP2 MPF index."""
-    at, end = 2, len(data) - 4
-    while at < end:
+_SOF_PLAIN = (0xC0, 0xC1, 0xC2)  # baseline, extended, progressive Huffman; other SOFs (lossless, arithmetic): Pillow
+
+
+def _plain_markers(data: bytes) -> bool | None:
+    """Whether a JPEG's segments before its first scan make it plain (see :func:`_plain_jpeg`); None: ``data`` ends first.
+
+    Plain: a frame header (SOF0-2) of 8-bit samples with 1 or 3 components, no APP1
+    (EXIF, XMP) and no APP2 MPF index, and nothing but length-prefixed segments.
+    """
+    at, frame = 2, False
+    while at + 2 <= len(data):
         if data[at] != 0xFF:
             return False
         marker = data[at + 1]
@@ -221,9 +248,21 @@ def _plain_markers(data: bytes) -> bool:
             at += 1
             continue
         if marker == 0xDA:  # start of scan: every header segment seen
-            return True
+            return frame
+        if marker in (0x00, 0x01) or 0xD0 <= marker <= 0xD9:  # stuffing, TEM, RSTn, SOI, EOI: not in a plain header
+            return False
+        if at + 4 > len(data):
+            return None
         length = (data[at + 2] << 8) | data[at + 3]
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header
+            if marker not in _SOF_PLAIN:
+                return False
+            if at + 10 > len(data):
+                return None
+            if data[at + 4] != 8 or data[at + 9] not in (1, 3):  # sample precision, components
+                return False
+            frame = True
         if marker == 0xE1 or (marker == 0xE2 and data[at + 4 : at + 8] == b"MPF\x00"):
             return False
         at += 2 + length
-    return False
+    return None

@@ -51,6 +51,61 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("subsampling", ["440", "411"])
+def test_subsamplings_pillow_cannot_write_decode_the_same(tmp_path, monkeypatch, subsampling):
+    import simplejpeg
+
+    pixels = np.asarray(_photo(130, 90))
+    path = tmp_path / f"{subsampling}.jpg"
+    path.write_bytes(simplejpeg.encode_jpeg(pixels, quality=85, colorsubsampling=subsampling))
+    assert images._plain_jpeg(path, (32, 32)) is not None
+    np.testing.assert_array_equal(images.load_image(path, 32, "crop"), _through_pillow(monkeypatch, path, 32, "crop"))
+
+
+def test_header_segments_beyond_the_first_read_are_walked(tmp_path, monkeypatch):
+    big_icc = bytes(range(256)) * 400  # 100 KiB ICC profile: several APP2 segments past the first 64 KiB
+    path = _jpeg(tmp_path, "icc.jpg", _photo(80, 60), icc_profile=big_icc)
+    assert images._plain_jpeg(path, (32, 32)) is not None
+    np.testing.assert_array_equal(images.load_image(path, 32), _through_pillow(monkeypatch, path, 32))
+
+
+def _segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
+
+
+SOF_8BIT_RGB = _segment(0xC0, bytes([8, 0, 16, 0, 16, 3]) + bytes(9))
+SOS = b"\xff\xda"
+
+
+@pytest.mark.parametrize("header,plain", [
+    (SOF_8BIT_RGB + SOS, True),
+    (b"\xff\xff" + SOF_8BIT_RGB + SOS, True),  # fill bytes
+    (_segment(0xE0, b"JFIF\x00") + SOF_8BIT_RGB + SOS, True),
+    (_segment(0xE2, b"ICC_PROFILE\x00") + SOF_8BIT_RGB + SOS, True),
+    (SOS, False),  # no frame header
+    (_segment(0xE1, b"Exif\x00\x00") + SOF_8BIT_RGB + SOS, False),
+    (_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00") + SOF_8BIT_RGB + SOS, False),  # XMP
+    (_segment(0xE2, b"MPF\x00") + SOF_8BIT_RGB + SOS, False),
+    (b"\xff\xd0" + SOF_8BIT_RGB + SOS, False),  # a restart marker before the scan
+    (_segment(0xC3, bytes([8, 0, 16, 0, 16, 3]) + bytes(9)) + SOS, False),  # lossless
+    (_segment(0xC9, bytes([8, 0, 16, 0, 16, 3]) + bytes(9)) + SOS, False),  # arithmetic
+    (_segment(0xC0, bytes([12, 0, 16, 0, 16, 3]) + bytes(9)) + SOS, False),  # 12-bit samples
+    (_segment(0xC0, bytes([8, 0, 16, 0, 16, 4]) + bytes(12)) + SOS, False),  # CMYK
+    (b"\x00\x00" + SOS, False),  # not a marker
+    (SOF_8BIT_RGB, None),  # runs out before the scan: read more
+    (_segment(0xE2, bytes(100))[:20], None),
+])
+def test_only_plain_header_segments_take_the_plain_path(header, plain):
+    assert images._plain_markers(b"\xff\xd8" + header) is plain
+
+
+def test_a_pillow_built_on_another_libjpeg_keeps_every_jpeg_on_its_path(tmp_path, monkeypatch):
+    path = _jpeg(tmp_path, "plain.jpg", _photo(64, 64))
+    assert images._plain_jpeg(path, (32, 32)) is not None
+    monkeypatch.setattr(images, "_pillow_on_libjpeg_turbo", lambda: False)
+    assert images._plain_jpeg(path, (32, 32)) is None
+
+
 @pytest.mark.parametrize("name,dims,mode,save", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("aspect", images.ASPECTS)
 def test_plain_jpegs_decode_to_the_same_pixels_and_header_as_through_pillow(tmp_path, monkeypatch, name, dims, mode,
