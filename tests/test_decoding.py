@@ -33,14 +33,19 @@ def _same(got: list[tuple], want: list[tuple]) -> None:
             np.testing.assert_array_equal(pixels, want_pixels)
 
 
+def _in_workers(count: int, paths: list, *settings) -> tuple[decoding.DecoderProcesses, list[tuple]]:
+    """Decode ``paths`` with ``settings`` in ``count`` fresh workers, closed afterwards; (the workers, the results)."""
+    workers = decoding.DecoderProcesses(count)
+    try:
+        return workers, workers.decode(paths, *settings)
+    finally:
+        workers.close()
+
+
 @pytest.mark.parametrize("profiled", [False, True])
 def test_a_worker_decodes_exactly_as_this_process(tmp_path, profiled):
     paths = _files(tmp_path)
-    workers = decoding.DecoderProcesses(1)
-    try:
-        got = workers.decode(paths, 16, "pad", "white", profiled)
-    finally:
-        workers.close()
+    workers, got = _in_workers(1, paths, 16, "pad", "white", profiled)
     want = decoding.decode_files(paths, 16, "pad", "white", profiled)
     _same(got, want)
     assert got[-2][0] is None and got[-2][1].startswith("UnidentifiedImageError")
@@ -85,11 +90,7 @@ def test_a_file_that_kills_its_worker_gets_an_error_row_and_the_rest_are_decoded
         return real_decode(worker, request)
 
     monkeypatch.setattr(decoding._Worker, "decode", dies_on_poison)
-    workers = decoding.DecoderProcesses(2)
-    try:
-        got = workers.decode(paths, 12, "squash", "black", True)
-    finally:
-        workers.close()
+    workers, got = _in_workers(2, paths, 12, "squash", "black", True)
     want = decoding.decode_files(paths, 12, "squash", "black", True)
     _same(got[:2] + got[3:], want[:2] + want[3:])
     pixels, error, props = got[2]
@@ -102,11 +103,7 @@ def test_workers_decode_under_this_processs_pillow_limits(tmp_path, monkeypatch)
     big = tmp_path / "big.png"
     Image.new("RGB", (40, 30)).save(big)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,200 pixels: over twice the limit, refused
-    workers = decoding.DecoderProcesses(1)
-    try:
-        [(pixels, error)] = workers.decode([big], 8, "squash", "black", False)
-    finally:
-        workers.close()
+    _, [(pixels, error)] = _in_workers(1, [big], 8, "squash", "black", False)
     assert pixels is None and error.startswith("DecompressionBombError")
 
 
@@ -137,11 +134,7 @@ def test_a_worker_never_imports_modules_from_the_working_folder(tmp_path, monkey
     for module in ("numpy.py", "PIL.py", "pickle.py"):
         (hostile / module).write_text(f"open({str(marker)!r}, 'w').write('x')\nraise SystemExit(9)\n")
     monkeypatch.chdir(hostile)
-    workers = decoding.DecoderProcesses(1)
-    try:
-        pixels, error = workers.decode([str(_files(tmp_path)[0])], 8, "squash", "black", False)[0]
-    finally:
-        workers.close()
+    _, [(pixels, error)] = _in_workers(1, [_files(tmp_path)[0]], 8, "squash", "black", False)
     assert error == "" and pixels.shape == (8, 8, 3) and not marker.exists()
 
 
