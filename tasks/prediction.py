@@ -8,8 +8,9 @@ The pieces, each a plain function:
   boundaries (after a file whose name hashes to a boundary value), each keyed by
   :func:`chunk_key` and stored as one part file: a new or removed file changes only its
   group, so a re-run over a growing inbox predicts only what is new.
-* :func:`predict_groups` decodes files exactly as training did on a thread pool, one
-  batch ahead of the model, and writes one part file per group atomically.
+* :func:`predict_groups` decodes files exactly as training did, one batch ahead of the
+  model (in the process's decoding workers, :mod:`imgflow.tasks.decoding`, when they
+  run, else on threads), and writes one part file per group atomically.
 * :func:`assemble_csv` streams the part files of the current scan, in scan order,
   into the final CSV atomically.
 
@@ -299,8 +300,10 @@ def predict_files(
 ) -> list[list[str]]:
     """Predict a list of files with a loaded model; one row per file, in order.
 
-    Files are decoded on a thread pool one batch ahead of the model, so decoding
-    batch *n+1* overlaps the model's work on batch *n*; the model sees whole batches.
+    Files are decoded one batch ahead of the model (threads that hand them to the
+    process's decoding workers when :func:`imgflow.tasks.decoding.start` began them, else
+    decode them), so decoding batch *n+1* overlaps the model's work on batch *n*; the
+    model sees whole batches.
 
     Args:
         model: a loaded Keras model taking raw 0-255 RGB images.
