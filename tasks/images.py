@@ -262,6 +262,8 @@ def _plain_markers(data: bytes) -> bool | None:
             if data[at + 4] != 8 or data[at + 9] not in (1, 3):  # sample precision, components
                 return False
             frame = True
+        if marker == 0xE2 and at + 8 > len(data):
+            return None  # whether it is an MPF index lies past what was read
         if marker == 0xE1 or (marker == 0xE2 and data[at + 4 : at + 8] == b"MPF\x00"):
             return False
         at += 2 + length

@@ -312,9 +312,7 @@ def predict_files(
         input_dir: the folder ``entries`` are relative to.
         entries: files to predict.
         batch_size: images per model call.
-        workers: decoding threads (default: :func:`default_decode_threads`); they hand
-            the files to this process's decoding workers when :func:`imgflow.tasks.decoding.start`
-            began them, else decode here.
+        workers: decoding threads (default: :func:`default_decode_threads`).
         novelty: fitted statistics (:class:`imgflow.tasks.novelty.NoveltyModel`): fills
             ``novelty``/``unknown`` and calibrates the probabilities; None leaves those
             cells empty and the probabilities as the model gives them.

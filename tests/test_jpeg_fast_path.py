@@ -94,6 +94,7 @@ SOS = b"\xff\xda"
     (b"\x00\x00" + SOS, False),  # not a marker
     (SOF_8BIT_RGB, None),  # runs out before the scan: read more
     (_segment(0xE2, bytes(100))[:20], None),
+    (_segment(0xE2, b"MPF\x00")[:6], None),  # an APP2 cut before it says what it is
 ])
 def test_only_plain_header_segments_take_the_plain_path(header, plain):
     assert images._plain_markers(b"\xff\xd8" + header) is plain
