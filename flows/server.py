@@ -313,9 +313,9 @@ def _start(home: Path, idle: float, lock: int | None) -> str | None:
             process = subprocess.Popen(
                 # run in PREFECT_HOME, like the daemon, with -P: the server puts "." on sys.path
                 # and the command's working folder may hold a stray uvicorn.py or numpy.py
-                [sys.executable, "-P", "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
-                 "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-                 "--port", str(port), "--log-level", "error", "--lifespan", "on"],
+                child.module_command("uvicorn", "--app-dir", str(Path(spec.origin).parent.parent),
+                                     "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+                                     "--port", str(port), "--log-level", "error", "--lifespan", "on"),
                 env={**os.environ, **_SERVER_ENV, "PREFECT_HOME": str(home)}, cwd=home,
             )
     except OSError:

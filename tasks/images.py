@@ -203,9 +203,10 @@ def _plain_jpeg(path: Path | str, size: tuple[int, int]) -> tuple[np.ndarray, di
         return None
     try:
         with open(path, "rb") as handle:
-            data = handle.read(_HEAD_BYTES)
-            if data[:2] != b"\xff\xd8":
+            data = handle.read(2)
+            if data != b"\xff\xd8":  # not a JPEG: no more of it read here
                 return None
+            data += handle.read(_HEAD_BYTES - 2)
             plain = _plain_markers(data)
             if plain is None:  # header segments beyond the first read (a large ICC profile)
                 data += handle.read()
