@@ -8,7 +8,8 @@ imgflow keeps) and of the last (``last``, what the plain script keeps), the fina
 accuracy and the median seconds per epoch. A candidate is a dict: ``plain: true`` (the
 tutorial script's network, ``bench/plain_keras.py``, and Adam 1e-3) or imgflow's ``default`` builder with
 ``arch`` (architecture overrides), ``opt``, ``lr``, ``schedule``, ``warmup`` (epochs),
-``wd`` (AdamW weight decay), ``ema`` (AdamW with an exponential moving average of the
+``wd`` (AdamW weight decay), ``init`` (``he``: He-uniform kernels instead of Keras' Glorot-uniform),
+``center`` (true: pixels scaled to [-1, 1] instead of [0, 1]), ``ema`` (AdamW with an exponential moving average of the
 weights at this momentum, swapped in for each epoch's validation: Keras ``use_ema`` +
 ``SwapEMAWeights``), ``ls`` (label smoothing), ``augment``, ``bg`` (unset: Adam
 3e-3, constant rate, the builder's current architecture, black background)::
@@ -19,8 +20,10 @@ weights at this momentum, swapped in for each epoch's validation: Keras ``use_em
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -32,6 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from imgflow.tasks import models  # noqa: E402
 from imgflow.tasks.images import load_image  # noqa: E402
 from imgflow.tasks.models import build_model, make_optimizer  # noqa: E402
 from plain_keras import epoch_clock, tutorial_cnn  # noqa: E402
@@ -56,6 +60,24 @@ def load(ds: str, split: str, bg: str | None) -> tuple[np.ndarray, np.ndarray, l
     return _cache[key]
 
 
+@contextlib.contextmanager
+def candidate_layers(v: dict):
+    """Patch the builder's kernel initializers (``init``) and input scaling (``center``) while it builds."""
+    saved = models._kernel_initializers, keras.layers.Rescaling
+    if v.get("init") == "he":
+        def he(seed: int):
+            draws = random.Random(seed)
+            while True:
+                yield keras.initializers.HeUniform(seed=draws.randint(1, int(1e9)))
+        models._kernel_initializers = he
+    if v.get("center"):
+        keras.layers.Rescaling = lambda scale, **kw: saved[1](2 * scale, offset=-1.0, **kw)
+    try:
+        yield
+    finally:
+        models._kernel_initializers, keras.layers.Rescaling = saved
+
+
 def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     """Train one candidate ``v`` on dataset ``ds`` with ``seed``; its figures."""
     bg = v.get("bg", "black")
@@ -67,8 +89,9 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     if v.get("plain"):
         model, opt = tutorial_cnn(size, n), keras.optimizers.Adam(1e-3)
     else:
-        model = build_model("default", size, n, architecture=v.get("arch"), augment=v.get("augment", False),
-                            seed=seed, steps_per_epoch=steps)
+        with candidate_layers(v):
+            model = build_model("default", size, n, architecture=v.get("arch"), augment=v.get("augment", False),
+                                seed=seed, steps_per_epoch=steps)
         opt = make_optimizer(v.get("opt", "adam"), v.get("lr", 3e-3), v.get("schedule", "none"), steps * epochs,
                              int(steps * v.get("warmup", 0)))
         if "wd" in v or "ema" in v:

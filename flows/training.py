@@ -315,37 +315,40 @@ def training_pipeline(
         state = "new"
     logger.info("%s run %s in %s", "resuming" if state == "resume" else "starting", run_id, model_dir)
 
-    summary = as_gpu_task(train_task)(str(manifest_path), str(model_dir), config.train)
-    previous = registry.read_metadata(model_dir) if (model_dir / registry.METADATA_FILE).is_file() else None
-    metadata = registry.build_metadata(run_id, summary, manifest, manifest_path, config.flat(), _metrics(summary, {}),
-                                       data_dir, val_dir, previous)
-    # evaluation reads class names and image size from metadata.json: write it first
-    registry.write_metadata(model_dir, metadata)
-    started = time.perf_counter()
-    metadata.update(as_gpu_task(fit_novelty_task)(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
-    seconds = {"novelty_seconds": round(time.perf_counter() - started, 2)}
-    metadata["metrics"].update(seconds)  # kept by a diverged run too, which is not evaluated
+    try:
+        summary = as_gpu_task(train_task)(str(manifest_path), str(model_dir), config.train)
+        previous = registry.read_metadata(model_dir) if (model_dir / registry.METADATA_FILE).is_file() else None
+        metadata = registry.build_metadata(run_id, summary, manifest, manifest_path, config.flat(), _metrics(summary, {}),
+                                           data_dir, val_dir, previous)
+        # evaluation reads class names and image size from metadata.json: write it first
+        registry.write_metadata(model_dir, metadata)
+        started = time.perf_counter()
+        metadata.update(as_gpu_task(fit_novelty_task)(str(model_dir), str(manifest_path), str(data_dir), config.train.unknown_rate))
+        seconds = {"novelty_seconds": round(time.perf_counter() - started, 2)}
+        metadata["metrics"].update(seconds)  # kept by a diverged run too, which is not evaluated
 
-    skip_reason = _skip_evaluation_reason(summary["diagnosis"])
-    if skip_reason:
-        return _finish_unevaluated(model_dir, workdir, metadata, skip_reason)
+        skip_reason = _skip_evaluation_reason(summary["diagnosis"])
+        if skip_reason:
+            return _finish_unevaluated(model_dir, workdir, metadata, skip_reason)
 
-    champion_dir = registry.champion_dir(workdir)
-    started = time.perf_counter()
-    evaluation = as_gpu_task(evaluate_task)(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
-                               config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
-                               config.evaluate.csv_neutralise, config.evaluate.batch_size)
-    seconds["evaluation_seconds"] = round(time.perf_counter() - started, 2)
-    metadata["metrics"] = {**_metrics(summary, evaluation), **seconds}
-    metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
-    registry.write_metadata(model_dir, metadata)
+        champion_dir = registry.champion_dir(workdir)
+        started = time.perf_counter()
+        evaluation = as_gpu_task(evaluate_task)(str(model_dir), str(manifest_path), str(champion_dir) if champion_dir else None,
+                                   config.train.promotion_tolerance, config.train.min_class_images_for_recall_gate,
+                                   config.evaluate.csv_neutralise, config.evaluate.batch_size)
+        seconds["evaluation_seconds"] = round(time.perf_counter() - started, 2)
+        metadata["metrics"] = {**_metrics(summary, evaluation), **seconds}
+        metadata["evaluation"] = {k: evaluation.get(k) for k in ("report_html", "report_md", "metrics_json")}
+        registry.write_metadata(model_dir, metadata)
 
-    decision = promote_task(str(workdir), str(model_dir), evaluation["promotion"])
-    result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=False)
-    result["reason"] = decision["reason"]
-    result["promoted"] = decision["promoted"]
-    _publish(result, evaluation)
-    _emit_decision(workdir, result, metadata)
-    accuracy = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.4f}"
-    print(f"val accuracy {accuracy} | model {result['model_dir']} | {result['reason']}")
-    return result
+        decision = promote_task(str(workdir), str(model_dir), evaluation["promotion"])
+        result = _result_from_metadata(registry.read_metadata(model_dir), model_dir, workdir, skipped=False)
+        result["reason"] = decision["reason"]
+        result["promoted"] = decision["promoted"]
+        _publish(result, evaluation)
+        _emit_decision(workdir, result, metadata)
+        accuracy = "n/a" if result["val_accuracy"] is None else f"{result['val_accuracy']:.4f}"
+        print(f"val accuracy {accuracy} | model {result['model_dir']} | {result['reason']}")
+        return result
+    finally:
+        registry.forget_saved_model()  # the novelty and evaluation steps used the trained model as it is

@@ -35,6 +35,11 @@ _RUN_ID_IGNORED_KEYS = frozenset({
 #: a class needs this many validation images before a recall of 0 on it blocks promotion
 MIN_CLASS_IMAGES_FOR_RECALL_GATE = 10
 
+# The model this process has just trained and saved, under its file's identity (path,
+# inode, mtime, size): the same run's novelty and evaluation steps take it from here
+# instead of reading the file back (one slot; see hand_over_saved_model).
+_saved_model: dict[tuple[str, int, int, int], Any] = {}
+
 
 class RegistryError(UsageError, ValueError):
     """A model directory or champion pointer that cannot be used."""
@@ -232,8 +237,36 @@ def resolve_model_dir(model: str | Path, workdir: Path | str = Path("imgflow-wor
     return candidate.resolve()
 
 
+def _file_identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def hand_over_saved_model(path: Path | str, model: Any) -> None:
+    """Let this process's next loads of ``path`` return ``model``, which was just saved there.
+
+    The file stays the truth: once it is replaced or changed, loads read it again. One
+    model at a time; :func:`forget_saved_model` drops it.
+    """
+    _saved_model.clear()
+    identity = _file_identity(Path(path))
+    if identity is not None:
+        _saved_model[identity] = model
+
+
+def forget_saved_model() -> None:
+    """Drop the model of :func:`hand_over_saved_model` (the run that trained it is over)."""
+    _saved_model.clear()
+
+
 def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
     """Load ``model.keras`` (safe mode) and ``metadata.json`` of a model directory.
+
+    A model this process has just trained and saved there (:func:`hand_over_saved_model`)
+    is returned as it is, without reading the file back.
 
     Returns:
         (keras.Model, metadata dict).
@@ -242,6 +275,9 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
 
     path = Path(path)
     metadata = read_metadata(path)
+    identity = _file_identity(path / MODEL_FILE)
+    if identity in _saved_model:
+        return _saved_model[identity], metadata
     try:
         model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
     except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:

@@ -26,7 +26,7 @@ import keras
 import numpy as np
 
 from imgflow.tasks.options import TrainOptions
-from imgflow.tasks import doctor, finetune
+from imgflow.tasks import doctor, finetune, registry
 from imgflow.tasks.atomic import atomic_path, read_json, write_json, write_text
 from imgflow.tasks.errors import DiskFullError, disk_full, is_disk_full
 from imgflow.tasks.resume import (
@@ -565,6 +565,8 @@ def train_from_manifest(
                 steps_per_epoch=steps, jit_compile=plan["jit_compile"], class_names=class_names,
             )
         save_model(model, run_dir / MODEL_FILE)
+        if plan["strategy"] != "mirrored":  # a one-device model: this run's next steps use it as it is
+            registry.hand_over_saved_model(run_dir / MODEL_FILE, model)
     finally:
         keras.config.set_dtype_policy(previous_policy)
     summary = {

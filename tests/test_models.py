@@ -14,6 +14,7 @@ from imgflow.tasks.models import (
     ModelConfigError,
     build_model,
     compile_model,
+    decay_at_one_rate,
     is_compiled,
     make_optimizer,
     resolve_model_name,
@@ -222,6 +223,42 @@ def test_optimizers_by_name_and_cosine_schedule():
         make_optimizer("lbfgs", 0.1)
     with pytest.raises(ModelConfigError, match="total number of training steps"):
         make_optimizer("adam", 0.1, "cosine")
+
+
+def _counting_schedule(calls: list[int]) -> keras.optimizers.schedules.LearningRateSchedule:
+    class Counting(keras.optimizers.schedules.CosineDecay):
+        def __call__(self, step):
+            calls.append(1)
+            return super().__call__(step)
+
+    return Counting(1e-4, decay_steps=90, alpha=0.01, warmup_target=0.01, warmup_steps=10)
+
+
+def test_adamw_reads_a_scheduled_rate_once_per_step_for_its_weight_decay_with_the_same_result():
+    rng = np.random.default_rng(0)
+    x, y = rng.random((16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16)
+
+    def train(optimizer):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                                  keras.layers.Dense(8), keras.layers.Dense(3, activation="softmax")])
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", run_eagerly=True)
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 2 steps
+        return model.get_weights()
+
+    plain_calls: list[int] = []
+    plain = train(keras.optimizers.AdamW(_counting_schedule(plain_calls)))
+    calls: list[int] = []
+    once = train(decay_at_one_rate(keras.optimizers.AdamW(_counting_schedule(calls))))
+    assert len(plain_calls) == 2 * (6 + 1)  # per step: once per variable (6 of them), once for the update
+    assert len(calls) == 2 * 2  # per step: once for the weight decay, once for the update
+    for a, b in zip(plain, once):
+        np.testing.assert_array_equal(a, b)
+    # still a plain Keras AdamW: its config rebuilds it without imgflow
+    rebuilt = keras.optimizers.deserialize(keras.optimizers.serialize(make_optimizer("adamw", 0.01, "cosine", 100, 10)))
+    assert type(rebuilt) is keras.optimizers.AdamW and "_apply_weight_decay" not in vars(rebuilt)
+    assert "_apply_weight_decay" in vars(make_optimizer("adamw", 0.01, "cosine", 100, 10))
+    assert "_apply_weight_decay" not in vars(make_optimizer("adamw", 0.01))  # a constant rate is a variable already
 
 
 def test_saved_default_model_loads_in_safe_mode_with_plain_keras(tmp_path):

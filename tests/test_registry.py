@@ -115,6 +115,29 @@ def test_promote_resolve_and_load_champion(tmp_path):
     assert not list(workdir.glob(".tmp-*"))  # atomic writes leave nothing behind
 
 
+def test_a_handed_over_model_is_loaded_as_it_is_until_its_file_changes(tmp_path):
+    model_dir = tmp_path / "models" / "r1"
+    trained = _tiny_model_dir(model_dir)
+    try:
+        registry.hand_over_saved_model(model_dir / "model.keras", trained)
+        loaded, metadata = registry.load_model_dir(model_dir)
+        assert loaded is trained and metadata["run_id"] == "r1"
+        assert registry.load_model_dir(tmp_path / "models" / ".." / "models" / "r1")[0] is trained  # same file
+
+        other = keras.Model.from_config(trained.get_config())  # another model saved over the file
+        other.save(model_dir / "model.keras")
+        reread, _ = registry.load_model_dir(model_dir)
+        assert reread is not trained and reread is not other
+        assert [w.shape for w in reread.get_weights()] == [w.shape for w in trained.get_weights()]
+
+        registry.hand_over_saved_model(model_dir / "model.keras", other)
+        assert registry.load_model_dir(model_dir)[0] is other
+        registry.forget_saved_model()
+        assert registry.load_model_dir(model_dir)[0] is not other
+    finally:
+        registry.forget_saved_model()
+
+
 def test_bad_model_directories_are_named(tmp_path):
     with pytest.raises(registry.RegistryError, match="expected a model directory holding model.keras"):
         registry.resolve_model_dir(tmp_path, tmp_path)

@@ -42,11 +42,17 @@ def _raw_accuracy(model_dir: Path, data_dir: Path, metadata: dict) -> float:
     return float(np.mean(predicted == np.array(labels)))
 
 
-def test_pipeline_trains_promotes_reuses_and_rejects(prefect_server, digits_dir, tmp_path):
+def test_pipeline_trains_promotes_reuses_and_rejects(prefect_server, digits_dir, tmp_path, monkeypatch):
     from imgflow.flows.training import training_pipeline
+    from imgflow.tasks import registry
 
+    read_back: list[Path] = []  # model files the pipeline loads with Keras
+    load_model = keras.saving.load_model
+    monkeypatch.setattr(keras.saving, "load_model", lambda path, *a, **k: read_back.append(Path(path)) or load_model(path, *a, **k))
     workdir = tmp_path / "work"
     result = training_pipeline(digits_dir, workdir=workdir, config=_config())
+    # novelty and evaluation use the model just trained, never a copy read back; the run drops it
+    assert read_back == [] and registry._saved_model == {}
     assert result["promoted"] is True and result["healthy"] is True and result["skipped"] is False
     assert result["val_accuracy"] >= 0.9
     assert result["reason"].startswith("promoted: first healthy model")
@@ -75,8 +81,10 @@ def test_pipeline_trains_promotes_reuses_and_rejects(prefect_server, digits_dir,
     assert again["run_id"] == result["run_id"] and "reused run" in again["reason"]
 
     # a run that is much worse than the champion on the same validation set is rejected
+    read_back.clear()
     weak = training_pipeline(digits_dir, workdir=workdir, config=_config(epochs=1, learning_rate=1e-6))
     assert weak["run_id"] != result["run_id"]
+    assert [p.resolve() for p in read_back] == [(model_dir / "model.keras").resolve()]  # the champion, scored beside it
     assert weak["promoted"] is False, weak
     assert weak["reason"].startswith("rejected")
     assert read_json(workdir / "champion.json")["run_id"] == result["run_id"]
