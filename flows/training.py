@@ -65,18 +65,28 @@ def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[
 @task(name="fit-novelty", tags={"gpu"}, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
 def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_rate: float) -> dict[str, Any]:
-    """Fit novelty statistics, the temperature and the training image profile; return the metadata keys."""
+    """Fit novelty statistics, the temperature and the training image profile; return the metadata keys.
+
+    The profile (Pillow decoding the files) is taken in a thread beside the statistics
+    (the model's calls): the two overlap on separate cores.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from imgflow.tasks.drift import profile_training
     from imgflow.tasks.novelty import NoveltyError, fit_from_manifest
 
-    try:
-        keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
-    except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
-        get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
-        return {}
     metadata = registry.read_metadata(Path(model_dir))
-    profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
-                     metadata["aspect"], metadata.get("background"))
+    with ThreadPoolExecutor(1, thread_name_prefix="imgflow-profile") as pool:
+        profiled = pool.submit(profile_training, Path(model_dir), Path(data_dir), metadata["class_names"],
+                               int(metadata["image_size"]), metadata["aspect"], metadata.get("background"))
+        try:
+            keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
+        except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
+            get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
+            keys = {}
+        profiled.result()
+    if not keys:
+        return {}
     get_run_logger().info("novelty threshold %.4g (%s, unknown rate %s); temperature %.3f",
                           keys["novelty"]["threshold"], keys["novelty"]["method"], unknown_rate,
                           keys["calibration"]["temperature"])

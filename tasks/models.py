@@ -29,12 +29,15 @@ BUILTIN_MODELS = ("default", "conv_blocks", "efficientnetv2b0", "mobilenetv3smal
 
 # Built-in "default" CNN, chosen on bench/recipe.py (see bench/RESULTS.md): the shape of
 # the hand-written tutorial script (one 3x3 conv + max-pool per block, Flatten, Dense 128),
-# widths for the image size, no dropout and no BatchNorm. What beats the script is the
+# widths for the image size, no dropout and no BatchNorm, pixels scaled to [-1, 1] (centred
+# inputs: +1.0 and +0.8 points over [0, 1] on two sets of four, 10 seeds, level on the
+# others; bench/RESULTS.md, fifth recipe round). What beats the script is the
 # recipe around it (tasks/options.py: AdamW at 2e-3 with a warm-up and cosine decay, the
 # best epoch's weights): at 10 epochs on 700-1,000 images the script's dropout 0.5 leaves
 # the network underfitting (train accuracy ~0.75), and BatchNorm (+2 points on one set of
 # three) cost ~50% more time per epoch on CPU.
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
+    "input_range": "signed",
     "filters": "auto",
     "convs_per_block": 1,
     "kernel_size": 3,
@@ -59,6 +62,7 @@ FALLBACK_LEARNING_RATE = 1e-3
 # "conv_blocks": the architecture of a typical hand-written Keras script
 # (Conv2D/MaxPool blocks, Flatten, one Dense layer), but with rescaling inside.
 CONV_BLOCKS_ARCHITECTURE: dict[str, Any] = {
+    "input_range": "unit",
     "filters": [32, 64, 128],
     "convs_per_block": 1,
     "kernel_size": 3,
@@ -71,6 +75,9 @@ CONV_BLOCKS_ARCHITECTURE: dict[str, Any] = {
     "dense": [128],
     "dropout": 0.5,
 }
+
+# Rescaling (scale, offset) of each input_range: 0-255 pixels to [0, 1] or to [-1, 1].
+_INPUT_RANGES: dict[str, tuple[float, float]] = {"unit": (1.0 / 255, 0.0), "signed": (1.0 / 127.5, -1.0)}
 
 # Options of the augmentation block (architecture keys, all models but user ones).
 AUGMENT_DEFAULTS: dict[str, Any] = {"translate": 0.1, "rotate": 0.05, "zoom": 0.1, "flip": False}
@@ -215,7 +222,8 @@ def build_conv_blocks(
         image_size: side of the square input images.
         num_classes: number of output classes (softmax units).
         architecture: overrides of ``filters`` (one block per entry, or ``auto``: see
-            :func:`filters_for`), ``convs_per_block``,
+            :func:`filters_for`), ``input_range`` (``unit``: pixels scaled to [0, 1] by
+            ``Rescaling(1/255)``; ``signed``: to [-1, 1]), ``convs_per_block``,
             ``kernel_size``, ``batch_norm`` (true, false, ``after_first`` or one flag per
             block), ``norm_position`` (``conv``: BatchNorm before the activation; ``pool``:
             after the block's pooling, cheaper), ``bn_momentum``, ``activation``, ``pooling`` (max|avg|none),
@@ -249,6 +257,8 @@ def build_conv_blocks(
         raise ModelConfigError(
             f"architecture.global_pool: expected avg, max or flatten, found {arch['global_pool']!r}"
         )
+    if arch["input_range"] not in _INPUT_RANGES:
+        raise ModelConfigError(f"architecture.input_range: expected unit or signed, found {arch['input_range']!r}")
     pooled = len(filters) if arch["pooling"] != "none" else 0
     if image_size // (2**pooled) < 1:
         raise ModelConfigError(
@@ -257,7 +267,7 @@ def build_conv_blocks(
         )
 
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = keras.layers.Rescaling(1.0 / 255, name="rescale")(inputs)
+    x = keras.layers.Rescaling(*_INPUT_RANGES[arch["input_range"]], name="rescale")(inputs)
     if augment:
         x = augmentation_block(aug, seed)(x)
     norm = arch["batch_norm"]

@@ -31,7 +31,8 @@ def test_default_model_takes_raw_images_and_outputs_probabilities():
     assert model.output_shape == (None, 3)
     types = _layer_types(model)
     assert types[1] == "Rescaling"  # scaling lives inside the model
-    assert model.get_layer("rescale").scale == pytest.approx(1 / 255)
+    rescale = model.get_layer("rescale")
+    assert (rescale.scale, rescale.offset) == (pytest.approx(1 / 127.5), -1.0)  # 0-255 to [-1, 1]
     assert "Sequential" in types  # augmentation block
     # the recipe of bench/recipe.py: tutorial-shaped blocks, no BatchNorm, no dropout
     assert types.count("Conv2D") == 3 and types.count("MaxPooling2D") == 3
@@ -68,6 +69,18 @@ def test_no_augmentation_block_when_disabled():
     assert "Sequential" not in _layer_types(model)
 
 
+@pytest.mark.parametrize(("name", "arch", "lowest", "highest"), [
+    ("default", None, -1.0, 1.0),  # centred inputs: the benchmark's choice for the default
+    ("default", {"input_range": "unit"}, 0.0, 1.0),
+    ("conv_blocks", None, 0.0, 1.0),  # the hand-written script's Rescaling(1/255)
+])
+def test_the_input_range_is_what_the_first_layer_gives_raw_pixels(name, arch, lowest, highest):
+    model = build_model(name, 32, 3, arch, augment=False)
+    rescale = model.get_layer("rescale")
+    pixels = np.array([0.0, 127.5, 255.0], dtype="float32").reshape(1, 1, 3, 1)
+    np.testing.assert_allclose(np.asarray(rescale(pixels)).ravel(), [lowest, (lowest + highest) / 2, highest], atol=1e-6)
+
+
 def test_conv_blocks_architecture_from_config():
     arch = {"filters": [8, 16], "dense": [24], "dropout": 0.25, "augmentation": {"rotate": 0.0, "flip": True}}
     model = build_model("conv-blocks", 32, 4, arch)
@@ -88,6 +101,7 @@ def test_conv_blocks_architecture_from_config():
         ({"architecture": {"filterz": [8]}}, "unknown key(s) filterz"),
         ({"architecture": {"filters": [8, 8, 8, 8, 8, 8]}}, "at least 64 px"),
         ({"architecture": {"pooling": "median"}}, "expected max, avg or none"),
+        ({"architecture": {"input_range": "0-255"}}, "input_range: expected unit or signed, found '0-255'"),
         ({"num_classes": 1}, "at least 2 classes"),
         ({"weights": "/nope.h5"}, "only keras.applications backbones"),
     ],
