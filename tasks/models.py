@@ -573,7 +573,8 @@ def decay_at_one_rate(optimizer: keras.optimizers.Optimizer) -> keras.optimizers
     the same numbers (bit-identical training), a shorter first epoch (less to trace) and
     shorter steps (about 0.9 s of a 13 s themes fit, ``bench/RESULTS.md``). The optimizer
     stays a plain Keras ``AdamW`` (nothing of this is saved with the model); a Keras
-    without the private hooks this relies on keeps its own behaviour.
+    without the private hooks this relies on, and a TensorFlow distribution strategy
+    (several GPUs), keep Keras' own behaviour.
     """
     original = getattr(type(optimizer), "_apply_weight_decay", None)
     if not isinstance(getattr(optimizer, "_learning_rate", None), keras.optimizers.schedules.LearningRateSchedule) \
@@ -582,6 +583,9 @@ def decay_at_one_rate(optimizer: keras.optimizers.Optimizer) -> keras.optimizers
 
     def apply_weight_decay(variables: list[Any]) -> None:
         if optimizer.weight_decay is None:
+            return
+        if _in_distribution_strategy():  # Keras decays mirrored variables in a cross-replica context: its own way
+            original(optimizer, variables)
             return
         schedule = optimizer._learning_rate
         optimizer._learning_rate = optimizer._get_current_learning_rate()  # a tensor: read back as it is
@@ -592,6 +596,15 @@ def decay_at_one_rate(optimizer: keras.optimizers.Optimizer) -> keras.optimizers
 
     optimizer._apply_weight_decay = apply_weight_decay
     return optimizer
+
+
+def _in_distribution_strategy() -> bool:
+    """Whether a TensorFlow distribution strategy other than the default one is in scope."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.distribute.has_strategy()
 
 
 def is_compiled(model: keras.Model) -> bool:

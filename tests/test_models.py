@@ -252,22 +252,34 @@ def test_adamw_reads_a_scheduled_rate_once_per_step_for_its_weight_decay_with_th
     rng = np.random.default_rng(0)
     x, y = rng.random((16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16)
 
-    def train(optimizer):
+    def train(make_optimizer, strategy=None, run_eagerly=True):
+        import tensorflow as tf
+
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
-                                  keras.layers.Dense(8), keras.layers.Dense(3, activation="softmax")])
-        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy", run_eagerly=True)
+        with (strategy or tf.distribute.get_strategy()).scope():
+            model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                                      keras.layers.Dense(8), keras.layers.Dense(3, activation="softmax")])
+            model.compile(optimizer=make_optimizer(), loss="sparse_categorical_crossentropy", run_eagerly=run_eagerly)
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)  # 2 steps
         return model.get_weights()
 
     plain_calls: list[int] = []
-    plain = train(keras.optimizers.AdamW(_counting_schedule(plain_calls)))
+    plain = train(lambda: keras.optimizers.AdamW(_counting_schedule(plain_calls)))
     calls: list[int] = []
-    once = train(decay_at_one_rate(keras.optimizers.AdamW(_counting_schedule(calls))))
+    once = train(lambda: decay_at_one_rate(keras.optimizers.AdamW(_counting_schedule(calls))))
     assert len(plain_calls) == 2 * (6 + 1)  # per step: once per variable (6 of them), once for the update
     assert len(calls) == 2 * 2  # per step: once for the weight decay, once for the update
     for a, b in zip(plain, once):
         np.testing.assert_array_equal(a, b)
+    # under a distribution strategy (several GPUs) Keras' own cross-replica weight decay runs, unchanged
+    import tensorflow as tf
+
+    traced: list[int] = []  # a compiled step: the schedule's calls while it is traced once
+    mirrored = train(lambda: decay_at_one_rate(keras.optimizers.AdamW(_counting_schedule(traced))),
+                     tf.distribute.MirroredStrategy(["/cpu:0"]), run_eagerly=False)
+    assert len(traced) == 6 + 1
+    for a, b in zip(plain, mirrored):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     # still a plain Keras AdamW: its config rebuilds it without imgflow
     rebuilt = keras.optimizers.deserialize(keras.optimizers.serialize(make_optimizer("adamw", 0.01, "cosine", 100, 10)))
     assert type(rebuilt) is keras.optimizers.AdamW and "_apply_weight_decay" not in vars(rebuilt)
