@@ -249,12 +249,12 @@ def _counting_schedule(calls: list[int]) -> keras.optimizers.schedules.LearningR
 
 
 def test_adamw_reads_a_scheduled_rate_once_per_step_for_its_weight_decay_with_the_same_result():
+    import tensorflow as tf
+
     rng = np.random.default_rng(0)
     x, y = rng.random((16, 8, 8, 3)).astype("float32"), rng.integers(0, 3, 16)
 
     def train(make_optimizer, strategy=None, run_eagerly=True):
-        import tensorflow as tf
-
         keras.utils.set_random_seed(0)
         with (strategy or tf.distribute.get_strategy()).scope():
             model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
@@ -272,8 +272,6 @@ def test_adamw_reads_a_scheduled_rate_once_per_step_for_its_weight_decay_with_th
     for a, b in zip(plain, once):
         np.testing.assert_array_equal(a, b)
     # under a distribution strategy (several GPUs) Keras' own cross-replica weight decay runs, unchanged
-    import tensorflow as tf
-
     traced: list[int] = []  # a compiled step: the schedule's calls while it is traced once
     mirrored = train(lambda: decay_at_one_rate(keras.optimizers.AdamW(_counting_schedule(traced))),
                      tf.distribute.MirroredStrategy(["/cpu:0"]), run_eagerly=False)

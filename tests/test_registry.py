@@ -124,8 +124,9 @@ def test_a_handed_over_model_is_loaded_as_it_is_until_its_file_changes(tmp_path)
         assert loaded is trained and metadata["run_id"] == "r1"
         assert registry.load_model_dir(tmp_path / "models" / ".." / "models" / "r1")[0] is trained  # same file
 
-        other = keras.Model.from_config(trained.get_config())  # another model saved over the file
-        other.save(model_dir / "model.keras")
+        other = keras.Model.from_config(trained.get_config())  # another model put in its place, as save_model does
+        other.save(tmp_path / "other.keras")
+        (tmp_path / "other.keras").replace(model_dir / "model.keras")
         reread, _ = registry.load_model_dir(model_dir)
         assert reread is not trained and reread is not other
         assert [w.shape for w in reread.get_weights()] == [w.shape for w in trained.get_weights()]
