@@ -9,7 +9,7 @@ accuracy and the median seconds per epoch. A candidate is a dict: ``plain: true`
 tutorial script's network, ``bench/plain_keras.py``, and Adam 1e-3) or imgflow's ``default`` builder with
 ``arch`` (architecture overrides), ``opt``, ``lr``, ``schedule``, ``warmup`` (epochs),
 ``wd`` (AdamW weight decay), ``init`` (``he``: He-uniform kernels instead of Keras' Glorot-uniform),
-``center`` (true: pixels scaled to [-1, 1] instead of [0, 1]), ``ema`` (AdamW with an exponential moving average of the
+``center`` (true: pixels scaled to [-1, 1], the architecture's ``input_range: signed``), ``ema`` (AdamW with an exponential moving average of the
 weights at this momentum, swapped in for each epoch's validation: Keras ``use_ema`` +
 ``SwapEMAWeights``), ``ls`` (label smoothing), ``augment``, ``bg`` (unset: Adam
 3e-3, constant rate, the builder's current architecture, black background)::
@@ -62,20 +62,18 @@ def load(ds: str, split: str, bg: str | None) -> tuple[np.ndarray, np.ndarray, l
 
 @contextlib.contextmanager
 def candidate_layers(v: dict):
-    """Patch the builder's kernel initializers (``init``) and input scaling (``center``) while it builds."""
-    saved = models._kernel_initializers, keras.layers.Rescaling
+    """Patch the builder's kernel initializers (``init``) while it builds."""
+    saved = models._kernel_initializers
     if v.get("init") == "he":
         def he(seed: int):
             draws = random.Random(seed)
             while True:
                 yield keras.initializers.HeUniform(seed=draws.randint(1, int(1e9)))
         models._kernel_initializers = he
-    if v.get("center"):
-        keras.layers.Rescaling = lambda scale, **kw: saved[1](2 * scale, offset=-1.0, **kw)
     try:
         yield
     finally:
-        models._kernel_initializers, keras.layers.Rescaling = saved
+        models._kernel_initializers = saved
 
 
 def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
@@ -89,8 +87,9 @@ def run(ds: str, v: dict, seed: int, epochs: int = 10, batch: int = 32) -> dict:
     if v.get("plain"):
         model, opt = tutorial_cnn(size, n), keras.optimizers.Adam(1e-3)
     else:
+        arch = {**(v.get("arch") or {}), **({"input_range": "signed"} if v.get("center") else {})}
         with candidate_layers(v):
-            model = build_model("default", size, n, architecture=v.get("arch"), augment=v.get("augment", False),
+            model = build_model("default", size, n, architecture=arch, augment=v.get("augment", False),
                                 seed=seed, steps_per_epoch=steps)
         opt = make_optimizer(v.get("opt", "adam"), v.get("lr", 3e-3), v.get("schedule", "none"), steps * epochs,
                              int(steps * v.get("warmup", 0)))

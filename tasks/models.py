@@ -16,6 +16,7 @@ import inspect
 import os
 import random
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -581,20 +582,21 @@ def decay_at_one_rate(optimizer: keras.optimizers.Optimizer) -> keras.optimizers
             or not callable(original) or not callable(getattr(optimizer, "_get_current_learning_rate", None)):
         return optimizer
 
-    def apply_weight_decay(variables: list[Any]) -> None:
-        if optimizer.weight_decay is None:
+    def apply_weight_decay(self: keras.optimizers.Optimizer, variables: list[Any]) -> None:
+        if self.weight_decay is None:
             return
         if _in_distribution_strategy():  # Keras decays mirrored variables in a cross-replica context: its own way
-            original(optimizer, variables)
+            original(self, variables)
             return
-        schedule = optimizer._learning_rate
-        optimizer._learning_rate = optimizer._get_current_learning_rate()  # a tensor: read back as it is
+        schedule = self._learning_rate
+        self._learning_rate = self._get_current_learning_rate()  # a tensor: read back as it is
         try:
-            original(optimizer, variables)
+            original(self, variables)
         finally:
-            optimizer._learning_rate = schedule
+            self._learning_rate = schedule
 
-    optimizer._apply_weight_decay = apply_weight_decay
+    # this optimizer's own method: its class, and an optimizer rebuilt from its config, stay Keras' own
+    optimizer._apply_weight_decay = types.MethodType(apply_weight_decay, optimizer)
     return optimizer
 
 

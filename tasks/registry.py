@@ -276,8 +276,9 @@ def load_model_dir(path: Path | str) -> tuple[Any, dict[str, Any]]:
     path = Path(path)
     metadata = read_metadata(path)
     identity = _file_identity(path / MODEL_FILE)
-    if identity in _saved_model:
-        return _saved_model[identity], metadata
+    handed_over = _saved_model.get(identity) if identity else None  # one read: a concurrent forget cannot break it
+    if handed_over is not None:
+        return handed_over, metadata
     try:
         model = keras.saving.load_model(path / MODEL_FILE, compile=False, safe_mode=True)
     except (TypeError, ValueError, AttributeError, ImportError, KeyError, OSError) as exc:

@@ -39,7 +39,7 @@ from imgflow.tasks.resume import (
     h5_bytes,
     select_backup,
 )
-from imgflow.tasks.models import build_model, compile_model, recipe_learning_rate
+from imgflow.tasks.models import BUILTIN_MODELS, build_model, compile_model, recipe_learning_rate, resolve_model_name
 from imgflow.tasks.lr_finder import find_learning_rate
 from imgflow.tasks.outcome import training_outcome  # noqa: F401 - also imported from here
 from imgflow.tasks.records import read_manifest
@@ -565,7 +565,9 @@ def train_from_manifest(
                 steps_per_epoch=steps, jit_compile=plan["jit_compile"], class_names=class_names,
             )
         save_model(model, run_dir / MODEL_FILE)
-        if plan["strategy"] != "mirrored":  # a one-device model: this run's next steps use it as it is
+        # a built-in one-device model: this run's next steps use it as it is. A user builder's
+        # model is read back, so one that Keras' safe mode refuses stops the run before promotion
+        if plan["strategy"] != "mirrored" and resolve_model_name(options.model) in BUILTIN_MODELS:
             registry.hand_over_saved_model(run_dir / MODEL_FILE, model)
     finally:
         keras.config.set_dtype_policy(previous_policy)

@@ -299,3 +299,40 @@ def test_learning_rate_auto_runs_a_range_test_and_records_the_pick(tmp_path, dig
     # the sweep trained a copy: the model started its real training from its own initial weights
     assert float(model.optimizer.iterations) == len(list(train))
     assert not all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))  # and then trained
+
+
+def test_only_a_built_in_model_is_handed_to_the_next_steps_unread(tmp_path, shapes_dir, monkeypatch):
+    """A user builder's model is read back in safe mode: one it refuses (a Lambda layer) stops the run."""
+    import textwrap
+
+    from imgflow.tasks import registry, tfrecords
+    from imgflow.tasks.dataset import validate_dataset
+    from imgflow.tasks.options import PreprocessOptions
+    from imgflow.tasks.records import read_manifest
+
+    (tmp_path / "lambda_builder.py").write_text(textwrap.dedent("""
+        import keras
+
+        def build(input_shape, num_classes):
+            inputs = keras.Input(shape=input_shape)
+            x = keras.layers.Lambda(lambda t: t / 255.0)(inputs)
+            x = keras.layers.Flatten()(x)
+            return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(x))
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prep = tfrecords.preprocess(validate_dataset(shapes_dir), PreprocessOptions(image_size=16, val_fraction=0.25),
+                                tmp_path / "shards")
+    try:
+        for model, handed_over in (("default", True), ("lambda_builder:build", False)):
+            run = tmp_path / model.replace(":", "-")
+            registry.forget_saved_model()
+            summary = training.train_from_manifest(prep["manifest"], run, TrainOptions(model=model, epochs=1, batch_size=8),
+                                                   log=lambda _: None)
+            assert bool(registry._saved_model) is handed_over, model
+            registry.write_metadata(run, registry.build_metadata(run.name, summary, read_manifest(prep["manifest"]),
+                                                                 prep["manifest"], {}, {}, shapes_dir))
+            if not handed_over:
+                with pytest.raises(registry.RegistryError, match="cannot be loaded safely"):
+                    registry.load_model_dir(run)
+    finally:
+        registry.forget_saved_model()
