@@ -141,8 +141,10 @@ class _Worker:
 
 def _crashed_row(error: WorkerDied, profiled: bool) -> tuple[Any, ...]:
     """The result of a file a worker died on twice: an error row (never decoded in the command itself)."""
+    from imgflow.tasks.drift import unreadable_properties
+
     message = short_error(f"the decoding process died on this file ({error})")
-    return (None, message, {"format": "unreadable", "mode": "unreadable"}) if profiled else (None, message)
+    return (None, message, unreadable_properties()) if profiled else (None, message)
 
 
 class DecoderProcesses:

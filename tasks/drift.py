@@ -53,6 +53,11 @@ def _bucket(value: float, edges: Sequence[float], labels: Sequence[str]) -> str:
     return labels[bisect.bisect_right(edges, value)]
 
 
+def unreadable_properties() -> dict[str, str]:
+    """The properties of a file whose header cannot be read."""
+    return {"format": "unreadable", "mode": "unreadable"}
+
+
 def image_properties(path: Path | str, pixels: np.ndarray | None = None, info: dict | None = None) -> dict[str, str]:
     """The binned properties of one image file (header read only; brightness from ``pixels``).
 
@@ -73,7 +78,7 @@ def image_properties(path: Path | str, pixels: np.ndarray | None = None, info: d
                 info = {"format": img.format, "mode": img.mode, "width": img.size[0], "height": img.size[1],
                         "has_alpha": img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in img.info}
         except Exception:  # noqa: BLE001 - an unreadable file is counted as such, never fatal
-            return {"format": "unreadable", "mode": "unreadable"}
+            return unreadable_properties()
     width, height = int(info["width"]), int(info["height"])
     props = {"format": str(info["format"] or "unknown"), "mode": str(info["mode"]),
              "has_alpha": str(bool(info["has_alpha"])).lower()}
@@ -114,7 +119,7 @@ def merge(profiles: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def profile_files(paths: Sequence[Path], image_size: int, aspect: str = "squash",
                   limit: int = PROFILE_SAMPLE, seed: int = 0, background: str | None = None) -> dict[str, Any]:
     """The profile of image files (a seeded sample of ``limit``), decoded as the model sees them."""
-    from imgflow.tasks.images import load_image
+    from imgflow.tasks.decoding import decode_file
 
     paths = list(paths)
     if len(paths) > limit:
@@ -123,10 +128,7 @@ def profile_files(paths: Sequence[Path], image_size: int, aspect: str = "squash"
     profile = new_profile()
     for path in paths:
         info: dict[str, Any] = {}
-        try:
-            pixels = load_image(path, image_size, aspect, background, info=info)
-        except Exception:  # noqa: BLE001 - the header may still be readable
-            pixels = None
+        pixels, _ = decode_file(path, image_size, aspect, info, background)  # None: the header may still read
         add(profile, image_properties(path, pixels, info))
     return profile
 
@@ -252,7 +254,8 @@ def write_profile(model_dir: Path | str, profile: dict[str, Any], class_counts: 
 
 
 __all__ = ["PROFILE_FILE", "PROPERTIES", "add", "compare", "image_properties", "js_distance",
-           "merge", "new_profile", "profile_files", "read_profile", "report_path", "write_profile"]
+           "merge", "new_profile", "profile_files", "read_profile", "report_path", "unreadable_properties",
+           "write_profile"]
 
 
 # ------------------------------------------------------------------ per-chunk profiles of a prediction run
