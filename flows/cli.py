@@ -116,7 +116,10 @@ def build_config(config_file: Optional[Path], **overrides: Any) -> ImgflowConfig
 
 
 def start(command: str, workdir: Optional[Path], tensorflow: bool = True, prefect: bool = True) -> Any:
-    """Begin a command's terminal output: quiet logging (flows.console), TensorFlow imported quietly.
+    """Begin a command's terminal output: quiet logging (flows.console), TensorFlow and Keras imported quietly and lean.
+
+    The frameworks come in without the optional packages they import only for
+    integrations imgflow does not use (:mod:`imgflow.tasks.lean_imports`).
 
     Returns:
         The command's :class:`imgflow.flows.console.Summary` (with ``log``, the log file path).
@@ -126,9 +129,9 @@ def start(command: str, workdir: Optional[Path], tensorflow: bool = True, prefec
     summary = console.Summary(command)
     summary.log = console.configure(workdir, prefect)
     if tensorflow:
-        from imgflow.tasks.quiet import import_tensorflow
+        from imgflow.tasks.lean_imports import import_frameworks
 
-        import_tensorflow()
+        import_frameworks()
     return summary
 
 
@@ -260,10 +263,9 @@ def preload_tensorflow() -> None:
     and Prefect before that wait (instead of after it, inside the flow's first task)
     takes the imports off the critical path.
     """
-    from imgflow.tasks.quiet import import_tensorflow
+    from imgflow.tasks.lean_imports import import_frameworks
 
-    import_tensorflow()
-    import keras  # noqa: F401
+    import_frameworks()
     import prefect  # noqa: F401 - the flows' own import, also off the critical path
 
 

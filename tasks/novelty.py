@@ -158,6 +158,31 @@ def mahalanobis_score(features: np.ndarray, whiten: np.ndarray, means: np.ndarra
     return np.maximum(d.min(axis=1), 0.0) / whiten.shape[1]
 
 
+def ledoit_wolf_covariance(centred: np.ndarray) -> np.ndarray:
+    """The Ledoit-Wolf shrunk covariance of rows already centred, in NumPy.
+
+    The same figures as scikit-learn's ``LedoitWolf(assume_centered=True).fit(x).covariance_``
+    (its formula, without the blocks), without importing scikit-learn and SciPy's
+    statistics (~1 s) in a training run that needs nothing else of them.
+    """
+    x = np.asarray(centred, dtype=np.float64)
+    n, d = x.shape
+    if d == 1:
+        return np.atleast_2d((x**2).mean())
+    gram = x.T @ x
+    squares = x * x
+    variances = squares.sum(axis=0) / n
+    mu = variances.sum() / d
+    delta_ = (gram**2).sum() / n**2  # squared entries of the empirical covariance, summed
+    beta = ((squares.T @ squares).sum() / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * variances.sum() + d * mu**2) / d
+    beta = min(beta, delta)
+    shrinkage = 0.0 if beta == 0 else beta / delta
+    covariance = (1.0 - shrinkage) * (gram / n)
+    covariance.flat[:: d + 1] += shrinkage * mu
+    return covariance
+
+
 def fit_gaussians(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Class means and a whitening matrix of one tied, Ledoit-Wolf-shrunk covariance.
 
@@ -167,8 +192,6 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tu
     Raises:
         NoveltyError: fewer than two images or a class without images.
     """
-    from sklearn.covariance import LedoitWolf
-
     x = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     classes = np.unique(labels)
@@ -181,7 +204,7 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tu
         _, _, vt = np.linalg.svd(centred - centred.mean(axis=0), full_matrices=False)
         projection = vt[:MAX_DIM].T
         centred = centred @ projection
-    covariance = LedoitWolf(assume_centered=True).fit(centred).covariance_
+    covariance = ledoit_wolf_covariance(centred)
     values, vectors = np.linalg.eigh(covariance)
     values = np.maximum(values, max(float(values.max()), 1e-12) * 1e-9)
     whiten = projection @ (vectors / np.sqrt(values))

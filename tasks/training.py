@@ -16,6 +16,7 @@ saved summary without training again.
 
 from __future__ import annotations
 
+import csv
 import math
 import time
 from collections.abc import Callable
@@ -177,29 +178,46 @@ def class_weights_for(counts: list[int], mode: str = "auto", threshold: float = 
 
 
 def read_history(run_dir: Path) -> list[dict[str, float]]:
-    """The rows of ``history.csv`` (one dict per finished epoch), or [] when there is none."""
-    import pandas as pd
+    """The rows of ``history.csv`` (one dict per finished epoch; ``epoch`` an int), or [] when there is none.
 
-    path = Path(run_dir) / HISTORY_FILE
-    if not path.is_file() or path.stat().st_size == 0:
-        return []
-    return pd.read_csv(path).to_dict("records")
+    A cell that is not a number (Keras' CSVLogger writes ``NA`` for a missing metric) reads as NaN.
+    """
+    from imgflow.tasks.plots import read_history as read_columns
+
+    columns = read_columns(Path(run_dir) / HISTORY_FILE)
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    for row in rows:
+        if "epoch" in row and math.isfinite(row["epoch"]):
+            row["epoch"] = int(row["epoch"])
+    return rows
 
 
 def _trim_history(run_dir: Path, keep_epochs: int) -> None:
-    """Keep only the rows of epochs < ``keep_epochs`` (a killed run may have logged one more)."""
-    import pandas as pd
+    """Keep only the rows of epochs < ``keep_epochs`` (a killed run may have logged one more), as written.
 
+    An epoch logged twice keeps its last row, in that row's place.
+    """
     path = Path(run_dir) / HISTORY_FILE
     if not path.is_file():
         return
     if keep_epochs <= 0 or path.stat().st_size == 0:
         path.unlink()
         return
-    frame = pd.read_csv(path)
-    frame = frame[frame["epoch"] < keep_epochs].drop_duplicates("epoch", keep="last")
+    with open(path, newline="", encoding="utf-8") as handle:
+        header, *rows = list(csv.reader(handle))
+    at = header.index("epoch")
+    last = {row[at]: i for i, row in enumerate(rows) if len(row) > at}
+    kept = [row for i, row in enumerate(rows) if len(row) > at and last[row[at]] == i and _epoch(row[at]) < keep_epochs]
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False)
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([header, *kept])
+
+
+def _epoch(cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        return math.inf  # not an epoch number: not kept
 
 
 def backup_epoch(run_dir: Path) -> int:
@@ -319,6 +337,7 @@ def fit_model(
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     overfit_steps: int = 0,
     class_names: list[str] | None = None,
+    draw_curves: bool = True,
 ) -> dict[str, Any]:
     """Compile (unless compiled), check, fit with resume, and write history and diagnosis.
 
@@ -336,6 +355,8 @@ def fit_model(
         extra_callbacks: more callbacks, run after the built-in ones.
         overfit_steps: steps of the doctor's overfit-one-batch preflight check (0: skip).
         class_names: class names in label order (the doctor's advice names the classes).
+        draw_curves: draw ``learning_curves.png`` (:func:`save_learning_curves`) at the end;
+            False leaves it to the caller.
 
     Returns:
         ``{"epochs_run", "initial_epoch", "resumed", "stopped_early", "best_epoch",
@@ -461,7 +482,8 @@ def fit_model(
     write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
     outcome = training_outcome(history, options.monitor, options.epochs, options.early_stopping_patience,
                                early.best_epoch + 1 if early.best is not None else None, bool(early.stopped_epoch))
-    save_learning_curves(run_dir, outcome.get("best_epoch"))
+    if draw_curves:
+        save_learning_curves(run_dir, outcome.get("best_epoch"))
     log(outcome["sentence"])
     final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
     return {
@@ -504,18 +526,20 @@ def train_from_manifest(
     run_dir: Path,
     options: TrainOptions,
     log: Logger = print,
+    draw_curves: bool = True,
 ) -> dict[str, Any]:
     """Train the configured model on the TFRecord shards of a manifest into ``run_dir``.
 
     Resumes a killed run from its backup; returns the saved summary when the run already
-    finished. Writes ``model.keras``, ``history.csv``, ``learning_curves.png``,
-    ``diagnosis.json`` and ``train_summary.json``.
+    finished. Writes ``model.keras``, ``history.csv``, ``learning_curves.png`` (unless
+    ``draw_curves`` is False), ``diagnosis.json`` and ``train_summary.json``.
 
     Args:
         manifest_path: ``manifest.json`` written by preprocessing (class names, shards).
         run_dir: the run's model directory.
         options: the training options.
         log: where progress lines go.
+        draw_curves: see :func:`fit_model`.
 
     Returns:
         The summary record: model path, class names, image size, device plan, fit figures,
@@ -563,6 +587,7 @@ def train_from_manifest(
             fit = fit_model(
                 model, train_ds, val_ds, run_dir, options, counts, probe=doctor.probe_batch(val_ds, max_images=64), log=log,
                 steps_per_epoch=steps, jit_compile=plan["jit_compile"], class_names=class_names,
+                draw_curves=draw_curves,
             )
         save_model(model, run_dir / MODEL_FILE)
         # a built-in one-device model: this run's next steps use it as it is. A user builder's

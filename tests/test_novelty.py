@@ -37,6 +37,34 @@ def test_temperature_scaling_recovers_the_temperature_and_lowers_ece():
     assert (C.softmax(logits, temperature).argmax(1) == logits.argmax(1)).all()
 
 
+def test_temperature_search_finds_what_scipys_bounded_minimiser_finds():
+    from scipy.optimize import minimize_scalar
+
+    rng = np.random.default_rng(1)
+    for scale in (0.5, 2.0, 7.0):
+        labels = rng.integers(0, 4, 500)
+        logits = rng.normal(size=(500, 4))
+        logits[np.arange(500), labels] += 2.0
+        logits *= scale
+        reference = minimize_scalar(lambda log_t: C.nll(logits, labels, float(np.exp(log_t))),
+                                    bounds=(-np.log(C.T_RANGE), np.log(C.T_RANGE)), method="bounded",
+                                    options={"xatol": 1e-4})
+        assert C.fit_temperature(logits, labels) == pytest.approx(float(np.exp(reference.x)), rel=2e-4)
+    assert C.golden_section_minimum(lambda x: (x - 0.3) ** 2, -1.0, 2.0, 1e-6) == pytest.approx(0.3, abs=1e-6)
+    assert C.golden_section_minimum(lambda x: x, -1.0, 2.0, 1e-6) == pytest.approx(-1.0, abs=1e-6)  # at a bound
+
+
+@pytest.mark.parametrize("rows,columns", [(50, 2), (10, 40), (300, 128), (2, 5), (20, 1)])
+def test_ledoit_wolf_covariance_equals_scikit_learns(rows, columns):
+    from sklearn.covariance import LedoitWolf
+
+    rng = np.random.default_rng(rows * columns)
+    x = rng.normal(size=(rows, columns)) * rng.uniform(0.1, 3.0, size=columns)
+    x -= x.mean(axis=0)
+    expected = LedoitWolf(assume_centered=True).fit(x).covariance_
+    assert N.ledoit_wolf_covariance(x) == pytest.approx(expected, rel=1e-10, abs=1e-12)
+
+
 def _clusters(rng, n, centers, scale=1.0):
     labels = rng.integers(0, len(centers), n)
     return np.asarray(centers)[labels] + rng.normal(0, scale, (n, len(centers[0]))), labels

@@ -195,6 +195,20 @@ def test_history_rows_logged_past_the_backup_are_dropped(tmp_path):
     assert not (tmp_path / "history.csv").exists()
 
 
+def test_history_reads_numbers_with_integer_epochs_and_trims_keeping_the_text_as_written(tmp_path):
+    # an epoch logged twice (a resumed run) keeps its last row; NA is CSVLogger's missing metric
+    (tmp_path / "history.csv").write_text(
+        "epoch,loss,val_accuracy\n0,1.25,NA\n1,0.80000001,0.5\n1,0.79,0.55\n2,nan,0.6\n3,0.5,0.7\n")
+    rows = training.read_history(tmp_path)
+    assert [r["epoch"] for r in rows] == [0, 1, 1, 2, 3] and all(type(r["epoch"]) is int for r in rows)
+    assert rows[0]["loss"] == 1.25 and np.isnan(rows[0]["val_accuracy"]) and np.isnan(rows[3]["loss"])
+    training._trim_history(tmp_path, 3)
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,loss,val_accuracy", "0,1.25,NA", "1,0.79,0.55", "2,nan,0.6"]
+    (tmp_path / "history.csv").write_text("")
+    assert training.read_history(tmp_path) == []
+
+
 def test_save_model_is_atomic_and_loadable(tmp_path):
     model = build_model("default", 16, 2, architecture={"filters": [4]})
     target = training.save_model(model, tmp_path / "model.keras")

@@ -1,0 +1,61 @@
+"""Import TensorFlow and Keras without the optional packages they pull in for integrations imgflow never uses.
+
+Where they are installed (a development environment, the ``dev`` extras), importing
+TensorFlow imports JAX (for TensorFlow Lite's JAX converter) and importing Keras imports
+scikit-learn with SciPy's statistics (for ``keras.wrappers``' scikit-learn estimators),
+pandas (DataFrames as ``fit`` input) and ``matplotlib.pyplot`` (``keras.visualization``).
+On the 2-core development machine that is about 2.4 s of the ~5.7 s that
+``import tensorflow, keras`` takes, paid by every command before its first flow.
+
+:func:`import_frameworks` imports the two with those packages made unimportable for the
+moment (``sys.modules[name] = None``, which TensorFlow's and Keras' optional imports
+treat as "not installed") and then importable again: the code that needs them (a
+plot, the demo's digits) imports them when it runs. The only lasting effect is inside
+Keras and TensorFlow Lite: in that process ``keras.wrappers``' scikit-learn estimators,
+DataFrames passed to ``fit`` and ``keras.visualization`` are off, as if those packages
+were missing. So only imgflow's own command processes call it (:mod:`imgflow.flows.cli`);
+flows called from a user's program import the frameworks as ever.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import sys
+from collections.abc import Iterator, Sequence
+
+#: what TensorFlow imports, and Keras imports, only for integrations imgflow's commands do not use
+TENSORFLOW_EXTRAS = ("jax",)
+KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib")
+
+
+@contextlib.contextmanager
+def unimportable(names: Sequence[str]) -> Iterator[list[str]]:
+    """Make the packages ``names`` that are not imported yet fail to import (ImportError) inside the block.
+
+    Yields:
+        The names blocked; each is importable again after the block, unless something imported it meanwhile.
+    """
+    blocked = [name for name in names if name not in sys.modules]
+    for name in blocked:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield blocked
+    finally:
+        for name in blocked:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def import_frameworks() -> None:
+    """Import TensorFlow (through :func:`imgflow.tasks.quiet.import_tensorflow`) and Keras, lean.
+
+    JAX is blocked only while TensorFlow is imported: Keras imports it on the JAX backend.
+    """
+    from imgflow.tasks.quiet import import_tensorflow
+
+    with unimportable(KERAS_EXTRAS):
+        with unimportable(TENSORFLOW_EXTRAS):
+            import_tensorflow()
+            importlib.import_module("tensorflow")  # import_tensorflow does not, with IMGFLOW_VERBOSE set
+        importlib.import_module("keras")
