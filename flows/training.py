@@ -55,48 +55,36 @@ def _retry_transient(task_obj: Any, task_run: Any, state: Any) -> bool:
     retry_condition_fn=_retry_transient,
 )
 def train_task(manifest_path: str, run_dir: str, options: TrainOptions) -> dict[str, Any]:
-    """Fit the configured model into ``run_dir`` (resuming a killed attempt); return its summary.
-
-    The learning curves are drawn by the next step (:func:`fit_novelty_task`), beside its model calls.
-    """
+    """Fit the configured model into ``run_dir`` (resuming a killed attempt); return its summary."""
     from imgflow.tasks.training import train_from_manifest
 
     logger = get_run_logger()
-    return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info, draw_curves=False)
+    return train_from_manifest(Path(manifest_path), Path(run_dir), options, log=logger.info)
 
 
 @task(name="fit-novelty", tags={"gpu"}, cache_policy=NO_CACHE, retries=1, retry_delay_seconds=10,
       retry_condition_fn=_retry_transient)
 def fit_novelty_task(model_dir: str, manifest_path: str, data_dir: str, unknown_rate: float) -> dict[str, Any]:
-    """Fit novelty statistics, the temperature and the training image profile, draw the learning curves.
+    """Fit novelty statistics, the temperature and the training image profile; return the metadata keys.
 
-    The profile (Pillow decoding the files) and the learning curves (matplotlib) are made
-    in a thread beside the statistics (the model's calls): they overlap on separate cores.
-
-    Returns:
-        The ``novelty`` and ``calibration`` metadata keys ({} without novelty statistics).
+    The profile (Pillow decoding the files) is taken in a thread beside the statistics
+    (the model's calls): the two overlap on separate cores.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     from imgflow.tasks.drift import profile_training
     from imgflow.tasks.novelty import NoveltyError, fit_from_manifest
-    from imgflow.tasks.training import save_learning_curves
 
     metadata = registry.read_metadata(Path(model_dir))
-
-    def beside() -> None:
-        save_learning_curves(Path(model_dir), metadata.get("best_epoch"))
-        profile_training(Path(model_dir), Path(data_dir), metadata["class_names"], int(metadata["image_size"]),
-                         metadata["aspect"], metadata.get("background"))
-
-    with ThreadPoolExecutor(1, thread_name_prefix="imgflow-beside-novelty") as pool:
-        side_work = pool.submit(beside)
+    with ThreadPoolExecutor(1, thread_name_prefix="imgflow-profile") as pool:
+        profiled = pool.submit(profile_training, Path(model_dir), Path(data_dir), metadata["class_names"],
+                               int(metadata["image_size"]), metadata["aspect"], metadata.get("background"))
         try:
             keys = fit_from_manifest(Path(model_dir), Path(manifest_path), unknown_rate)
         except NoveltyError as exc:  # the model still works: predictions just have no novelty/unknown cells
             get_run_logger().warning("no novelty statistics for %s: %s", model_dir, exc)
             keys = {}
-        side_work.result()
+        profiled.result()
     if not keys:
         return {}
     get_run_logger().info("novelty threshold %.4g (%s, unknown rate %s); temperature %.3f",

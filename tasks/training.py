@@ -337,7 +337,6 @@ def fit_model(
     extra_callbacks: list[keras.callbacks.Callback] | None = None,
     overfit_steps: int = 0,
     class_names: list[str] | None = None,
-    draw_curves: bool = True,
 ) -> dict[str, Any]:
     """Compile (unless compiled), check, fit with resume, and write history and diagnosis.
 
@@ -355,8 +354,6 @@ def fit_model(
         extra_callbacks: more callbacks, run after the built-in ones.
         overfit_steps: steps of the doctor's overfit-one-batch preflight check (0: skip).
         class_names: class names in label order (the doctor's advice names the classes).
-        draw_curves: draw ``learning_curves.png`` (:func:`save_learning_curves`) at the end;
-            False leaves it to the caller.
 
     Returns:
         ``{"epochs_run", "initial_epoch", "resumed", "stopped_early", "best_epoch",
@@ -482,8 +479,7 @@ def fit_model(
     write_json(run_dir / DIAGNOSIS_FILE, diagnosis)
     outcome = training_outcome(history, options.monitor, options.epochs, options.early_stopping_patience,
                                early.best_epoch + 1 if early.best is not None else None, bool(early.stopped_epoch))
-    if draw_curves:
-        save_learning_curves(run_dir, outcome.get("best_epoch"))
+    save_learning_curves(run_dir, outcome.get("best_epoch"))
     log(outcome["sentence"])
     final = {k: float(v[-1]) for k, v in keras_history.history.items() if v}
     return {
@@ -526,20 +522,18 @@ def train_from_manifest(
     run_dir: Path,
     options: TrainOptions,
     log: Logger = print,
-    draw_curves: bool = True,
 ) -> dict[str, Any]:
     """Train the configured model on the TFRecord shards of a manifest into ``run_dir``.
 
     Resumes a killed run from its backup; returns the saved summary when the run already
-    finished. Writes ``model.keras``, ``history.csv``, ``learning_curves.png`` (unless
-    ``draw_curves`` is False), ``diagnosis.json`` and ``train_summary.json``.
+    finished. Writes ``model.keras``, ``history.csv``, ``learning_curves.png``,
+    ``diagnosis.json`` and ``train_summary.json``.
 
     Args:
         manifest_path: ``manifest.json`` written by preprocessing (class names, shards).
         run_dir: the run's model directory.
         options: the training options.
         log: where progress lines go.
-        draw_curves: see :func:`fit_model`.
 
     Returns:
         The summary record: model path, class names, image size, device plan, fit figures,
@@ -587,7 +581,6 @@ def train_from_manifest(
             fit = fit_model(
                 model, train_ds, val_ds, run_dir, options, counts, probe=doctor.probe_batch(val_ds, max_images=64), log=log,
                 steps_per_epoch=steps, jit_compile=plan["jit_compile"], class_names=class_names,
-                draw_curves=draw_curves,
             )
         save_model(model, run_dir / MODEL_FILE)
         # a built-in one-device model: this run's next steps use it as it is. A user builder's
