@@ -1,7 +1,8 @@
 """Import TensorFlow and Keras without the optional packages they pull in for integrations imgflow never uses.
 
 Where they are installed (a development environment, the ``dev`` extras), importing
-TensorFlow imports JAX (for TensorFlow Lite's JAX converter) and importing Keras imports
+TensorFlow imports JAX (for TensorFlow Lite's JAX converter) and SciPy's sparse matrices
+(for the legacy ``tf.compat.v1`` Keras), and importing Keras imports
 scikit-learn with SciPy's statistics (for ``keras.wrappers``' scikit-learn estimators),
 pandas (DataFrames as ``fit`` input) and ``matplotlib.pyplot`` (``keras.visualization``).
 On the 2-core development machine that is about 2.4 s of the ~5.7 s that
@@ -11,9 +12,10 @@ On the 2-core development machine that is about 2.4 s of the ~5.7 s that
 moment (``sys.modules[name] = None``, which TensorFlow's and Keras' optional imports
 treat as "not installed") and then importable again: the code that needs them (a
 plot, the demo's digits) imports them when it runs. The only lasting effect is inside
-Keras and TensorFlow Lite: in that process ``keras.wrappers``' scikit-learn estimators,
-DataFrames passed to ``fit`` and ``keras.visualization`` are off, as if those packages
-were missing. So only imgflow's own command processes call it (:mod:`imgflow.flows.cli`);
+Keras and TensorFlow: in that process ``keras.wrappers``' scikit-learn estimators,
+DataFrames passed to ``fit``, ``keras.visualization``, TensorFlow Lite's JAX converter
+and SciPy sparse input to ``tf.compat.v1`` Keras are off, as if those packages were
+missing. So only imgflow's own command processes call it (:mod:`imgflow.flows.cli`);
 flows called from a user's program import the frameworks as ever.
 """
 
@@ -25,7 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 #: what TensorFlow imports, and Keras imports, only for integrations imgflow's commands do not use
-TENSORFLOW_EXTRAS = ("jax",)
+TENSORFLOW_EXTRAS = ("jax", "scipy")
 KERAS_EXTRAS = ("sklearn", "pandas", "matplotlib")
 
 
@@ -50,7 +52,8 @@ def unimportable(names: Sequence[str]) -> Iterator[list[str]]:
 def import_frameworks() -> None:
     """Import TensorFlow (through :func:`imgflow.tasks.quiet.import_tensorflow`) and Keras, lean.
 
-    JAX is blocked only while TensorFlow is imported: Keras imports it on the JAX backend.
+    JAX and SciPy are blocked only while TensorFlow is imported: Keras imports JAX (and JAX
+    SciPy) on the JAX backend.
     """
     from imgflow.tasks.quiet import import_tensorflow
 
