@@ -190,13 +190,17 @@ def fit_gaussians(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> tu
         ``(whiten [D, k], whitened means [C, k])`` for :func:`mahalanobis_score`.
 
     Raises:
-        NoveltyError: fewer than two images or a class without images.
+        NoveltyError: fewer than two images, a class without images, or features that are not finite.
     """
     x = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     classes = np.unique(labels)
     if len(x) < 2 or len(classes) < 1:
         raise NoveltyError(f"novelty: expected at least 2 training images with features, found {len(x)}")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).any(axis=1).sum())
+        raise NoveltyError(f"novelty: the features of {bad} of {len(x)} training images are not finite "
+                           "(NaN or inf: a diverged model?); no statistics fitted")
     means = np.stack([x[labels == c].mean(axis=0) for c in classes])
     centred = x - means[np.searchsorted(classes, labels)]
     projection = np.eye(x.shape[1])

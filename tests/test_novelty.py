@@ -54,6 +54,13 @@ def test_temperature_search_finds_what_scipys_bounded_minimiser_finds():
     assert C.golden_section_minimum(lambda x: x, -1.0, 2.0, 1e-6) == pytest.approx(-1.0, abs=1e-6)  # at a bound
 
 
+def test_features_that_are_not_finite_fit_no_statistics_and_say_why():
+    features = np.random.default_rng(0).normal(size=(6, 3))
+    features[2, 1] = np.nan
+    with pytest.raises(N.NoveltyError, match="1 of 6 training images are not finite"):
+        N.fit_gaussians(features, np.array([0, 0, 0, 1, 1, 1]))
+
+
 @pytest.mark.parametrize("rows,columns", [(50, 2), (10, 40), (300, 128), (2, 5), (20, 1)])
 def test_ledoit_wolf_covariance_equals_scikit_learns(rows, columns):
     from sklearn.covariance import LedoitWolf
