@@ -84,6 +84,8 @@ def import_frameworks() -> None:
     and TensorFlow would swallow the failure and leave a half-imported Keras behind. On the
     TensorFlow backend Keras binds them lazily (``LazyModule``) and imports them on use.
     """
+    if "tensorflow" in sys.modules and "keras" in sys.modules:  # a second call (start, then preload): nothing to do
+        return
     from imgflow.tasks.quiet import import_tensorflow
 
     framework_extras = TENSORFLOW_EXTRAS if keras_backend() == "tensorflow" else ()

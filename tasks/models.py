@@ -34,9 +34,9 @@ BUILTIN_MODELS = ("default", "conv_blocks", "efficientnetv2b0", "mobilenetv3smal
 # [-1, 1], gained a point on two sets in the in-process grid but lost 2.9 points on the
 # MATE icons and 0.3 on themes as whole commands: bench/RESULTS.md, fifth recipe round).
 # What beats the script is the recipe around it (tasks/options.py: AdamW at 2e-3 with a
-# warm-up and cosine decay, the best epoch's weights): at 10 epochs on 700-1,000 images the script's dropout 0.5 leaves
-# the network underfitting (train accuracy ~0.75), and BatchNorm (+2 points on one set of
-# three) cost ~50% more time per epoch on CPU.
+# warm-up and cosine decay, the best epoch's weights): at 10 epochs on 700-1,000 images
+# the script's dropout 0.5 leaves the network underfitting (train accuracy ~0.75), and
+# BatchNorm (+2 points on one set of three) cost ~50% more time per epoch on CPU.
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "input_range": "unit",
     "filters": "auto",
