@@ -15,9 +15,15 @@ contenders get exactly the same training and validation files):
   faenza, moka, faba), at most 300 a class: black under the transparent pixels in one
   theme, white in another, in different proportions per class.
 
+``themes`` also has an inbox, ``bench/_data/recipe/themes/inbox/<class>/``: the same five
+categories of a fifth theme neither contender trains on (``gnome-icon-theme``, 48 px; files
+byte-identical to a training or validation image left out). After training, imgflow runs
+``imgflow predict MODEL INBOX`` and the plain script ``model.predict`` on it; the table
+reports the accuracy of the predicted labels.
+
 Nothing is installed by this script; it needs
-``apt-get install -y tuxpaint-stamps-default mate-icon-theme faenza-icon-theme moka-icon-theme``
-(moka brings faba) and scikit-learn.
+``apt-get install -y tuxpaint-stamps-default mate-icon-theme faenza-icon-theme moka-icon-theme gnome-icon-theme``
+(moka brings faba; without gnome-icon-theme there is no inbox) and scikit-learn.
 
 For every dataset and seed it runs, alternating which goes first, the whole
 ``python -m imgflow train TRAIN --val-dir VAL`` command (defaults; same image size,
@@ -58,6 +64,8 @@ ICON_THEMES = {
     "faba-icon-theme": "/usr/share/icons/Faba/48x48/{cls}",
 }
 THEMES_MAX_PER_CLASS = 300
+# the inbox of a dataset: class folders of images neither contender trains or validates on
+INBOX_SOURCES = {"themes": ("gnome-icon-theme", "/usr/share/icons/gnome/48x48/{cls}")}
 ICON_CLASSES = ("actions", "apps", "devices", "mimetypes", "status")
 IMAGE_SIZES = {"digits": 32, "tuxpaint": 48, "icons": 48, "themes": 48}
 VAL_FRACTION = 0.25
@@ -180,11 +188,43 @@ def build_themes() -> Path:
 BUILDERS = {"digits": build_digits, "tuxpaint": build_tuxpaint, "icons": build_icons, "themes": build_themes}
 
 
+def build_inbox(name: str) -> Path | None:
+    """``DATA_ROOT/name/inbox/<class>/``: the inbox source's real files, none byte-identical to a train/val image.
+
+    Returns None (no inbox) when the dataset has no inbox source or its package is not installed.
+    """
+    import hashlib
+
+    if name not in INBOX_SOURCES:
+        return None
+    package, pattern = INBOX_SOURCES[name]
+    folder = DATA_ROOT / name
+    sources = {cls: Path(pattern.format(cls=cls)) for cls in sorted(p.name for p in (folder / "train").iterdir())}
+    if not all(src.is_dir() for src in sources.values()):
+        print(f"no inbox for {name}: apt-get install -y {package}", file=sys.stderr)
+        return None
+    seen = {hashlib.sha256(p.read_bytes()).hexdigest() for split in ("train", "val") for p in (folder / split).rglob("*.png")}
+    files = {cls: [p for p in sorted(src.glob("*.png")) if p.is_file() and not p.is_symlink()
+                   and hashlib.sha256(p.read_bytes()).hexdigest() not in seen] for cls, src in sources.items()}
+    files = _usable(files)
+    tmp, target = DATA_ROOT / f".{name}-inbox.tmp", folder / "inbox"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for cls, paths in files.items():
+        (tmp / cls).mkdir(parents=True)
+        for src in paths:
+            shutil.copyfile(src, tmp / cls / src.name)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return target
+
+
 def dataset(name: str, rebuild: bool = False) -> Path:
-    """The dataset folder (train/ and val/), built once."""
+    """The dataset folder (train/ and val/, and inbox/ where the dataset has one), built once."""
     folder = DATA_ROOT / name
     if rebuild or not (folder / "val").is_dir():
         BUILDERS[name]()
+    if name in INBOX_SOURCES and (rebuild or not (folder / "inbox").is_dir()):
+        build_inbox(name)
     return folder
 
 
@@ -208,6 +248,9 @@ def run_plain(folder: Path, size: int, epochs: int, batch: int, seed: int, scrat
     cmd = [sys.executable, str(ROOT / "bench" / "plain_keras.py"), str(folder / "train"), str(folder / "val"),
            "--image-size", str(size), "--epochs", str(epochs), "--batch-size", str(batch), "--seed", str(seed),
            "--out", str(out)]
+    inbox = folder / "inbox"
+    if inbox.is_dir():
+        cmd += ["--inbox", str(inbox)]
     started = time.perf_counter()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     wall = time.perf_counter() - started
@@ -215,7 +258,9 @@ def run_plain(folder: Path, size: int, epochs: int, batch: int, seed: int, scrat
         raise SystemExit(f"plain script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     result = json.loads(out.read_text())
     return {"val_accuracy": result["val_accuracy"], "min_recall": min(v for v in result["per_class_recall"].values() if v is not None),
-            "wall": wall, "epoch_seconds": statistics.median(result["epoch_seconds"]), "epochs_run": result["epochs_run"]}
+            "wall": wall - result.get("inbox_seconds", 0.0), "epoch_seconds": statistics.median(result["epoch_seconds"]),
+            "epochs_run": result["epochs_run"],
+            **({"inbox_accuracy": result["inbox_accuracy"]} if "inbox_accuracy" in result else {})}
 
 
 def run_imgflow(folder: Path, size: int, epochs: int, batch: int, seed: int, scratch: Path, config: Path | None) -> dict:
@@ -239,10 +284,31 @@ def run_imgflow(folder: Path, size: int, epochs: int, batch: int, seed: int, scr
 
     with open(metas[-1].parent / "history.csv", newline="") as fh:
         seconds = [float(row["seconds"]) for row in csv.DictReader(fh)]
-    return {"val_accuracy": metrics["val_accuracy"],
-            "min_recall": min(v for v in metrics["per_class_recall"].values() if v is not None),
-            "wall": wall, "epoch_seconds": statistics.median(seconds), "epochs_run": len(seconds),
-            "best_epoch": metrics.get("best_epoch"), "summary": meta.get("outcome") or ""}
+    result = {"val_accuracy": metrics["val_accuracy"],
+              "min_recall": min(v for v in metrics["per_class_recall"].values() if v is not None),
+              "wall": wall, "epoch_seconds": statistics.median(seconds), "epochs_run": len(seconds),
+              "best_epoch": metrics.get("best_epoch"), "summary": meta.get("outcome") or ""}
+    if (folder / "inbox").is_dir():
+        result["inbox_accuracy"] = imgflow_inbox_accuracy(metas[-1].parent, folder / "inbox", workdir)
+    return result
+
+
+def imgflow_inbox_accuracy(model_dir: Path, inbox: Path, workdir: Path) -> float:
+    """``imgflow predict MODEL_DIR INBOX``; the share of files whose predicted label is their folder's class."""
+    import csv
+
+    out = workdir / "inbox.csv"
+    cmd = [sys.executable, "-m", "imgflow", "predict", str(model_dir), str(inbox), "--workdir", str(workdir),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, cwd=workdir)
+    if proc.returncode != 0:
+        raise SystemExit(f"imgflow predict failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    expected = sum(1 for _ in inbox.rglob("*.png"))
+    if len(rows) != expected:
+        raise SystemExit(f"{out}: {len(rows)} rows for {expected} inbox files")
+    return sum(1 for r in rows if not r["error"] and r["label"] == r["path"].split("/")[0]) / len(rows)
 
 
 # ----------------------------------------------------------------------------- table
@@ -321,19 +387,21 @@ def print_table(rows: list, epochs: int, batch_size: int, seeds: str, contenders
     """Print the markdown tables: per contender, then imgflow against plain."""
     print(f"\n{epochs} epochs, batch {batch_size}, seeds {seeds}, {os.cpu_count()} CPUs "
           f"(shared: read the ratios); wall and s/epoch are medians")
-    print("| dataset (train/val, px) | contender | val accuracy | min class recall | wall s | s/epoch | epochs run |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| dataset (train/val, px) | contender | val accuracy | min class recall | inbox accuracy | wall s | s/epoch "
+          "| epochs run |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, n_train, n_val, size, runs in rows:
         for who, rs in runs.items():
             if not rs:
                 continue
+            inbox = [r["inbox_accuracy"] for r in rs if "inbox_accuracy" in r]
             print(f"| {name} ({n_train}/{n_val}, {size}) | {who} | {_mean_sd([r['val_accuracy'] for r in rs])} | "
-                  f"{statistics.mean(r['min_recall'] for r in rs):.3f} | {statistics.median(r['wall'] for r in rs):.1f} | "
-                  f"{statistics.median(r['epoch_seconds'] for r in rs):.2f} | "
+                  f"{statistics.mean(r['min_recall'] for r in rs):.3f} | {_mean_sd(inbox) if inbox else '-'} | "
+                  f"{statistics.median(r['wall'] for r in rs):.1f} | {statistics.median(r['epoch_seconds'] for r in rs):.2f} | "
                   f"{statistics.median(r['epochs_run'] for r in rs):.0f} |")
     if set(contenders) >= {"imgflow", "plain"}:
-        print("\n| dataset | accuracy gain (points) | val errors vs plain | wall ratio | s/epoch ratio |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| dataset | accuracy gain (points) | val errors vs plain | inbox gain (points) | wall ratio | s/epoch ratio |")
+        print("|---|---:|---:|---:|---:|---:|")
         for name, _, _, _, runs in rows:
             ours, plain = runs["imgflow"], runs["plain"]
             if not ours or not plain:
@@ -343,7 +411,11 @@ def print_table(rows: list, epochs: int, batch_size: int, seeds: str, contenders
             errors = (1 - acc_o) / (1 - acc_p) if acc_p < 1 else float("nan")
             wall = statistics.median(r["wall"] for r in ours) / statistics.median(r["wall"] for r in plain)
             epoch = statistics.median(r["epoch_seconds"] for r in ours) / statistics.median(r["epoch_seconds"] for r in plain)
-            print(f"| {name} | {100 * (acc_o - acc_p):+.1f} | {errors:.2f}x | {wall:.2f}x | {epoch:.2f}x |")
+            inbox_o = [r["inbox_accuracy"] for r in ours if "inbox_accuracy" in r]
+            inbox_p = [r["inbox_accuracy"] for r in plain if "inbox_accuracy" in r]
+            inbox = (f"{100 * (statistics.mean(inbox_o) - statistics.mean(inbox_p)):+.1f}"
+                     if inbox_o and inbox_p else "-")
+            print(f"| {name} | {100 * (acc_o - acc_p):+.1f} | {errors:.2f}x | {inbox} | {wall:.2f}x | {epoch:.2f}x |")
 
 
 if __name__ == "__main__":
