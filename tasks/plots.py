@@ -8,7 +8,9 @@ is safe in threads. Image grids are Pillow mosaics (:mod:`imgflow.tasks.mosaic`)
 from __future__ import annotations
 
 import csv
+import io
 import math
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +24,43 @@ from imgflow.tasks.metrics import CALIBRATION_BINS, expected_calibration_error, 
 _CHAR_INCHES = 0.085
 
 
+_warm_up: threading.Thread | None = None
+_warm_up_lock = threading.Lock()
+
+
+def warm_up_in_background() -> None:
+    """Import matplotlib and load its font in a thread, once per process.
+
+    The first chart of a process otherwise pays ~0.4 s for both. Called while the model
+    trains (TensorFlow's steps run without the GIL); every chart waits for it to finish
+    first (:func:`_figure`), so two threads never draw at once (matplotlib's shared font
+    cache is not thread-safe).
+    """
+    global _warm_up
+    with _warm_up_lock:
+        if _warm_up is None:
+            _warm_up = threading.Thread(target=_draw_a_throwaway_chart, name="imgflow-chart-warm-up", daemon=True)
+            _warm_up.start()
+
+
+def _draw_a_throwaway_chart() -> None:
+    try:
+        fig = _new_figure(1.0, 1.0)
+        fig.subplots().plot([0, 1], [0, 1], label="0")
+        fig.axes[0].legend(fontsize=8)
+        fig.savefig(io.BytesIO(), format="png")
+    except Exception:  # noqa: BLE001 - only a head start: the real chart reports any real error
+        pass
+
+
 def _figure(width: float, height: float):
+    warm_up = _warm_up
+    if warm_up is not None and warm_up is not threading.current_thread():
+        warm_up.join()
+    return _new_figure(width, height)
+
+
+def _new_figure(width: float, height: float):
     # The object-oriented Figure needs no pyplot and no global backend: safe in threads.
     from matplotlib.figure import Figure
 

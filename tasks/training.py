@@ -226,6 +226,12 @@ def backup_epoch(run_dir: Path) -> int:
     return int(start["epoch"]) if start else 0
 
 
+def _warm_up_charts() -> None:
+    from imgflow.tasks.plots import warm_up_in_background
+
+    warm_up_in_background()
+
+
 def save_learning_curves(run_dir: Path, best_epoch: int | None = None) -> Path | None:
     """Plot every metric per epoch (train and val) from ``history.csv`` to ``learning_curves.png``.
 
@@ -435,6 +441,8 @@ def fit_model(
         ),
         keras.callbacks.TerminateOnNaN(),
         EpochLogger(log, options.epochs, getattr(options, "monitor", None) or "val_loss"),
+        # the learning curves' matplotlib is imported while the later epochs train
+        keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: _warm_up_charts()),
     ]
     if _tensorboard_available():
         callbacks.append(keras.callbacks.TensorBoard(str(run_dir / TENSORBOARD_DIR), write_graph=False, profile_batch=0))

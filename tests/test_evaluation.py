@@ -133,6 +133,20 @@ def test_plots_are_written_and_not_blank(tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_chart_warm_up_runs_once_in_a_thread_and_the_next_chart_waits_for_it(tmp_path, monkeypatch):
+    from imgflow.tasks import plots
+
+    monkeypatch.setattr(plots, "_warm_up", None)
+    plots.warm_up_in_background()
+    first = plots._warm_up
+    plots.warm_up_in_background()
+    assert plots._warm_up is first and first.name == "imgflow-chart-warm-up"
+    history = tmp_path / "history.csv"
+    history.write_text("epoch,accuracy,loss\n0,0.4,1.1\n1,0.7,0.8\n")
+    _png_ok(plot_learning_curves(history, tmp_path / "curves.png"))
+    assert not first.is_alive()  # joined before drawing: two threads never draw at once
+
+
 def test_report_mentions_every_class_findings_and_champion(tmp_path):
     m = compute_metrics(HAND_LABELS, HAND_PROBS, HAND_NAMES)
     cm_png = plot_confusion_matrix(m["confusion_matrix"], HAND_NAMES, tmp_path / "confusion_matrix.png")

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 from imgflow.flows.config import TrainOptions
-from imgflow.tasks import training
+from imgflow.tasks import plots, training
 from imgflow.tasks.models import build_model
 from tests.imagefactory import digit_images
 from tests.modelfactory import Crash as _Crash
@@ -85,7 +85,8 @@ def _datasets(data, batch=32):
     return train, val
 
 
-def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_data):
+def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_data, monkeypatch):
+    monkeypatch.setattr(plots, "_warm_up", None)
     keras.utils.set_random_seed(3)
     train, val = _datasets(digits_data)
     model = build_model("default", 32, 3)
@@ -103,6 +104,7 @@ def test_fit_default_model_learns_digits_and_writes_outputs(tmp_path, digits_dat
     assert {"loss", "accuracy", "val_loss", "val_accuracy", "seconds"} <= set(history[0])
     assert all(r["seconds"] > 0 for r in history)
     assert (tmp_path / "learning_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots._warm_up is not None and not plots._warm_up.is_alive()  # matplotlib imported during fit
     assert (tmp_path / "checkpoints" / "best.weights.h5").is_file()
     assert list((tmp_path / "logs").rglob("*tfevents*"))  # TensorBoard
     assert not (tmp_path / "backup").exists()  # removed once fit finished
