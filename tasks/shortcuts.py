@@ -24,6 +24,15 @@ properties come from the decode pass of :func:`imgflow.tasks.dataset.inspect_ima
   files with the property (default 10). Classes with fewer such files are left out of that
   property's test; at least two classes must remain.
 
+The colour under transparent pixels is also tested one class against the rest, because a
+cue for one class barely moves the balanced accuracy over all of them: the share of a
+class's images storing a *light* colour there (mean grey above 127.5) against the share in
+the other classes pooled. A class is reported when the two shares differ by at least
+:data:`LIGHT_SHARE_GAP` and by at least :data:`LIGHT_SHARE_Z` standard errors (a
+two-proportion z-test), with ``shortcut_min_files`` such images in the class. Real icon
+themes do this: in the MATE theme 56% of the ``mimetypes`` icons store white under their
+transparent pixels, 0-7% of the other categories' icons do (bench/RESULTS.md).
+
 ``brightness``, ``border_colour`` and ``file_size`` partly measure content: when the classes
 really differ by colour (red apples, green pears) the image centre tells them apart too, and
 a "1" has less ink and compresses smaller than an "8". These are reported only when they
@@ -59,6 +68,11 @@ ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 TRANSPARENCY_SAMPLE = 64
 # a shortcut message names the typical value of this many classes at most
 DESCRIBED_CLASSES = 10
+#: a class is reported when its share of light colours under transparent pixels differs
+#: from the other classes' by at least this much (absolute) ...
+LIGHT_SHARE_GAP = 0.3
+#: ... and by at least this many standard errors
+LIGHT_SHARE_Z = 3.0
 
 
 @dataclass(frozen=True)
@@ -290,6 +304,60 @@ def score_property(
     }
 
 
+def light_shares(samples: Sequence[tuple[str, DecodedFile]]) -> dict[str, tuple[int, int]]:
+    """Per class, ``(images storing a light colour under transparent pixels, images with transparent pixels)``."""
+    shares: dict[str, list[int]] = {}
+    for name, info in samples:
+        if info.transparent_rgb is not None:
+            counts = shares.setdefault(name, [0, 0])
+            counts[0] += sum(info.transparent_rgb) / 3 > 127.5
+            counts[1] += 1
+    return {name: (light, total) for name, (light, total) in sorted(shares.items())}
+
+
+def odd_light_shares(shares: dict[str, tuple[int, int]], min_files: int) -> list[tuple[str, float, float]]:
+    """The classes whose share of light colours under transparent pixels stands out from the rest's.
+
+    Returns:
+        ``(class, its share, the other classes' share)`` for each class with at least
+        ``min_files`` images with transparent pixels whose share differs from the pooled
+        rest by :data:`LIGHT_SHARE_GAP` and :data:`LIGHT_SHARE_Z` standard errors.
+    """
+    odd = []
+    all_light, all_total = sum(light for light, _ in shares.values()), sum(total for _, total in shares.values())
+    for name, (light, total) in shares.items():
+        rest_light, rest_total = all_light - light, all_total - total
+        if total < min_files or rest_total < min_files:
+            continue
+        own, rest = light / total, rest_light / rest_total
+        pooled = all_light / all_total
+        error = math.sqrt(pooled * (1 - pooled) * (1 / total + 1 / rest_total))
+        if abs(own - rest) >= LIGHT_SHARE_GAP and error > 0 and abs(own - rest) / error >= LIGHT_SHARE_Z:
+            odd.append((name, own, rest))
+    return odd
+
+
+def _light_share_problem(root: Path | str, shares: dict[str, tuple[int, int]],
+                         odd: list[tuple[str, float, float]]) -> dict[str, Any]:
+    classes = "; ".join(f"{name} {own:.0%} ({shares[name][0]} of {shares[name][1]}) against {rest:.0%} in the "
+                        f"other classes" for name, own, rest in odd[:DESCRIBED_CLASSES])
+    return {
+        "path": str(root),
+        "code": "shortcut",
+        "severity": "warning",
+        "message": (
+            f"the colour under transparent pixels differs by class: a light colour is stored there in {classes}. "
+            "A model that sees those pixels can learn this instead of the content (what a script that drops alpha, "
+            "with Image.convert('RGB') or decode_png(channels=3), trains on). imgflow composites every image onto "
+            "one background colour (the background option) in training, evaluation and prediction, so its models "
+            "cannot. Fix: nothing for imgflow; composite onto one colour wherever else these images are used"
+        ),
+        "excluded": False,
+        "property": "transparent_colour",
+        "classes": [name for name, _, _ in odd],
+    }
+
+
 def find_shortcuts(
     samples: Sequence[tuple[str, DecodedFile]], root: Path | str, options: ValidationOptions, seed: int = 0
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -310,11 +378,13 @@ def find_shortcuts(
     rows = [file_properties(info) for _, info in samples]
     with_alpha = Counter(name for name, info in samples if info.has_alpha)
     with_clear = Counter(name for name, info in samples if info.transparent_rgb is not None)
+    shares = light_shares(samples)
     stats: dict[str, Any] = {
         "transparency": {
             "with_alpha": sum(with_alpha.values()),
             "with_transparent_pixels": sum(with_clear.values()),
             "by_class": {name: with_clear[name] for name in sorted(set(names))},
+            "light_by_class": {name: light for name, (light, _) in shares.items()},
         },
         "shortcuts": {},
     }
@@ -347,6 +417,9 @@ def find_shortcuts(
             "balanced_accuracy": score["balanced_accuracy"],
             "chance": score["chance"],
         })
+    odd = odd_light_shares(shares, options.shortcut_min_files)
+    if odd and not any(p["property"] == "transparent_colour" for p in problems):
+        problems.append(_light_share_problem(root, shares, odd))
     return problems, stats
 
 
@@ -359,6 +432,10 @@ def markdown_lines(stats: dict[str, Any]) -> list[str]:
         lines.append(f"- transparency: {transparency['with_alpha']} images with alpha, "
                      f"{transparency['with_transparent_pixels']} with fully transparent pixels"
                      + (f" ({by_class})" if by_class else ""))
+        light = transparency.get("light_by_class") or {}
+        if any(light.values()):
+            lines.append("- a light colour under the transparent pixels: " + ", ".join(
+                f"{name} {count} of {transparency['by_class'][name]}" for name, count in light.items()))
     scores = stats.get("shortcuts")
     if scores:
         lines.append("- shortcut test (balanced accuracy from one property alone / chance): "

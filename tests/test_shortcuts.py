@@ -76,7 +76,8 @@ def test_colour_under_transparent_pixels_differs_by_class(tmp_path):
     write_class(tmp_path / "data", "dogs", 12, seed=6, alpha=True, under=(255, 255, 255))
     report = validate_dataset(tmp_path / "data")
     transparency = report["stats"]["transparency"]
-    assert transparency == {"with_alpha": 24, "with_transparent_pixels": 24, "by_class": {"cats": 12, "dogs": 12}}
+    assert transparency == {"with_alpha": 24, "with_transparent_pixels": 24, "by_class": {"cats": 12, "dogs": 12},
+                            "light_by_class": {"cats": 0, "dogs": 12}}
     found = shortcut_problems(report)
     assert "transparent_colour" in found
     message = found["transparent_colour"]["message"]
@@ -85,6 +86,42 @@ def test_colour_under_transparent_pixels_differs_by_class(tmp_path):
     # has_alpha is the same for both classes: no shortcut there
     assert "has_alpha" not in found
     assert "24 images with alpha, 24 with fully transparent pixels" in report_markdown(report)
+
+
+def _mixed_class(root: Path, name: str, white: int, black: int, seed: int) -> None:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for i in range(white + black):
+        under = (255, 255, 255) if i < white else (0, 0, 0)
+        shape_image(seed * 1000 + i, alpha=True, under=under).save(folder / f"{name}_{i:03d}.png")
+
+
+def test_one_class_storing_light_colours_under_transparency_is_reported_against_the_rest(tmp_path):
+    # as in the MATE icon theme: most mimetypes icons store white under transparent pixels,
+    # almost no other icon does; over all three classes the balanced accuracy stays low
+    _mixed_class(tmp_path / "data", "apps", 1, 19, seed=11)
+    _mixed_class(tmp_path / "data", "mimetypes", 12, 8, seed=12)
+    _mixed_class(tmp_path / "data", "status", 0, 20, seed=13)
+    report = validate_dataset(tmp_path / "data")
+    assert report["stats"]["shortcuts"]["transparent_colour"]["balanced_accuracy"] < 0.73  # chance + margin
+    assert report["stats"]["transparency"]["light_by_class"] == {"apps": 1, "mimetypes": 12, "status": 0}
+    problem = shortcut_problems(report)["transparent_colour"]
+    assert problem["severity"] == "warning" and problem["classes"] == ["mimetypes"]
+    assert problem["message"].startswith(
+        "the colour under transparent pixels differs by class: a light colour is stored there in mimetypes 60% "
+        "(12 of 20) against 2% in the other classes.")
+    assert "imgflow composites every image onto one background colour" in problem["message"]
+    assert "- a light colour under the transparent pixels: apps 1 of 20, mimetypes 12 of 20, status 0 of 20" \
+        in report_markdown(report)
+
+
+def test_light_shares_that_differ_by_little_or_on_few_images_are_not_reported():
+    from imgflow.tasks.shortcuts import odd_light_shares
+
+    assert odd_light_shares({"a": (8, 20), "b": (5, 20), "c": (4, 20)}, 10) == []  # 40% vs 22%: under the gap
+    assert odd_light_shares({"a": (9, 9), "b": (0, 40)}, 10) == []  # 9 images: under shortcut_min_files
+    assert odd_light_shares({"a": (9, 9), "b": (0, 40)}, 5) == [("a", 1.0, 0.0), ("b", 0.0, 1.0)]
+    assert odd_light_shares({"a": (4, 10), "b": (0, 10)}, 10) == []  # a 40-point gap, but 2.2 standard errors
 
 
 def test_same_colour_under_transparency_is_no_shortcut(tmp_path):
