@@ -32,10 +32,14 @@ a table: validation accuracy mean ± sd, the lowest per-class recall, the median
 of the whole command, the median seconds per epoch, and the ratios imgflow / plain::
 
     python bench/recipe.py [--datasets digits,tuxpaint,icons,themes] [--seeds 0,1,2] [--epochs 10]
-                           [--imgflow-config FILE.yaml] [--contenders imgflow,plain] [--log runs.jsonl]
+                           [--imgflow-config FILE.yaml] [--contenders imgflow,plain] [--plain-background black]
+                           [--log runs.jsonl]
 
 ``--imgflow-config`` passes a config file to ``imgflow train`` (to measure a candidate
-recipe against the defaults). Every run is appended to ``--log`` as one JSON line.
+recipe against the defaults). ``--plain-background black`` gives the plain script copies of
+the images composited onto black, the pixels imgflow's loader gives by default (the
+script's decoder keeps whatever colour is stored under transparent pixels). Every run is
+appended to ``--log`` as one JSON line.
 """
 
 from __future__ import annotations
@@ -218,10 +222,40 @@ def build_inbox(name: str) -> Path | None:
     return target
 
 
+def composited_copy(folder: Path, background: str = "black") -> Path:
+    """A copy of ``folder`` (train/, val/, inbox/) with every image composited onto ``background``, as RGB PNGs.
+
+    For ``--plain-background``: the plain script then trains on the pixels imgflow's
+    loader gives (transparency composited onto one colour) instead of the colours its
+    decoder keeps under transparent pixels, which separates the recipe's effect from the
+    handling of transparency.
+    """
+    from PIL import Image
+
+    target = folder.parent / f"{folder.name}-{background}"
+    if (target / "val").is_dir():
+        return target
+    colour = {"black": (0, 0, 0, 255), "white": (255, 255, 255, 255)}[background]
+    tmp = folder.parent / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for src in sorted(folder.rglob("*.png")):
+        out = tmp / src.relative_to(folder)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with Image.open(src) as img:
+            rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, colour)
+        flat.alpha_composite(rgba)
+        flat.convert("RGB").save(out)
+    tmp.rename(target)
+    return target
+
+
 def dataset(name: str, rebuild: bool = False) -> Path:
     """The dataset folder (train/ and val/, and inbox/ where the dataset has one), built once."""
     folder = DATA_ROOT / name
     if rebuild or not (folder / "val").is_dir():
+        for copy in DATA_ROOT.glob(f"{name}-*"):  # composited copies of the old files
+            shutil.rmtree(copy)
         BUILDERS[name]()
     if name in INBOX_SOURCES and (rebuild or not (folder / "inbox").is_dir()):
         build_inbox(name)
@@ -328,6 +362,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="override every dataset's image size")
     parser.add_argument("--imgflow-config", type=Path, default=None)
     parser.add_argument("--contenders", default="imgflow,plain")
+    parser.add_argument("--plain-background", choices=("black", "white"), default=None,
+                        help="the plain script reads copies with transparency composited onto this colour")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the dataset folders")
     parser.add_argument("--log", type=Path, default=None, help="append each run as a JSON line")
     parser.add_argument("--table-from", type=Path, default=None,
@@ -369,7 +405,8 @@ def main() -> None:
                 order = contenders if i % 2 == 0 else contenders[::-1]  # alternate who runs first
                 for who in order:
                     if who == "plain":
-                        r = run_plain(folder, size, args.epochs, args.batch_size, seed, scratch)
+                        plain_folder = composited_copy(folder, args.plain_background) if args.plain_background else folder
+                        r = run_plain(plain_folder, size, args.epochs, args.batch_size, seed, scratch)
                     else:
                         r = run_imgflow(folder, size, args.epochs, args.batch_size, seed, scratch, config)
                     r.update(dataset=name, contender=who, seed=seed, image_size=size, epochs=args.epochs)
@@ -377,7 +414,8 @@ def main() -> None:
                     print(json.dumps(r), flush=True)
                     if args.log:
                         with open(args.log, "a", encoding="utf-8") as fh:
-                            fh.write(json.dumps({**r, "config": str(config) if config else None}) + "\n")
+                            fh.write(json.dumps({**r, "config": str(config) if config else None,
+                                                 "plain_background": args.plain_background}) + "\n")
         rows.append((name, n_train, n_val, size, runs))
 
     print_table(rows, args.epochs, args.batch_size, args.seeds, contenders)
