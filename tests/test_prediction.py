@@ -207,22 +207,33 @@ def test_predict_files_rows_in_order_with_errors(model_dir, tmp_path):
     assert sum(r[1] == truth[r[0]] for r in good) >= 6
 
 
-def test_short_last_batch_is_padded_traced_once_and_unchanged(model_dir, tmp_path):
+def test_short_last_batch_is_padded_to_an_eighth_of_a_batch_traced_twice_and_unchanged(model_dir, tmp_path, monkeypatch):
     import keras
 
+    from imgflow.tasks import inference
+
     model, meta = P._load_model_dir(model_dir)  # a fresh model: its own predict function
-    truth = _save_digits(tmp_path, 0, 7)
-    entries = [P.FileEntry(rel, 1, 1) for rel in sorted(truth)]  # 7 files: batches of 3, 3 and 1
-    rows = P.predict_files(model, meta, tmp_path, entries, batch_size=3, workers=2)
-    assert model.predict_function.experimental_get_tracing_count() == 1
+    truth = _save_digits(tmp_path, 0, 37)
+    entries = [P.FileEntry(rel, 1, 1) for rel in sorted(truth)]
+    calls: list[int] = []
+    real_run_batch = inference.run_batch
+    monkeypatch.setattr(P, "run_batch", lambda model, x, *args: calls.append(len(x)) or real_run_batch(model, x, *args))
+    rows = P.predict_files(model, meta, tmp_path, entries[:21], batch_size=16, workers=2)
+    assert calls == [16, 6]  # 21 files: a whole batch, then 5 files padded to 6 (a multiple of 16 // 8), not to 16
+    again = P.predict_files(model, meta, tmp_path, entries[21:], batch_size=16, workers=2)
+    assert calls[2:] == [16]  # 16 files: one whole batch
+    P.predict_files(model, meta, tmp_path, entries[:19], batch_size=16, workers=2)
+    assert calls[3:] == [16, 4]
+    # a second trace with a free batch size, then none: not one per chunk's last batch
+    assert model.predict_function.experimental_get_tracing_count() == 2
     from imgflow.tasks.tfrecords import load_image
 
     x = np.stack([load_image(tmp_path / e.rel, meta["image_size"], meta["aspect"]) for e in entries]).astype("float32")
     expected = keras.ops.convert_to_numpy(model(x, training=False))
     first = len(P.LEADING_COLUMNS)  # path, label, confidence, novelty, unknown, then prob_<class>...
-    got = np.array([[float(c) for c in row[first:first + len(meta["class_names"])]] for row in rows])
+    got = np.array([[float(c) for c in row[first:first + len(meta["class_names"])]] for row in rows + again])
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert [r[1] for r in rows] == [meta["class_names"][i] for i in expected.argmax(axis=1)]
+    assert [r[1] for r in rows + again] == [meta["class_names"][i] for i in expected.argmax(axis=1)]
 
 
 # ------------------------------------------------------------------- the flow
