@@ -7,25 +7,37 @@ Temporary names start with ``.tmp-`` so a reader that lists a folder can skip th
 from __future__ import annotations
 
 import contextlib
-import functools
+import itertools
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 
-@functools.cache
-def _file_mode() -> int:
-    """Permissions of a newly created file under this process's umask (0o644 under 022).
+# Temporary names: ".tmp-<target name>.<pid>-<n><suffix>" (the suffix kept for writers that
+# check it, such as Keras' ".keras"); a name left by a killed process of the same pid is skipped.
+_temporary_names = itertools.count()
 
-    ``mkstemp`` creates files readable by their owner only; outputs should get the
-    permissions a plain ``open`` would have given them.
+
+def _create_temporary(target: Path) -> Path:
+    """Create an empty, new temporary file beside ``target`` (its folder created if missing).
+
+    Created with ``os.open(..., O_EXCL, 0o666)``: the permissions a plain ``open`` gives
+    under this process's umask, in three system calls where ``tempfile.mkstemp`` (mode
+    0600, then a ``chmod``) and a ``mkdir`` per file cost ~4x the time of a small part file.
     """
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
+    for _ in range(100):
+        tmp = target.with_name(f".tmp-{target.name}.{os.getpid()}-{next(_temporary_names)}{target.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{target.parent}: no free temporary name for {target.name} after 100 tries; "
+                          "remove the .tmp-* files a killed process left there")
 
 
 @contextlib.contextmanager
@@ -37,17 +49,13 @@ def atomic_path(target: Path | str) -> Iterator[Path]:
     temporary file is removed and ``target`` is left as it was.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".tmp-{target.name}.", dir=target.parent, suffix=target.suffix)
-    os.close(handle)
-    tmp = Path(tmp_name)
+    tmp = _create_temporary(target)
     try:
         yield tmp
-        if tmp.is_file():
-            os.chmod(tmp, _file_mode())
         os.replace(tmp, target)
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

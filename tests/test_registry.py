@@ -236,3 +236,31 @@ def test_champion_dir_and_promote_task_act_on_the_decision(tmp_path):
     # a pointer at a deleted model directory is no champion
     (second / "model.keras").unlink()
     assert registry.champion_dir(workdir) is None
+
+
+def test_atomic_writes_create_the_folder_get_plain_file_permissions_and_skip_a_stale_temporary_name(tmp_path, monkeypatch):
+    import itertools
+    import os
+
+    from imgflow.tasks import atomic
+
+    old = os.umask(0o022)
+    try:
+        monkeypatch.setattr(atomic, "_temporary_names", itertools.count())
+        stale = tmp_path / "new" / f".tmp-out.json.{os.getpid()}-0.json"  # what a killed process of this pid left
+        stale.parent.mkdir()
+        stale.write_text("half")
+        target = write_json(tmp_path / "new" / "out.json", {"a": 1}, durable=False)
+        assert atomic.read_json(target) == {"a": 1}
+        assert oct(target.stat().st_mode & 0o777) == "0o644"  # as a plain open gives, not mkstemp's 0o600
+        assert stale.read_text() == "half"  # never overwritten; the next name was used
+        assert sorted(p.name for p in target.parent.iterdir()) == [stale.name, "out.json"]
+        deeper = write_json(tmp_path / "a" / "b" / "c.json", [1])  # missing folders are created
+        assert atomic.read_json(deeper) == [1]
+        with pytest.raises(RuntimeError):
+            with atomic.atomic_open(tmp_path / "a" / "b" / "c.json") as handle:
+                handle.write("[2]")
+                raise RuntimeError("writer failed")
+        assert atomic.read_json(deeper) == [1] and not list((tmp_path / "a" / "b").glob(".tmp-*"))
+    finally:
+        os.umask(old)
