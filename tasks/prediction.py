@@ -267,13 +267,14 @@ def _fmt(p: float) -> str:
     return format(float(p), ".10g")
 
 
-def _row(rel: str, class_names: Sequence[str], probs: np.ndarray | None, error: str,
+def _row(rel: str, class_names: Sequence[str], probs: list[float] | None, error: str, best: int = 0,
          novelty: float | None = None, unknown: bool | None = None) -> list[str]:
+    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest."""
     if probs is None:
         return [rel, "", "", "", "", *([""] * len(class_names)), error]
-    best = int(np.argmax(probs))
+    cells = [format(p, ".10g") for p in probs]
     novelty_cells = ["", ""] if novelty is None else [_fmt(novelty), "true" if unknown else "false"]
-    return [rel, class_names[best], _fmt(probs[best]), *novelty_cells, *[_fmt(p) for p in probs], ""]
+    return [rel, class_names[best], cells[best], *novelty_cells, *cells, ""]
 
 
 def default_decode_threads() -> int:
@@ -382,22 +383,23 @@ def predict_files(
                 if pixels is not None:
                     x[filled] = pixels
                     filled += 1
-            probs, scores, unknown = np.zeros((0, len(class_names))), None, None
+            probs, bests, scores, unknown = [], [], None, None
             if filled:
                 rows_used = min(rows_per_call, -(-filled // pad_step) * pad_step)
                 x[filled:rows_used] = 0.0  # padding rows: computed, then dropped
-                probs, scores, unknown = run_batch(model, x[:rows_used], len(class_names), predict_lock, novelty)
-                probs = probs[:filled]
-                scores = None if scores is None else scores[:filled]
-                unknown = None if unknown is None else unknown[:filled]
+                out, scores, unknown = run_batch(model, x[:rows_used], len(class_names), predict_lock, novelty)
+                # whole-batch conversions: a NumPy call per file costs more than the file's row
+                probs, bests = out[:filled].tolist(), out[:filled].argmax(axis=1).tolist()
+                scores = None if scores is None else scores[:filled].tolist()
+                unknown = None if unknown is None else unknown[:filled].tolist()
             done = 0
             for entry, error in zip(batch, errors):
                 if error:
                     rows.append(_row(entry.rel, class_names, None, error))
                     continue
-                rows.append(_row(entry.rel, class_names, probs[done], "",
-                                 None if scores is None else float(scores[done]),
-                                 None if unknown is None else bool(unknown[done])))
+                rows.append(_row(entry.rel, class_names, probs[done], "", bests[done],
+                                 None if scores is None else scores[done],
+                                 None if unknown is None else unknown[done]))
                 done += 1
             progress.advance("predict", len(batch))
     return rows
