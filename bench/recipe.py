@@ -211,10 +211,15 @@ def build_inbox(name: str) -> Path | None:
     files = {cls: [p for p in sorted(src.glob("*.png")) if p.is_file() and not p.is_symlink()
                    and hashlib.sha256(p.read_bytes()).hexdigest() not in seen] for cls, src in sources.items()}
     files = _usable(files)
+    if not any(files.values()):
+        print(f"no inbox for {name}: no usable file in {package}", file=sys.stderr)
+        return None
+    for copy in DATA_ROOT.glob(f"{name}-*"):  # composited copies made without this inbox
+        shutil.rmtree(copy)
     tmp, target = DATA_ROOT / f".{name}-inbox.tmp", folder / "inbox"
     shutil.rmtree(tmp, ignore_errors=True)
     for cls, paths in files.items():
-        (tmp / cls).mkdir(parents=True)
+        (tmp / cls).mkdir(parents=True, exist_ok=True)
         for src in paths:
             shutil.copyfile(src, tmp / cls / src.name)
     shutil.rmtree(target, ignore_errors=True)
@@ -340,7 +345,7 @@ def imgflow_inbox_accuracy(model_dir: Path, inbox: Path, workdir: Path) -> float
     with open(out, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     expected = sum(1 for _ in inbox.rglob("*.png"))
-    if len(rows) != expected:
+    if not rows or len(rows) != expected:
         raise SystemExit(f"{out}: {len(rows)} rows for {expected} inbox files")
     return sum(1 for r in rows if not r["error"] and r["label"] == r["path"].split("/")[0]) / len(rows)
 
@@ -373,7 +378,10 @@ def main() -> None:
         runs_by_dataset: dict[str, dict[str, list[dict]]] = {}
         for line in args.table_from.read_text(encoding="utf-8").splitlines():
             r = json.loads(line)
-            runs_by_dataset.setdefault(r["dataset"], {"imgflow": [], "plain": []})[r["contender"]].append(r)
+            who = r["contender"]
+            if who == "plain" and r.get("plain_background"):
+                who = f"plain on {r['plain_background']}"  # another input than the raw files: its own row
+            runs_by_dataset.setdefault(r["dataset"], {"imgflow": [], "plain": []}).setdefault(who, []).append(r)
         rows = []
         every = [r for d in runs_by_dataset.values() for rs in d.values() for r in rs]
         for name, runs in runs_by_dataset.items():
@@ -382,7 +390,8 @@ def main() -> None:
             rows.append((name, sum(1 for _ in (folder / "train").rglob("*.png")),
                          sum(1 for _ in (folder / "val").rglob("*.png")), size, runs))
         seeds = ",".join(map(str, sorted({r["seed"] for r in every})))
-        print_table(rows, every[0]["epochs"] if every else 0, args.batch_size, seeds, ["imgflow", "plain"])
+        print_table(rows, every[0]["epochs"] if every else 0, args.batch_size, seeds,
+                    sorted({who for _, _, _, _, runs in rows for who in runs}))
         return
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(BUILDERS))
@@ -419,6 +428,8 @@ def main() -> None:
         rows.append((name, n_train, n_val, size, runs))
 
     print_table(rows, args.epochs, args.batch_size, args.seeds, contenders)
+    if args.plain_background:
+        print(f"(plain: the script read copies of the images composited onto {args.plain_background})")
 
 
 def print_table(rows: list, epochs: int, batch_size: int, seeds: str, contenders: list[str]) -> None:

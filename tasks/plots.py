@@ -39,8 +39,9 @@ def warm_up_in_background() -> None:
     global _warm_up
     with _warm_up_lock:
         if _warm_up is None:
-            _warm_up = threading.Thread(target=_draw_a_throwaway_chart, name="imgflow-chart-warm-up", daemon=True)
-            _warm_up.start()
+            thread = threading.Thread(target=_draw_a_throwaway_chart, name="imgflow-chart-warm-up", daemon=True)
+            thread.start()
+            _warm_up = thread  # published once started: a chart may join it at any moment after
 
 
 def _draw_a_throwaway_chart() -> None:

@@ -267,11 +267,13 @@ def _fmt(p: float) -> str:
     return format(float(p), ".10g")
 
 
-def _row(rel: str, class_names: Sequence[str], probs: list[float] | None, error: str, best: int = 0,
+def _row(rel: str, class_names: Sequence[str], probs: list[float] | None, error: str, best: int | None = None,
          novelty: float | None = None, unknown: bool | None = None) -> list[str]:
-    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest."""
+    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest (found when None)."""
     if probs is None:
         return [rel, "", "", "", "", *([""] * len(class_names)), error]
+    if best is None:
+        best = max(range(len(probs)), key=probs.__getitem__)
     cells = [format(p, ".10g") for p in probs]
     novelty_cells = ["", ""] if novelty is None else [_fmt(novelty), "true" if unknown else "false"]
     return [rel, class_names[best], cells[best], *novelty_cells, *cells, ""]
@@ -352,13 +354,14 @@ def predict_files(
 
     batches = [entries[i : i + batch_size] for i in range(0, len(entries), batch_size)]
     # a short batch (a chunk's last) is padded with zeros (their outputs dropped) to a
-    # multiple of an eighth of a batch, not to a whole batch: at most 8 batch sizes reach
-    # the model, so the predict function is traced a bounded number of times (TensorFlow:
-    # twice per process, the second trace with a free batch size; JAX: once per size), and
-    # a chunk of 1,050 files costs 1,056 rows of model work, not 1,280 (a list shorter
-    # than one batch is padded to a power of two: a few files never pay for 256)
+    # multiple of an eighth of batch_size, not to a whole batch, and a list shorter than one
+    # batch to a power of two up to that eighth: a chunk of 1,050 files costs 1,056 rows of
+    # model work, not 1,280, and a few files never pay for 256. At most 13 batch sizes
+    # (1, 2, 4, 8, 16, 32, then multiples of 32 for batch 256) reach the model: TensorFlow
+    # traces twice per process (the second time with a free batch size); JAX, and XLA on
+    # a GPU, compile once per size
     rows_per_call = batch_size if len(batches) > 1 else min(batch_size, 1 << max(0, len(entries) - 1).bit_length())
-    pad_step = max(1, rows_per_call // 8)
+    pad_step = max(1, batch_size // 8)
     x = np.zeros((rows_per_call, size, size, 3), np.float32)
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imgflow-decode") as pool:
         pending = submit(pool, batches[0]) if batches else []

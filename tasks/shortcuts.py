@@ -339,8 +339,10 @@ def odd_light_shares(shares: dict[str, tuple[int, int]], min_files: int) -> list
 
 def _light_share_problem(root: Path | str, shares: dict[str, tuple[int, int]],
                          odd: list[tuple[str, float, float]]) -> dict[str, Any]:
-    classes = "; ".join(f"{name} {own:.0%} ({shares[name][0]} of {shares[name][1]}) against {rest:.0%} in the "
+    classes = "; ".join(f"{own:.0%} of {name} ({shares[name][0]} of {shares[name][1]}) against {rest:.0%} of the "
                         f"other classes" for name, own, rest in odd[:DESCRIBED_CLASSES])
+    if len(odd) > DESCRIBED_CLASSES:
+        classes += f"; … {len(odd) - DESCRIBED_CLASSES} more classes"
     return {
         "path": str(root),
         "code": "shortcut",
@@ -371,7 +373,9 @@ def find_shortcuts(
 
     Returns:
         ``(problems, stats)``: one ``shortcut`` warning per property over the threshold
-        (with ``property``, ``balanced_accuracy`` and ``chance``), and the report stats
+        (with ``property``, ``balanced_accuracy`` and ``chance``), or, for the colour under
+        transparent pixels, one naming the classes whose share of light colours stands out
+        (with ``property`` and ``classes``), and the report stats
         ``{"transparency": {...}, "shortcuts": {property: score}}``.
     """
     names = [name for name, _ in samples]

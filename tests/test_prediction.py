@@ -224,6 +224,8 @@ def test_short_last_batch_is_padded_to_an_eighth_of_a_batch_traced_twice_and_unc
     assert calls[2:] == [16]  # 16 files: one whole batch
     P.predict_files(model, meta, tmp_path, entries[:19], batch_size=16, workers=2)
     assert calls[3:] == [16, 4]
+    P.predict_files(model, meta, tmp_path, entries[:3], batch_size=16, workers=2)
+    assert calls[5:] == [4]  # a list shorter than a batch: a power of two
     # a second trace with a free batch size, then none: not one per chunk's last batch
     assert model.predict_function.experimental_get_tracing_count() == 2
     from imgflow.tasks.tfrecords import load_image

@@ -108,8 +108,8 @@ def test_one_class_storing_light_colours_under_transparency_is_reported_against_
     problem = shortcut_problems(report)["transparent_colour"]
     assert problem["severity"] == "warning" and problem["classes"] == ["mimetypes"]
     assert problem["message"].startswith(
-        "the colour under transparent pixels differs by class: a light colour is stored there in mimetypes 60% "
-        "(12 of 20) against 2% in the other classes.")
+        "the colour under transparent pixels differs by class: a light colour is stored there in 60% of mimetypes "
+        "(12 of 20) against 2% of the other classes.")
     assert "imgflow composites every image onto one background colour" in problem["message"]
     assert "- a light colour under the transparent pixels: apps 1 of 20, mimetypes 12 of 20, status 0 of 20" \
         in report_markdown(report)
