@@ -269,7 +269,7 @@ def _fmt(p: float) -> str:
 
 def _row(rel: str, class_names: Sequence[str], probs: list[float] | None, error: str, best: int | None = None,
          novelty: float | None = None, unknown: bool | None = None) -> list[str]:
-    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest (found when None)."""
+    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest (or None)."""
     if probs is None:
         return [rel, "", "", "", "", *([""] * len(class_names)), error]
     if best is None:
