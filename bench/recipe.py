@@ -237,20 +237,18 @@ def composited_copy(folder: Path, background: str = "black") -> Path:
     """
     from PIL import Image
 
+    from imgflow.tasks.images import to_rgb  # imgflow's own compositing: the same pixels
+
     target = folder.parent / f"{folder.name}-{background}"
     if (target / "val").is_dir():
         return target
-    colour = {"black": (0, 0, 0, 255), "white": (255, 255, 255, 255)}[background]
     tmp = folder.parent / f".{target.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for src in sorted(folder.rglob("*.png")):
         out = tmp / src.relative_to(folder)
         out.parent.mkdir(parents=True, exist_ok=True)
         with Image.open(src) as img:
-            rgba = img.convert("RGBA")
-        flat = Image.new("RGBA", rgba.size, colour)
-        flat.alpha_composite(rgba)
-        flat.convert("RGB").save(out)
+            to_rgb(img, background).save(out)
     tmp.rename(target)
     return target
 
