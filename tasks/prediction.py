@@ -267,13 +267,14 @@ def _fmt(p: float) -> str:
     return format(float(p), ".10g")
 
 
-def _row(rel: str, class_names: Sequence[str], probs: list[float] | None, error: str, best: int | None = None,
+def _error_row(rel: str, class_names: Sequence[str], error: str) -> list[str]:
+    """The CSV row of a file that was not classified: empty prediction cells and the ``error``."""
+    return [rel, "", "", "", "", *([""] * len(class_names)), error]
+
+
+def _row(rel: str, class_names: Sequence[str], probs: list[float], best: int,
          novelty: float | None = None, unknown: bool | None = None) -> list[str]:
-    """One CSV row; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the index of the largest (or None)."""
-    if probs is None:
-        return [rel, "", "", "", "", *([""] * len(class_names)), error]
-    if best is None:
-        best = max(range(len(probs)), key=probs.__getitem__)
+    """The CSV row of a classified file; ``probs`` as Python floats (``ndarray.tolist()``), ``best`` the largest's index."""
     cells = [format(p, ".10g") for p in probs]
     novelty_cells = ["", ""] if novelty is None else [_fmt(novelty), "true" if unknown else "false"]
     return [rel, class_names[best], cells[best], *novelty_cells, *cells, ""]
@@ -398,9 +399,9 @@ def predict_files(
             done = 0
             for entry, error in zip(batch, errors):
                 if error:
-                    rows.append(_row(entry.rel, class_names, None, error))
+                    rows.append(_error_row(entry.rel, class_names, error))
                     continue
-                rows.append(_row(entry.rel, class_names, probs[done], "", bests[done],
+                rows.append(_row(entry.rel, class_names, probs[done], bests[done],
                                  None if scores is None else scores[done],
                                  None if unknown is None else unknown[done]))
                 done += 1
