@@ -381,13 +381,12 @@ def find_shortcuts(
     names = [name for name, _ in samples]
     rows = [file_properties(info) for _, info in samples]
     with_alpha = Counter(name for name, info in samples if info.has_alpha)
-    with_clear = Counter(name for name, info in samples if info.transparent_rgb is not None)
-    shares = light_shares(samples)
+    shares = light_shares(samples)  # per class: (light, with fully transparent pixels)
     stats: dict[str, Any] = {
         "transparency": {
             "with_alpha": sum(with_alpha.values()),
-            "with_transparent_pixels": sum(with_clear.values()),
-            "by_class": {name: with_clear[name] for name in sorted(set(names))},
+            "with_transparent_pixels": sum(total for _, total in shares.values()),
+            "by_class": {name: shares.get(name, (0, 0))[1] for name in sorted(set(names))},
             "light_by_class": {name: light for name, (light, _) in shares.items()},
         },
         "shortcuts": {},
