@@ -214,8 +214,7 @@ def build_inbox(name: str) -> Path | None:
     if not any(files.values()):
         print(f"no inbox for {name}: no usable file in {package}", file=sys.stderr)
         return None
-    for copy in DATA_ROOT.glob(f"{name}-*"):  # composited copies made without this inbox
-        shutil.rmtree(copy)
+    remove_composited_copies(name)  # made without this inbox
     tmp, target = DATA_ROOT / f".{name}-inbox.tmp", folder / "inbox"
     shutil.rmtree(tmp, ignore_errors=True)
     for cls, paths in files.items():
@@ -225,6 +224,12 @@ def build_inbox(name: str) -> Path | None:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     return target
+
+
+def remove_composited_copies(name: str) -> None:
+    """Delete the :func:`composited_copy` folders of dataset ``name`` (stale once its files change)."""
+    for copy in DATA_ROOT.glob(f"{name}-*"):
+        shutil.rmtree(copy)
 
 
 def composited_copy(folder: Path, background: str = "black") -> Path:
@@ -257,8 +262,7 @@ def dataset(name: str, rebuild: bool = False) -> Path:
     """The dataset folder (train/ and val/, and inbox/ where the dataset has one), built once."""
     folder = DATA_ROOT / name
     if rebuild or not (folder / "val").is_dir():
-        for copy in DATA_ROOT.glob(f"{name}-*"):  # composited copies of the old files
-            shutil.rmtree(copy)
+        remove_composited_copies(name)  # made from the old files
         BUILDERS[name]()
     if name in INBOX_SOURCES and (rebuild or not (folder / "inbox").is_dir()):
         build_inbox(name)
