@@ -1,4 +1,4 @@
-"""Shared fixtures: one Prefect test server per session, a private PREFECT_HOME."""
+"""Shared fixtures: one Prefect test server per session (per pytest-xdist worker), a private PREFECT_HOME."""
 
 from __future__ import annotations
 
