@@ -148,7 +148,21 @@ def make_dataset(
     # interleave hides the length: state it, so Keras never runs the iterator dry to find
     # the end of an epoch (its "Your input ran out of data" warning)
     ds = ds.apply(tf.data.experimental.assert_cardinality(-(-count // batch_size)))
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_without_autotune_thread())
+
+
+def _without_autotune_thread() -> tf.data.Options:
+    """Options that turn off tf.data's model-based autotuning (its optimisation thread).
+
+    Keras makes a new iterator every epoch, for training and again for validation, and
+    each one's destruction waits for that thread's next optimisation round: idle gaps of
+    up to ~2 s an epoch on a 2-core machine (bench/RESULTS.md, twelfth round). Without it the
+    parallel steps keep autotuning's starting value (the core count, at most 16) and
+    ``prefetch`` keeps its own buffer tuning.
+    """
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
 
 
 def read_records(shard_path: Path | str) -> list[dict[str, Any]]:
